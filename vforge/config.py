@@ -1,0 +1,23 @@
+"""Checks that span config groups; run first in ``train()``, before any work."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from vforge.training.metrics import logged_metric_names
+
+
+def validate(cfg: DictConfig) -> None:
+    names = logged_metric_names()
+    if cfg.optimized_metric not in names:
+        raise ValueError(
+            f"optimized_metric={cfg.optimized_metric!r} is not logged; logged metrics: {', '.join(names)}. "
+            "Set it on the command line (optimized_metric=val/rmse) or in conf/hparams_search/<model>.yaml"
+        )
+    if cfg.data.target not in ("level", "change"):
+        raise ValueError(f"data.target={cfg.data.target!r} must be 'level' or 'change' (e.g. data.target=change)")
+    if cfg.trainer.max_epochs < 1 or cfg.trainer.batch_size < 1:
+        raise ValueError(
+            f"trainer.max_epochs and trainer.batch_size must be >= 1, got "
+            f"{cfg.trainer.max_epochs=}, {cfg.trainer.batch_size=}"
+        )

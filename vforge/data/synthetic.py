@@ -1,0 +1,139 @@
+"""The embedded synthetic market: a simulated Heston/Bates path, listed options, bid/ask quotes.
+
+Everything is generated from a seed in a few seconds and cached by a hash of the parameters,
+so every run of the default config trains on exactly the same chain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from vforge.data.dataset import Dataset, prepare
+from vforge.data.heston import heston_price
+from vforge.data.iv import bs_price, implied_vol
+
+TRADING_DAYS = 252
+START_DATE = "2024-01-02"
+
+
+def simulate_path(*, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
+                  rng: np.random.Generator, substeps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Daily spot and variance of a Heston (+ Merton jumps) path, full-truncation Euler.
+
+    Returns ``spot, variance``, each of shape (n_days,); index 0 is the start.
+    """
+    kappa, theta, sigma, rho, v0 = (heston[k] for k in ("kappa", "theta", "sigma", "rho", "v0"))
+    lam, mu_j, sd_j = jumps["intensity"], jumps["mean"], jumps["std"]
+    dt = 1.0 / TRADING_DAYS / substeps
+    jump_comp = np.exp(mu_j + 0.5 * sd_j**2) - 1.0
+    log_s, v = np.log(spot0), v0
+    spot, var = np.empty(n_days), np.empty(n_days)
+    spot[0], var[0] = spot0, v0
+    z = rng.standard_normal((n_days, substeps, 2))
+    n_jumps = rng.poisson(lam * dt * substeps, size=n_days)
+    for day in range(1, n_days):
+        for j in range(substeps):
+            vp = max(v, 0.0)
+            z1 = z[day, j, 0]
+            z2 = rho * z1 + np.sqrt(1 - rho * rho) * z[day, j, 1]
+            log_s += (rate - dividend_yield - lam * jump_comp - 0.5 * vp) * dt + np.sqrt(vp * dt) * z1
+            v += kappa * (theta - vp) * dt + sigma * np.sqrt(vp * dt) * z2
+        if n_jumps[day]:
+            log_s += rng.normal(mu_j * n_jumps[day], sd_j * np.sqrt(n_jumps[day]))
+        spot[day], var[day] = np.exp(log_s), max(v, 1e-6)
+    return spot, var
+
+
+def listed_expiries(dates: pd.DatetimeIndex, n_monthlies: int, n_weeklies: int) -> pd.DatetimeIndex:
+    """Third-Friday monthlies and plain-Friday weeklies covering the simulated window."""
+    months = pd.date_range(dates[0] - pd.offsets.MonthBegin(1), dates[-1] + pd.DateOffset(months=n_monthlies + 1), freq="MS")
+    third_fridays = months + pd.to_timedelta((4 - months.weekday) % 7 + 14, unit="D")
+    fridays = pd.date_range(dates[0], dates[-1] + pd.Timedelta(weeks=n_weeklies + 1), freq="W-FRI")
+    return third_fridays.union(fridays).unique().sort_values()
+
+
+def generate_chain(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict,
+                   jumps: dict, listing: dict, quotes: dict) -> pd.DataFrame:
+    """One canonical option-chain table (see DESIGN.md) for the simulated market."""
+    rng = np.random.default_rng(seed)
+    spot, var = simulate_path(n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
+                              heston=heston, jumps=jumps, rng=rng)
+    dates = pd.bdate_range(START_DATE, periods=n_days)
+    expiries = listed_expiries(dates, listing["n_monthlies"], listing["n_weeklies"])
+    third_friday = (expiries.day >= 15) & (expiries.day <= 21)
+    step = listing["strike_step"]
+    lo_m, hi_m = listing["moneyness_range"]
+
+    frames = []
+    for i, date in enumerate(dates):
+        days_left = (expiries - date).days
+        weekly_ok = (days_left > 0) & (days_left <= 7 * listing["n_weeklies"])
+        monthly_ok = third_friday & (days_left > 0) & (days_left <= 31 * listing["n_monthlies"])
+        exp_today = expiries[weekly_ok | monthly_ok]
+        strikes = np.arange(np.ceil(spot[i] * lo_m / step), np.floor(spot[i] * hi_m / step) + 1) * step
+        e, k, c = np.meshgrid(np.arange(len(exp_today)), strikes, [1, 0], indexing="ij")
+        frames.append(pd.DataFrame({
+            "quote_date": date, "expiry": exp_today[e.ravel()], "strike": k.ravel(),
+            "is_call": c.ravel().astype(bool), "underlying_price": spot[i], "_var": var[i],
+        }))
+    chain = pd.concat(frames, ignore_index=True)
+    tau = (chain["expiry"] - chain["quote_date"]).dt.days.to_numpy() / 365.0
+    s, k, call = chain["underlying_price"].to_numpy(), chain["strike"].to_numpy(), chain["is_call"].to_numpy()
+    price = heston_price(s, k, tau, rate, dividend_yield, call, v0=chain["_var"].to_numpy(), **_heston_args(heston, jumps))
+    fwd = s * np.exp((rate - dividend_yield) * tau)
+    model_iv, _ = implied_vol(price, fwd, k, tau, rate, call)
+
+    # Quotes: a half-spread in vol that widens for short expiries and far from the money,
+    # bid/ask priced from it and rounded to a one-cent tick.
+    log_m = np.abs(np.log(k / fwd)) / np.sqrt(np.maximum(tau, 1 / 365))
+    half = quotes["half_spread_vol"] * (1.0 + 0.5 / np.sqrt(tau * 52.0)) * (1.0 + log_m**2)
+    bid = np.floor(bs_price(fwd, k, tau, np.maximum(model_iv - half, 1e-4), rate, call) * 100) / 100
+    ask = np.ceil(bs_price(fwd, k, tau, model_iv + half, rate, call) * 100) / 100
+    mid = 0.5 * (bid + ask)
+    iv, _ = implied_vol(mid, fwd, k, tau, rate, call)
+
+    chain = chain.drop(columns="_var").assign(
+        option_type=np.where(call, "C", "P"), bid=bid, ask=ask, implied_volatility=iv, model_iv=model_iv,
+        rate=rate, dividend_yield=dividend_yield,
+    ).drop(columns="is_call")
+    present = rng.random(len(chain)) >= quotes["missing_fraction"]
+    # Quotes that cannot be inverted (bid 0, mid below intrinsic) are what a vendor would not publish.
+    keep = present & (bid > 0) & np.isfinite(iv)
+    return chain[keep].reset_index(drop=True)
+
+
+def _heston_args(heston: dict, jumps: dict) -> dict:
+    return dict(kappa=heston["kappa"], theta=heston["theta"], sigma=heston["sigma"], rho=heston["rho"],
+                jump_intensity=jumps["intensity"], jump_mean=jumps["mean"], jump_std=jumps["std"])
+
+
+def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
+    """``generate_chain(**params)``, cached as Parquet under ``cache_dir`` by a hash of the parameters."""
+    if cache_dir is None:
+        return generate_chain(**params)
+    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"synthetic-{key}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    chain = generate_chain(**params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    chain.to_parquet(tmp, index=False)
+    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return chain
+
+
+def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
+         listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
+         val_fraction: float, test_fraction: float) -> Dataset:
+    """The synthetic market as a ready-to-train ``Dataset``."""
+    params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
+                  heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
+    chain = cached_chain(cache_dir, **params)
+    return prepare(chain, features=list(features), target=target, horizon=horizon,
+                   val_fraction=val_fraction, test_fraction=test_fraction, source="synthetic")
