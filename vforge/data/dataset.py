@@ -165,7 +165,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
         y = (df["iv"] - (df["base"] if target == "change" else 0.0) - center) / scale
         return Split(
             x_num=torch.as_tensor(x, dtype=torch.float32), x_cat=None,
-            y=torch.as_tensor(y.to_numpy(), dtype=torch.float32),
+            y=torch.tensor(y.to_numpy(), dtype=torch.float32),
             iv=df["iv"].to_numpy(), base=df["base"].to_numpy(), persistence=df["persistence"].to_numpy(),
             rows=df[["quote_date", *CONTRACT]].reset_index(drop=True),
         )

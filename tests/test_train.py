@@ -1,0 +1,39 @@
+"""End to end: train(cfg) on the tiny synthetic market, with and without MLflow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from vforge.train import train
+
+
+def test_train_end_to_end_returns_finite_metrics(make_cfg):
+    metrics = train(make_cfg())
+    for key in ("val/rmse", "val/mae", "val/r2", "test/rmse", "test/persistence_rmse", "test/matched_rmse"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["val/rmse"] > 0
+
+
+def test_train_records_an_mlflow_run(make_cfg, mlflow_uri):
+    mlflow = pytest.importorskip("mlflow")
+    cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-e2e")
+    metrics = train(cfg)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.get_experiment_by_name("test-e2e")
+    (run,) = client.search_runs([exp.experiment_id])
+    assert run.info.status == "FINISHED"
+    logged = run.data.metrics
+    for key in ("val/rmse", "test/rmse", "val/persistence_rmse", "test/persistence_rmse"):
+        assert logged[key] == pytest.approx(metrics[key])
+    assert run.data.params["model._target_"] == "vforge.models.mlp.MLP"
+    history = client.get_metric_history(run.info.run_id, "val/rmse_epoch")
+    assert len(history) == metrics["epochs"]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config.yaml", "model", "data_report.json"} <= artifacts
+
+
+def test_bad_optimized_metric_names_the_fix(make_cfg):
+    with pytest.raises(ValueError, match=r"optimized_metric='val/rsme' is not logged.*val/rmse"):
+        train(make_cfg("optimized_metric=val/rsme"))
