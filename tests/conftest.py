@@ -44,7 +44,7 @@ def make_cfg(tmp_path, cache_dir):
         with open_dict(cfg):
             del cfg.hydra
             cfg.output_dir = str(tmp_path / "out")
-            if "cache_dir" in cfg.data:
+            if "cache_dir" in cfg.get("data", {}):
                 cfg.data.cache_dir = str(cache_dir)
         return cfg
 
