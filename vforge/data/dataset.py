@@ -25,6 +25,12 @@ class Split:
     ``y`` (n,) float32 the model's target (scaled); ``iv`` (n,) the target IV level (decimal);
     ``base`` (n,) what a predicted change is added to; ``persistence`` (n,) the contract's own
     previous IV (NaN where it was not quoted); ``rows`` the identifying columns.
+
+    ``aux`` holds unscaled per-row values for losses and diagnostics, each a (n,) tensor:
+    ``log_moneyness`` (log K/F at the target date), ``tau`` (years), ``base`` (the IV a change is
+    added to), ``vega`` (Black-Scholes vega at the base IV per unit of forward, discounted:
+    ``exp(-rT) sqrt(T) phi(d1)``), ``is_call`` (1.0/0.0), ``quote_date_idx`` (int64 index of the
+    target quote date, to group the rows of one surface).
     """
 
     x_num: torch.Tensor
@@ -34,6 +40,7 @@ class Split:
     base: np.ndarray
     persistence: np.ndarray
     rows: pd.DataFrame
+    aux: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.y)
@@ -93,6 +100,21 @@ def previous_surface(rows: pd.DataFrame, chain: pd.DataFrame) -> np.ndarray:
         _, nn = cKDTree(coords(src)).query(coords(g))
         out[rows.index.get_indexer(g.index)] = src["implied_volatility"].to_numpy()[nn]
     return out
+
+
+def make_aux(df: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """Unscaled per-row values for losses (see ``Split.aux``)."""
+    lm, tau, base = (df[c].to_numpy(np.float64) for c in ("log_moneyness", "tau", "base"))
+    sd = base * np.sqrt(tau)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        d1 = -lm / sd + 0.5 * sd
+    vega = np.exp(-df["rate"].to_numpy(np.float64) * tau) * np.sqrt(tau) * np.exp(-0.5 * d1 * d1) / np.sqrt(2 * np.pi)
+    f32 = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
+    return {
+        "log_moneyness": f32(lm), "tau": f32(tau), "base": f32(base), "vega": f32(np.nan_to_num(vega)),
+        "is_call": f32((df["option_type"] == "C").to_numpy()),
+        "quote_date_idx": torch.tensor(df["target_idx"].to_numpy(np.int64)),
+    }
 
 
 def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
@@ -168,6 +190,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
             y=torch.tensor(y.to_numpy(), dtype=torch.float32),
             iv=df["iv"].to_numpy(), base=df["base"].to_numpy(), persistence=df["persistence"].to_numpy(),
             rows=df[["quote_date", *CONTRACT]].reset_index(drop=True),
+            aux=make_aux(df),
         )
 
     splits = {k: make(v) for k, v in parts.items()}
