@@ -1,0 +1,294 @@
+"""The sweepers' logic: an ask/tell loop over a database-backed Optuna study, jobs through Hydra's launcher.
+
+Each job gets its trial through ``hydra.job.env_set`` (storage URL, study name, trial id, pruner):
+the job rebuilds the trial, reports val RMSE every epoch and raises ``optuna.TrialPruned`` when the
+pruner says so; that exception comes back in the job's return and the trial is told PRUNED.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.plugins import Plugins
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.plugins.sweeper import Sweeper
+from hydra.types import HydraContext, TaskFunction
+from hydra.utils import get_method, instantiate
+from omegaconf import DictConfig, OmegaConf
+from optuna.distributions import BaseDistribution
+from optuna.trial import TrialState
+
+from vforge.sweeps import study as S
+from vforge.sweeps.search_space import format_value, grid_search_space, parse_params, quote, suggest
+
+log = logging.getLogger(__name__)
+
+
+def _directions(direction: Any) -> list[str]:
+    items = list(direction) if isinstance(direction, Sequence) and not isinstance(direction, str) else [direction]
+    out = [str(getattr(d, "name", d)).lower() for d in items]
+    for d in out:
+        if d not in ("minimize", "maximize"):
+            raise ValueError(f"hydra.sweeper.direction must be minimize or maximize (or a list of them), got {d!r}")
+    return out
+
+
+def _values(ret: JobReturn, n_objectives: int) -> list[float]:
+    value = ret.return_value
+    try:
+        values = [float(value)] if n_objectives == 1 else [float(v) for v in value]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"the job must return {'a float' if n_objectives == 1 else 'a list of floats'}, "
+                         f"got {value!r}") from e
+    if len(values) != n_objectives:
+        raise ValueError(f"the job returned {len(values)} values for {n_objectives} directions")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"the job returned a non-finite objective {values}")
+    return values
+
+
+class StudySweeper(Sweeper):
+    """What the Optuna and AutoML sweepers share: setup, the study, the ask/tell loop, MLflow."""
+
+    def __init__(self, *, sampler: Any, pruner: Any, n_jobs: int, max_failure_rate: float,
+                 heartbeat_interval: int | None, grace_period: int | None, mlflow: bool) -> None:
+        if not 0.0 <= max_failure_rate <= 1.0:
+            raise ValueError(f"hydra.sweeper.max_failure_rate must be in [0, 1], got {max_failure_rate}")
+        if n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs must be >= 1, got {n_jobs}")
+        self.sampler_cfg = sampler
+        self.pruner_cfg = pruner
+        self.n_jobs = n_jobs
+        self.max_failure_rate = max_failure_rate
+        self.heartbeat_interval = heartbeat_interval
+        self.grace_period = grace_period
+        self.use_mlflow = mlflow
+        self.job_idx = 0
+        self.config: DictConfig | None = None
+        self.parent = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.launcher = Plugins.instance().instantiate_launcher(
+            config=config, hydra_context=hydra_context, task_function=task_function)
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+
+    # --- building blocks ---
+
+    def _sampler(self, space: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler | None:
+        cfg = self.sampler_cfg
+        if cfg is None:
+            return None
+        if str(cfg.get("_target_", "")).endswith("GridSampler"):
+            grid = cfg.get("search_space") or grid_search_space(space)
+            return instantiate(cfg, search_space=OmegaConf.to_container(grid) if isinstance(grid, DictConfig) else grid)
+        return instantiate(cfg)
+
+    def _pruner(self) -> tuple[optuna.pruners.BasePruner | None, dict | None]:
+        if self.pruner_cfg is None:
+            return None, None
+        plain = OmegaConf.to_container(self.pruner_cfg, resolve=True) if isinstance(
+            self.pruner_cfg, DictConfig) else dict(self.pruner_cfg)
+        return instantiate(plain), plain
+
+    def _open_study(self, storage: str | None, study_name: str, directions: list[str],
+                    space: dict[str, BaseDistribution]) -> optuna.Study:
+        if storage is not None and not isinstance(storage, str):
+            raise ValueError(f"hydra.sweeper.storage must be a URL string (sqlite:///..., postgresql://..., "
+                             f"journal:///path.log) or null, got {storage!r}")
+        self.storage_url = storage or S.default_storage(study_name)
+        pruner, self.pruner_plain = self._pruner()
+        study = S.create_study(self.storage_url, study_name, directions, sampler=self._sampler(space), pruner=pruner,
+                               heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
+        stale = S.fail_stale_trials(study)
+        if stale and self.parent is not None:
+            for n in stale:
+                self.parent.mark_child(n, "STALE")
+        return study
+
+    def _start_parent(self, study: optuna.Study, name: str, params: dict[str, Any]) -> None:
+        from vforge.sweeps.tracking import SweepRun, tracking_from_config
+
+        where = tracking_from_config(self.config) if self.use_mlflow else None
+        if where is None:
+            return
+        uri, experiment = where
+        key = f"vforge:mlflow_parent:{uri}:{experiment}"
+        self.parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
+                               tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
+        study.set_user_attr(key, self.parent.run_id)
+        self.parent.log_params(params)
+
+    def _job_overrides(self, trial: optuna.Trial, study: optuna.Study, fixed_overrides: list[str]) -> list[str]:
+        env = S.job_env(self.storage_url, study.study_name, trial, self.pruner_plain)
+        if self.parent is not None:
+            env[S.ENV_PARENT_RUN] = self.parent.run_id
+        out = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
+        out += fixed_overrides
+        if self.config is not None and "trial" in self.config:
+            out.append(f"trial={trial.number}")
+        out += [f"++hydra.job.env_set.{k}={quote(v)}" for k, v in env.items()]
+        return out
+
+    def _outcome(self, ret: JobReturn, n_objectives: int) -> tuple[TrialState, list[float] | None, BaseException | None]:
+        if ret.status == JobStatus.FAILED:
+            # the job's exception (JobReturn.return_value would re-raise it and print a scary banner)
+            err = ret._return_value
+            if isinstance(err, optuna.TrialPruned):
+                return TrialState.PRUNED, None, None
+            return TrialState.FAIL, None, err
+        try:
+            return TrialState.COMPLETE, _values(ret, n_objectives), None
+        except Exception as e:  # noqa: BLE001
+            return TrialState.FAIL, None, e
+
+    def run_study(self, study: optuna.Study, *, space: dict[str, BaseDistribution], fixed: list[str],
+                  n_trials: int, timeout: float | None, custom_search_space: str | None = None,
+                  label: str = "") -> list[tuple[int, TrialState]]:
+        """Ask, launch and tell until the study holds ``n_trials`` counted trials (or ``timeout`` s pass)."""
+        directions = [d.name.lower() for d in study.directions]
+        extender = get_method(custom_search_space) if custom_search_space else None
+        lock_target = S._local_file(self.storage_url)
+        start = time.monotonic()
+        done: list[tuple[int, TrialState]] = []
+        n_failed = 0
+        while True:
+            with S.file_lock(lock_target):  # count and ask as one step, so parallel sweeps never overshoot
+                left = n_trials - S.n_counted(study)
+                if left <= 0:
+                    break
+                if timeout is not None and time.monotonic() - start > timeout:
+                    log.info("%stimeout of %.0f s reached with %d trials to go", label, timeout, left)
+                    break
+                trials = [study.ask() for _ in range(min(left, self.n_jobs))]
+                for t in trials:
+                    S.claim(t)
+            batch = []
+            for trial in trials:
+                for name, dist in space.items():
+                    suggest(trial, name, dist)
+                if extender is not None:
+                    extender(self.config, trial)
+                batch.append(self._job_overrides(trial, study, fixed))
+            try:
+                self.validate_batch_is_legal(batch)
+            except Exception as e:
+                for trial in trials:
+                    trial.set_user_attr(S.ATTR_ERROR, f"{type(e).__name__}: {e}"[:2000])
+                    study.tell(trial, state=TrialState.FAIL)
+                raise
+            returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+            self.job_idx += len(returns)
+            for trial, ret in zip(trials, returns):
+                state, values, err = self._outcome(ret, len(directions))
+                if err is not None:
+                    trial.set_user_attr(S.ATTR_ERROR, f"{type(err).__name__}: {err}"[:2000])
+                study.tell(trial, values=values, state=state)
+                done.append((trial.number, state))
+                if self.parent is not None:
+                    self.parent.mark_child(trial.number, state.name, err, values[0] if values else None)
+                self._log_trial(study, trial, state, values, err, label)
+                if state == TrialState.FAIL:
+                    n_failed += 1
+                    if n_failed > self.max_failure_rate * n_trials:
+                        raise RuntimeError(
+                            f"{label}{n_failed} trial(s) failed, more than max_failure_rate={self.max_failure_rate} "
+                            f"x n_trials={n_trials}; last error: {type(err).__name__}: {err}. Raise "
+                            "hydra.sweeper.max_failure_rate to let the study go on") from err
+        return done
+
+    def _log_trial(self, study, trial, state, values, err, label: str) -> None:
+        frozen = study._storage.get_trial(trial._trial_id)
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        if state == TrialState.PRUNED:
+            step = frozen.last_step
+            last = frozen.intermediate_values.get(step) if step is not None else None
+            log.info("%strial %d PRUNED at epoch %s (val RMSE %s) [%s]", label, trial.number, step,
+                     f"{last:.4f}" if last is not None else "?", params)
+        elif state == TrialState.FAIL:
+            log.warning("%strial %d FAILED: %s: %s [%s]", label, trial.number, type(err).__name__, err, params)
+        else:
+            try:
+                best = f"; best is trial {study.best_trial.number} with {study.best_value:.4f}" if len(
+                    study.directions) == 1 else ""
+            except ValueError:
+                best = ""
+            log.info("%strial %d finished: %s [%s]%s", label, trial.number, values, params, best)
+
+
+class OptunaSweeperImpl(StudySweeper):
+    def __init__(self, *, sampler: Any, pruner: Any, direction: Any, storage: Any, study_name: str | None,
+                 n_trials: int, n_jobs: int, max_failure_rate: float, timeout: float | None,
+                 heartbeat_interval: int | None, grace_period: int | None, search_space: Any,
+                 params: Any, custom_search_space: str | None, mlflow: bool) -> None:
+        super().__init__(sampler=sampler, pruner=pruner, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, mlflow=mlflow)
+        if search_space:
+            raise ValueError("hydra.sweeper.search_space (deprecated in the official plugin) is not supported; "
+                             "write the same space as hydra.sweeper.params, e.g. model.d_block: choice(64, 128)")
+        if n_trials < 1:
+            raise ValueError(f"hydra.sweeper.n_trials must be >= 1, got {n_trials}")
+        self.directions = _directions(direction)
+        self.storage = storage
+        self.study_name = study_name
+        self.n_trials = n_trials
+        self.timeout = timeout
+        self.params = params
+        self.custom_search_space = custom_search_space
+
+    def sweep(self, arguments: list[str]) -> list[tuple[int, TrialState]]:
+        params = OmegaConf.to_container(self.params, resolve=True) if isinstance(self.params, DictConfig) else (
+            self.params or {})
+        space, fixed_values, other = parse_params(params, arguments)
+        fixed = [f"{k}={v}" for k, v in fixed_values.items()] + other
+        study_name = self.study_name or "sweep"
+        study = self._open_study(self.storage, study_name, self.directions, space)
+        n_before = S.n_counted(study)
+        log.info("study %r in %s: %d of %d trials already there; sampler %s, pruner %s, %d job(s) at a time",
+                 study.study_name, self.storage_url, n_before, self.n_trials, type(study.sampler).__name__,
+                 type(study.pruner).__name__, self.n_jobs)
+        self._start_parent(study, f"sweep-{study.study_name}", {
+            "study_name": study.study_name, "storage": self.storage_url, "n_trials": self.n_trials,
+            "directions": ",".join(self.directions), "sampler": type(study.sampler).__name__,
+            "pruner": type(study.pruner).__name__, **{f"space.{k}": v for k, v in params.items()}})
+        status = "FAILED"
+        try:
+            done = self.run_study(study, space=space, fixed=fixed, n_trials=self.n_trials, timeout=self.timeout,
+                                  custom_search_space=self.custom_search_space)
+            status = "FINISHED"
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self._finish(study, status)
+        return done
+
+    def _finish(self, study: optuna.Study, status: str) -> None:
+        trials = study.get_trials(deepcopy=False)
+        counts = {s.name: sum(t.state == s and S.counted(t) for t in trials) for s in TrialState}
+        summary: dict[str, Any] = {"name": study.study_name, "storage": self.storage_url,
+                                   "trials": {k: v for k, v in counts.items() if v}}
+        complete = [t for t in trials if t.state == TrialState.COMPLETE]
+        if complete and len(self.directions) == 1:
+            summary |= {"best_trial": study.best_trial.number, "best_value": study.best_value,
+                        "best_params": study.best_params}
+        elif complete:
+            summary["best_trials"] = [{"number": t.number, "values": t.values, "params": t.params}
+                                      for t in study.best_trials]
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        OmegaConf.save(OmegaConf.create(summary), self.sweep_dir / "optimization_results.yaml")
+        log.info("study %r: %s", study.study_name, ", ".join(f"{v} {k.lower()}" for k, v in summary["trials"].items()))
+        if "best_value" in summary:
+            log.info("best trial %d: %s=%.4f with %s", summary["best_trial"], self.directions[0],
+                     summary["best_value"], summary["best_params"])
+        if self.parent is not None:
+            self.parent.log_study(study, self.directions)
+            self.parent.log_artifact(self.sweep_dir / "optimization_results.yaml")
+            self.parent.end(status)

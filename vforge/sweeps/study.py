@@ -1,0 +1,193 @@
+"""Optuna studies shared by a sweeper and its jobs: storage URLs, safe creation, stale trials, trial counts.
+
+The sweeper passes a job its trial through environment variables (``ENV_*``, set with
+``hydra.job.env_set`` so nothing leaks from one job into the next); the job rebuilds the trial
+with :func:`trial_from_env` and reports to it (vforge/sweeps/pruning.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+log = logging.getLogger(__name__)
+
+ENV_STORAGE = "VFORGE_OPTUNA_STORAGE"
+ENV_STUDY = "VFORGE_OPTUNA_STUDY"
+ENV_TRIAL_ID = "VFORGE_OPTUNA_TRIAL_ID"
+ENV_PRUNER = "VFORGE_OPTUNA_PRUNER"  # JSON of the pruner's config: a pruner is not kept in the storage
+ENV_PARENT_RUN = "VFORGE_PARENT_RUN_ID"  # read by vforge/tracking/mlflow.py
+
+# user attributes the sweeper writes on each trial
+ATTR_HOST, ATTR_PID, ATTR_STALE, ATTR_ERROR, ATTR_RETRY_OF = (
+    "vforge:host", "vforge:pid", "vforge:stale", "vforge:error", "vforge:retry_of")
+
+
+def default_storage(study_name: str, root: str | Path = "outputs/optuna") -> str:
+    """The embedded default: one SQLite file per study under outputs/, so a rerun finds it again."""
+    return f"sqlite:///{Path(root) / study_name}.db"
+
+
+def _local_file(storage: str) -> Path | None:
+    """The file behind a SQLite or journal URL (None for servers)."""
+    if storage.startswith("sqlite:///"):
+        path = storage[len("sqlite:///"):]
+        return None if path in ("", ":memory:") else Path(path)
+    if storage.startswith("journal:"):
+        return Path(storage[len("journal:"):].removeprefix("//"))
+    return None
+
+
+@contextlib.contextmanager
+def file_lock(target: str | Path | None) -> Iterator[None]:
+    """An exclusive lock on ``<target>.lock`` (no-op for None), held across processes on this machine.
+
+    Two processes creating one fresh SQLite file at once race (optuna: ``table studies already
+    exists``; MLflow: ``duplicate column name``): creation happens under this lock.
+    """
+    if target is None:
+        yield
+        return
+    lock_path = Path(f"{target}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> optuna.storages.BaseStorage | None:
+    """A storage URL -> an Optuna storage; None stays None (in memory).
+
+    ``sqlite:///x.db`` / ``postgresql://...`` -> RDBStorage (SQLite waits up to 60 s for a lock
+    instead of failing when several workers write); ``journal:///path/x.log`` -> JournalStorage on
+    a file, for many processes without a database server.
+    """
+    if storage is None:
+        return None
+    path = _local_file(storage)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if storage.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend
+
+        if heartbeat_interval:
+            log.warning("heartbeat_interval is ignored for a journal storage")
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+    kwargs: dict[str, Any] = {}
+    if storage.startswith("sqlite"):
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    with file_lock(path):
+        return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_interval,
+                                          grace_period=grace_period, **kwargs)
+
+
+def create_study(storage_url: str | None, study_name: str | None, directions: list[str], *, sampler=None,
+                 pruner=None, heartbeat_interval: int | None = None,
+                 grace_period: int | None = None) -> optuna.Study:
+    """Create the study or load it if it exists (a resumed or second sweep), once, under a file lock."""
+    storage = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
+    path = _local_file(storage_url) if storage_url else None
+    with file_lock(path):
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+                                    sampler=sampler, pruner=pruner, load_if_exists=True)
+    if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
+        raise ValueError(
+            f"study {study.study_name!r} in {storage_url} was created with directions "
+            f"{[d.name.lower() for d in study.directions]}, not {directions}; use another study_name")
+    return study
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def fail_stale_trials(study: optuna.Study, *, retry: bool = True) -> list[int]:
+    """Mark RUNNING trials whose sweeper process is gone (killed sweep) as FAIL and stale.
+
+    A trial is stale when it was started on this host by a process that no longer exists, or
+    (RDB storages with ``heartbeat_interval``) when its heartbeat is older than the grace period.
+    With ``retry`` its parameters are enqueued so the next trial tries them again. Stale trials do
+    not count toward ``n_trials``. Returns the stale trial numbers.
+    """
+    stale: list[int] = []
+    if getattr(study._storage, "is_heartbeat_enabled", lambda: False)():
+        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        optuna.storages.fail_stale_trials(study)
+        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        stale += sorted(before - after)
+        for t in study.get_trials(deepcopy=False):
+            if t.number in stale:
+                study._storage.set_trial_user_attr(t._trial_id, ATTR_STALE, True)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if t.user_attrs.get(ATTR_HOST) == host and not _pid_alive(int(t.user_attrs.get(ATTR_PID, 0)) or 0):
+            study._storage.set_trial_user_attr(t._trial_id, ATTR_STALE, True)
+            study.tell(t.number, state=TrialState.FAIL)
+            stale.append(t.number)
+    if retry:
+        for t in study.get_trials(deepcopy=False):
+            if t.number in stale and t.params:
+                study.enqueue_trial(t.params, user_attrs={ATTR_RETRY_OF: t.number}, skip_if_exists=False)
+    if stale:
+        log.warning("trials %s were left running by a sweep that is gone: marked failed (stale)%s", stale,
+                    ", their params queued again" if retry else "")
+    return stale
+
+
+def counted(trial: FrozenTrial) -> bool:
+    """Whether a trial counts toward ``n_trials``: done, running or queued, but not stale."""
+    return not trial.user_attrs.get(ATTR_STALE, False)
+
+
+def n_counted(study: optuna.Study) -> int:
+    return sum(counted(t) for t in study.get_trials(deepcopy=False))
+
+
+def claim(trial: optuna.Trial) -> None:
+    """Stamp a freshly asked trial with this process, so a later sweep can tell it is stale."""
+    trial.set_user_attr(ATTR_HOST, socket.gethostname())
+    trial.set_user_attr(ATTR_PID, os.getpid())
+
+
+def job_env(storage_url: str, study_name: str, trial: optuna.Trial, pruner_cfg: dict | None) -> dict[str, str]:
+    """What a job needs to rebuild its trial."""
+    env = {ENV_STORAGE: storage_url, ENV_STUDY: study_name, ENV_TRIAL_ID: str(trial._trial_id)}
+    if pruner_cfg:
+        env[ENV_PRUNER] = json.dumps(pruner_cfg)
+    return env
+
+
+def trial_from_env(environ: dict[str, str] | None = None) -> optuna.Trial | None:
+    """In a job: the Optuna trial the sweeper asked for, rebuilt from the environment; None outside sweeps."""
+    env = os.environ if environ is None else environ
+    if not (env.get(ENV_STORAGE) and env.get(ENV_STUDY) and env.get(ENV_TRIAL_ID)):
+        return None
+    pruner = None
+    if env.get(ENV_PRUNER):
+        from hydra.utils import instantiate
+
+        pruner = instantiate(json.loads(env[ENV_PRUNER]))
+    storage = open_storage(env[ENV_STORAGE])
+    study = optuna.load_study(study_name=env[ENV_STUDY], storage=storage, pruner=pruner)
+    trial = optuna.Trial(study, int(env[ENV_TRIAL_ID]))
+    return trial
