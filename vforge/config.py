@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
+from vforge.training.checks import coverages, validate_training
 from vforge.training.metrics import logged_metric_names
 
 
 def validate(cfg: DictConfig) -> None:
-    names = logged_metric_names()
+    names = logged_metric_names(averaging=cfg.get("averaging") is not None, coverages=coverages(cfg))
     if cfg.optimized_metric not in names:
         raise ValueError(
             f"optimized_metric={cfg.optimized_metric!r} is not logged; logged metrics: {', '.join(names)}. "
@@ -21,3 +22,4 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.max_epochs and trainer.batch_size must be >= 1, got "
             f"{cfg.trainer.max_epochs=}, {cfg.trainer.batch_size=}"
         )
+    validate_training(cfg)

@@ -1,9 +1,12 @@
-"""``python -m vforge.train``: seed -> data -> model -> loss -> optimizer/scheduler -> logger -> fit -> metrics."""
+"""``python -m vforge.train``: seed -> data -> loss -> model -> optimizer/scheduler -> averaging -> logger -> fit
+-> metrics."""
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
@@ -12,61 +15,91 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vforge.config import validate
-from vforge.training.loop import fit, predict
-from vforge.training.metrics import format_table, split_metrics
+from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
+from vforge.training.checkpoint import Checkpoint, atomic_save, find_resume
+from vforge.training.loop import evaluate, fit
+from vforge.training.losses import as_loss
+from vforge.training.metrics import format_table
+from vforge.training.optim import param_groups
+from vforge.training.speed import GradCheckpointing, resolve_device
 
 log = logging.getLogger(__name__)
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Train one model as ``cfg`` says; return its final val/test metrics in vol points."""
+def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, float]:
+    """Train one model as ``cfg`` says; return its final val/test metrics in vol points.
+
+    ``callbacks`` run after the built-in ones (early stopping, logging, checkpoints); one that raises from
+    ``on_epoch_end`` stops the fit, ends the MLflow run (KILLED for ``TrainingInterrupted``, else FAILED) and
+    the exception propagates.
+    """
     validate(cfg)
+    tr = cfg.trainer
     torch.manual_seed(cfg.seed)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    torch.use_deterministic_algorithms(cfg.trainer.deterministic, warn_only=True)
+    if tr.num_threads:
+        torch.set_num_threads(tr.num_threads)
+    torch.use_deterministic_algorithms(tr.deterministic, warn_only=True)
+    device = resolve_device(tr.device)
 
     data = instantiate(cfg.data, _convert_="all")
     log.info("data: %s", data.report)
-    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
-    loss_fn = instantiate(cfg.loss)
-    optimizer = instantiate(cfg.optimizer)(model.parameters())
-    steps = cfg.trainer.max_epochs * math.ceil(len(data.train) / cfg.trainer.batch_size)
+    loss_fn = as_loss(instantiate(cfg.loss, _convert_="all")).to(device)
+    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities,
+                        d_out=loss_fn.d_out).to(device)
+    optimizer = instantiate(cfg.optimizer)(param_groups(model))
+    steps = tr.max_epochs * math.ceil(math.ceil(len(data.train) / tr.batch_size) / tr.accumulate)
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps) if cfg.scheduler else None
+    averaging = [instantiate(cfg.averaging)] if cfg.averaging else []
+    extra = [instantiate(c) for c in (tr.callbacks or {}).values()]
+    resume_path = find_resume(tr.resume, cfg.output_dir, cfg.run_name)
+    resume = torch.load(resume_path, weights_only=False, map_location=device) if resume_path else None
     logger = instantiate(cfg.logger) if cfg.logger else None
 
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if logger:
-        logger.start(cfg, run_name=cfg.run_name, tags={"model": cfg.run_name})
-        logger.log_dict(data.report, "data_report.json")
+        logger.start(cfg, run_name=cfg.run_name, tags={"model": cfg.run_name},
+                     run_id=resume.get("mlflow_run_id") if resume else None)
+        if not resume:
+            logger.log_dict(data.report, "data_report.json")
     status = "FAILED"
     try:
+        cbs: list[Callback] = [*averaging, EarlyStopping(patience=tr.patience), EpochLog(logger), Progress(tr.progress)]
+        if tr.checkpoint:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
+            ckpt_dir = resume_path.parent if resume_path else out_dir / "checkpoints"
+            cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name,
+                                                        "mlflow_run_id": logger.run_id if logger else None}))
+        if resume:
+            log.info("resuming from %s after epoch %d", resume_path, resume["epoch"])
+        if tr.grad_checkpointing:  # after averaging's deepcopy of the model (see enable_grad_checkpointing)
+            cbs.insert(len(averaging), GradCheckpointing())
         result = fit(
-            model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler,
-            max_epochs=cfg.trainer.max_epochs, batch_size=cfg.trainer.batch_size,
-            eval_batch_size=cfg.trainer.eval_batch_size, patience=cfg.trainer.patience,
-            grad_clip=cfg.trainer.grad_clip, progress=cfg.trainer.progress,
-            on_epoch_end=(lambda epoch, m: logger.log_metrics(m, step=epoch)) if logger else None,
-            generator=torch.Generator().manual_seed(cfg.seed),
+            model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, max_epochs=tr.max_epochs,
+            batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size, grad_clip=tr.grad_clip,
+            accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile, callbacks=[*cbs, *extra, *callbacks],
+            generator=torch.Generator().manual_seed(cfg.seed), resume=resume,
         )
-        metrics: dict[str, float] = {}
-        for name in ("val", "test"):
-            split = getattr(data, name)
-            level = data.to_level(predict(model, split, cfg.trainer.eval_batch_size), split)
-            metrics |= split_metrics(name, level, split.iv, split.persistence)
+        metrics = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
                     "n_params": sum(p.numel() for p in model.parameters())}
         log.info("results\n%s", format_table(metrics, {"val": len(data.val), "test": len(data.test)}))
         checkpoint = out_dir / "model.pt"
-        torch.save({"state_dict": model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
-                    "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
-                    "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target}, checkpoint)
+        atomic_save({"state_dict": result.model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+                     "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
+                     "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target,
+                     "d_out": loss_fn.d_out, "output_index": getattr(loss_fn, "median", 0),
+                     "quantiles": getattr(loss_fn, "quantiles", None)}, checkpoint)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if logger:
             logger.log_metrics(metrics)
             logger.log_artifact(checkpoint, "model")
         status = "FINISHED"
         return metrics
+    except BaseException as e:
+        if isinstance(e, KeyboardInterrupt) or getattr(e, "run_status", None) == "KILLED" or \
+                type(e).__name__ == "TrialPruned":
+            status = "KILLED"
+        raise
     finally:
         if logger:
             logger.end(status)
@@ -74,7 +107,9 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    metrics = train(cfg)
+    from vforge.sweeps.pruning import sweep_callbacks  # reports to the Optuna trial when a sweep runs this job
+
+    metrics = train(cfg, callbacks=sweep_callbacks(cfg))
     return metrics[cfg.optimized_metric]
 
 

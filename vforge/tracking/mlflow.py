@@ -39,11 +39,20 @@ class MLflowLogger:
         self.log_model = log_model
         self.run_id: str | None = None
 
-    def start(self, cfg: DictConfig, run_name: str, tags: dict[str, str] | None = None) -> str:
+    def start(self, cfg: DictConfig, run_name: str, tags: dict[str, str] | None = None,
+              run_id: str | None = None) -> str:
+        """Start a new run, or with ``run_id`` continue that one (a resumed training): its params stay as they
+        were and the resumed config is logged as ``config_resumed.yaml``."""
         import mlflow  # costs ~1.5 s: only when tracking is on
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
+        if run_id:
+            self.run_id = mlflow.start_run(run_id=run_id).info.run_id
+            mlflow.set_tag("vforge.resumed", "true")
+            mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config_resumed.yaml")
+            log.info("MLflow run %s resumed at %s", self.run_id, self.tracking_uri)
+            return self.run_id
         mlflow.set_experiment(self.experiment)
         parent = os.environ.get("VFORGE_PARENT_RUN_ID")
         run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None)

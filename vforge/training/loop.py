@@ -1,21 +1,61 @@
-"""The training loop: in-memory tensors, random permutation + slicing, early stopping on val RMSE."""
+"""The training loop: in-memory tensors, random permutation + slicing, callbacks for everything else.
+
+Early stopping, checkpoints, averaging, logging, progress and pruning are callbacks
+(``vforge.training.callbacks``); the loop only trains, validates and calls them.
+"""
 
 from __future__ import annotations
 
-import copy
 import logging
-import sys
+import math
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from vforge.data.dataset import Dataset, Split
-from vforge.training.metrics import VOL_POINTS
+from vforge.training.callbacks import Callback
+from vforge.training.checkpoint import restore
+from vforge.training.losses import Batch, Loss, Quantile
+from vforge.training.metrics import VOL_POINTS, interval_metrics, split_metrics
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or inf; the message names the epoch, the step and the likely cause."""
+
+
+@dataclass
+class FitState:
+    """What callbacks see. ``eval_model`` is what validation, test and the saved model use: ``model`` itself,
+    or the averaged copy once averaging has started."""
+
+    model: nn.Module
+    data: Dataset
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    max_epochs: int
+    batch_size: int
+    steps_per_epoch: int
+    generator: torch.Generator | None = None
+    grad_scaler: torch.amp.GradScaler | None = None
+    eval_model: nn.Module | None = None
+    epoch: int = 0  # the current epoch; after a resume, the first one to run
+    step: int = 0  # optimizer steps taken
+    metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, float]] = field(default_factory=list)
+    improved: bool = False
+    best_epoch: int = -1
+    best_value: float = float("inf")
+    stop: bool = False
+
+    def __post_init__(self) -> None:
+        self.eval_model = self.eval_model or self.model
 
 
 @dataclass
@@ -25,92 +65,190 @@ class FitResult:
     epochs: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    model: nn.Module | None = None  # the evaluated (possibly averaged) model, holding its best weights
+
+
+def split_aux(data: Dataset, split: Split) -> dict[str, Tensor]:
+    """The split's unscaled per-row context as float tensors (``Split.aux`` plus ``base``)."""
+    aux = {k: torch.as_tensor(v) for k, v in (getattr(split, "aux", None) or {}).items()}
+    aux.setdefault("base", torch.as_tensor(np.asarray(split.base, dtype=np.float32)))
+    return {k: v.float() if v.is_floating_point() else v for k, v in aux.items()}
+
+
+def surface_probe(model: nn.Module, data: Dataset, x_num: Tensor, x_cat: Tensor | None, batch: Batch,
+                  n: int) -> Callable[[float, float], Tensor]:
+    """``probe(dk, dtau)``: IV levels (4n,) of the first ``n`` rows at (k, tau), (k+dk, tau), (k-dk, tau),
+    (k, tau+dtau), from one eval-mode forward pass with the scaled ``log_moneyness``/``tau``/``sqrt_tau``
+    features moved accordingly."""
+    names = data.feature_names
+    if "log_moneyness" not in names or "tau" not in names and "sqrt_tau" not in names:
+        raise ValueError(f"loss=surface needs log_moneyness and tau (or sqrt_tau) in data.features, got {names}")
+    col = {f: names.index(f) for f in ("log_moneyness", "tau", "sqrt_tau") if f in names}
+    std = lambda f: float(data.x_std[col[f]])  # noqa: E731
+    mean = lambda f: float(data.x_mean[col[f]])  # noqa: E731
+
+    def probe(dk: float, dtau: float) -> Tensor:
+        x = x_num[:n].repeat(4, 1)  # (4n, n_num): center, k+dk, k-dk, tau+dtau
+        x[n : 2 * n, col["log_moneyness"]] += dk / std("log_moneyness")
+        x[2 * n : 3 * n, col["log_moneyness"]] -= dk / std("log_moneyness")
+        tau = batch.require("tau")[:n]
+        if "tau" in col:
+            x[3 * n :, col["tau"]] += dtau / std("tau")
+        if "sqrt_tau" in col:
+            x[3 * n :, col["sqrt_tau"]] = ((tau + dtau).sqrt() - mean("sqrt_tau")) / std("sqrt_tau")
+        was_training = model.training
+        model.eval()  # dropout noise would swamp the finite differences
+        try:
+            out = model(x, None if x_cat is None else x_cat[:n].repeat(4, 1))[:, 0].float()
+        finally:
+            model.train(was_training)
+        sub = Batch({k: v[:n].repeat(4) for k, v in batch.aux.items()}, batch.y_center, batch.y_scale, batch.change)
+        return sub.level(out)
+
+    return probe
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, split: Split, batch_size: int = 8192) -> np.ndarray:
-    """Model outputs (n,) in target units, in eval mode, batch by batch."""
+def predict_outputs(model: nn.Module, split: Split, batch_size: int = 8192) -> np.ndarray:
+    """Model outputs (n, d_out) in target units, in eval mode, batch by batch."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for lo in range(0, len(split), batch_size):
-        x_cat = None if split.x_cat is None else split.x_cat[lo : lo + batch_size]
-        out.append(model(split.x_num[lo : lo + batch_size], x_cat)[:, 0])
+        x_cat = None if split.x_cat is None else split.x_cat[lo : lo + batch_size].to(device)
+        out.append(model(split.x_num[lo : lo + batch_size].to(device), x_cat).float().cpu())
     model.train(was_training)
-    return torch.cat(out).numpy() if out else np.empty(0)
+    return torch.cat(out).numpy() if out else np.empty((0, 1), dtype=np.float32)
 
 
-def val_rmse(model: nn.Module, data: Dataset, batch_size: int) -> float:
+def predict(model: nn.Module, split: Split, batch_size: int = 8192, output: int = 0) -> np.ndarray:
+    """Point predictions (n,) in target units: output column ``output`` (the median's for a quantile loss)."""
+    return predict_outputs(model, split, batch_size)[:, output]
+
+
+def val_rmse(model: nn.Module, data: Dataset, batch_size: int, output: int = 0) -> float:
     """Validation RMSE of IV levels in vol points."""
-    level = data.to_level(predict(model, data.val, batch_size), data.val)
+    level = data.to_level(predict(model, data.val, batch_size, output), data.val)
     return float(np.sqrt(np.mean((level - data.val.iv) ** 2)) * VOL_POINTS)
 
 
-def _progress(enabled: str | bool, total: int, desc: str):
-    show = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
-    if not show:
-        return None
-    from tqdm.auto import tqdm
+def diagnose(loss_log: Tensor, step: int, x: Tensor, y: Tensor, loss_fn: Loss, lr: float, epoch: int) -> str:
+    """The message for a non-finite loss: where it happened and the likely cause."""
+    head = f"loss became {float(loss_log[step])} at epoch {epoch} step {step}"
+    if not (torch.isfinite(x).all() and torch.isfinite(y).all()):
+        return f"{head}: the batch holds NaN/inf features or targets; check the data (its report and data.features)"
+    finite = loss_log[:step][torch.isfinite(loss_log[:step])]
+    if len(finite) >= 2 and float(finite[-1]) > 10 * float(finite.min()):
+        return (f"{head} after growing from {float(finite.min()):.4g} to {float(finite[-1]):.4g}: the learning rate "
+                f"(lr={lr:.3g}) is likely too high; lower optimizer.lr, or set trainer.grad_clip=1.0")
+    return (f"{head} with finite inputs and no growth before: likely the loss ({type(loss_fn).__name__}) "
+            f"on an extreme prediction (log or division of a non-positive IV), else the learning rate (lr={lr:.3g})")
 
-    return tqdm(total=total, desc=desc, leave=False, unit="batch")
 
+def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+        max_epochs: int, batch_size: int, eval_batch_size: int = 8192, grad_clip: float | None = None,
+        accumulate: int = 1, precision: str = "fp32", compile: bool = False, callbacks: Sequence[Callback] = (),
+        generator: torch.Generator | None = None, resume: dict[str, Any] | None = None) -> FitResult:
+    """Train ``model`` in place; return the evaluated model (averaged when averaging is on) in the result.
 
-def fit(model: nn.Module, data: Dataset, *, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
-        scheduler: torch.optim.lr_scheduler.LRScheduler | None, max_epochs: int, batch_size: int,
-        eval_batch_size: int, patience: int, grad_clip: float | None, progress: str | bool = "auto",
-        on_epoch_end=None, generator: torch.Generator | None = None) -> FitResult:
-    """Train ``model`` in place and leave it holding the weights of its best validation epoch.
-
-    ``on_epoch_end(epoch, metrics)`` is called after each epoch (logging, pruning).
+    ``scheduler`` is stepped every optimizer step, except ``ReduceLROnPlateau``: every epoch on val RMSE.
+    ``resume`` is a ``last.pt`` dict: the fit continues after its epoch, bit for bit.
     """
-    train = data.train
-    n = len(train)
-    best_rmse, best_epoch, best_state, bad_epochs = float("inf"), -1, None, 0
-    history: list[dict[str, float]] = []
+    device = next(model.parameters()).device
+    train, n = data.train, len(data.train)
+    x_num, y = train.x_num.to(device), train.y.to(device)
+    x_cat = None if train.x_cat is None else train.x_cat.to(device)
+    # per-row context only for losses that use it: slicing it every step is not free
+    aux = {k: v.to(device) for k, v in split_aux(data, train).items()} if getattr(loss_fn, "needs_levels", 0) else {}
+    batches_per_epoch = math.ceil(n / batch_size) - (1 if n % batch_size == 1 and n > 1 else 0)
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
+    state = FitState(model, data, optimizer, scheduler, max_epochs, batch_size,
+                     steps_per_epoch=math.ceil(batches_per_epoch / accumulate), generator=generator,
+                     grad_scaler=scaler)
+    callbacks = list(callbacks)
+    for cb in callbacks:
+        cb.on_fit_start(state)
+    if resume is not None:
+        restore(state, callbacks, resume)
+    forward = torch.compile(model) if compile else model
+    plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
+    auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
+    output = getattr(loss_fn, "median", 0)
     start = time.perf_counter()
-    epoch = 0
-    for epoch in range(max_epochs):
+    for epoch in range(state.epoch, max_epochs if not state.stop else state.epoch):
+        state.epoch = epoch
         model.train()
-        perm = torch.randperm(n, generator=generator)
-        total, count = torch.zeros(()), 0
-        bar = _progress(progress, (n + batch_size - 1) // batch_size, f"epoch {epoch}")
-        for lo in range(0, n, batch_size):
-            idx = perm[lo : lo + batch_size]
-            if len(idx) < 2 and n > 1:  # a batch of one breaks BatchNorm; drop the straggler
-                continue
-            x_cat = None if train.x_cat is None else train.x_cat[idx]
-            pred = model(train.x_num[idx], x_cat)[:, 0]
-            loss = loss_fn(pred, train.y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+        perm = torch.randperm(n, generator=generator).to(device)
+        batches = perm.split(batch_size)[:batches_per_epoch]  # drops a straggler of one row (breaks BatchNorm)
+        loss_log = torch.zeros(len(batches), device=device)  # per-step loss; checked once an epoch: no sync
+        for i, idx in enumerate(batches):
+            batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, data.target == "change")
+            if hasattr(loss_fn, "penalties"):  # the surface loss probes the model around the batch
+                batch.probe = surface_probe(model, data, x_num[idx], None if x_cat is None else x_cat[idx], batch,
+                                            min(len(idx), loss_fn.n_probe))
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                pred = forward(x_num[idx], None if x_cat is None else x_cat[idx])
+            loss = loss_fn(pred.float(), y[idx], batch)
+            if auxiliary is not None:
+                loss = loss + auxiliary()
+            loss_log[i] = loss.detach()
+            (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
+            if (i + 1) % accumulate and i + 1 < len(batches):
+                continue  # accumulate gradients over `accumulate` batches
+            if scaler:
+                scaler.unscale_(optimizer)
             if grad_clip:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            optimizer.step()
-            if scheduler is not None:
-                scheduler.step()
-            total += loss.detach() * len(idx)  # no .item() per batch: it would sync every step
-            count += len(idx)
-            if bar is not None:
-                bar.update()
-        if bar is not None:
-            bar.close()
-        rmse = val_rmse(model, data, eval_batch_size)
-        metrics = {"train/loss": float(total) / max(count, 1), "val/rmse_epoch": rmse,
-                   "lr": optimizer.param_groups[0]["lr"]}
-        history.append(metrics)
-        improved = rmse < best_rmse
-        if improved:
-            best_rmse, best_epoch, bad_epochs = rmse, epoch, 0
-            best_state = copy.deepcopy(model.state_dict())
-        else:
-            bad_epochs += 1
-        log.info("epoch %3d  train loss %.4f  val RMSE %.3f vol pts%s", epoch, metrics["train/loss"], rmse,
-                 "  *" if improved else "")
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, metrics)
-        if bad_epochs >= patience:
-            log.info("early stop: no val improvement for %d epochs", patience)
+            scaler.step(optimizer) if scaler else optimizer.step()
+            if scaler:
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if state.scheduler is not None and not plateau:
+                state.scheduler.step()
+            state.step += 1
+            for cb in callbacks:
+                cb.on_step_end(state)
+        bad = (~torch.isfinite(loss_log)).nonzero()
+        if len(bad):  # stop before any callback can checkpoint the broken weights
+            step = int(bad[0])
+            raise NonFiniteLossError(diagnose(loss_log.cpu(), step, x_num[batches[step]], y[batches[step]], loss_fn,
+                                              optimizer.param_groups[0]["lr"], state.epoch))
+        for cb in callbacks:
+            cb.on_train_epoch_end(state)
+        sizes = torch.tensor([len(b) for b in batches], dtype=loss_log.dtype, device=device)
+        state.metrics = {"train/loss": float((loss_log * sizes).sum() / sizes.sum()),
+                         "val/rmse_epoch": val_rmse(state.eval_model, data, eval_batch_size, output),
+                         "lr": optimizer.param_groups[0]["lr"]}
+        if state.eval_model is not model:  # averaging: the raw weights' score beside the averaged ones
+            state.metrics["val/raw_rmse_epoch"] = val_rmse(model, data, eval_batch_size, output)
+        if plateau and state.scheduler is not None:
+            state.scheduler.step(state.metrics["val/rmse_epoch"])
+        state.history.append(state.metrics)
+        for cb in callbacks:
+            cb.on_epoch_end(state)
+        if state.stop:
             break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return FitResult(best_epoch, best_rmse, epoch + 1, time.perf_counter() - start, history)
+    for cb in callbacks:
+        cb.on_fit_end(state)
+    return FitResult(state.best_epoch, state.best_value, len(state.history), time.perf_counter() - start, state.history,
+                     state.eval_model)
+
+
+def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss, batch_size: int) -> dict[str, float]:
+    """Val/test metrics of the final (averaged, best-epoch) model; interval coverage for quantile losses; the raw
+    weights' val RMSE when averaging is on."""
+    out_idx = getattr(loss_fn, "median", 0)
+    metrics: dict[str, float] = {}
+    for name in ("val", "test"):
+        split = getattr(data, name)
+        outputs = predict_outputs(final, split, batch_size)
+        metrics |= split_metrics(name, data.to_level(outputs[:, out_idx], split), split.iv, split.persistence)
+        if isinstance(loss_fn, Quantile):
+            levels = np.stack([data.to_level(outputs[:, j], split) for j in range(outputs.shape[1])], axis=1)
+            metrics |= interval_metrics(name, levels, split.iv, loss_fn.intervals())
+    if final is not raw:
+        metrics["val/raw_rmse"] = val_rmse(raw, data, batch_size, out_idx)
+    return metrics
+

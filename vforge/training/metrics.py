@@ -34,9 +34,39 @@ def split_metrics(prefix: str, pred: np.ndarray, true: np.ndarray, persistence: 
     return out
 
 
-def logged_metric_names() -> list[str]:
-    """Every final metric a run logs (what ``optimized_metric`` may name)."""
-    return [f"{s}/{kind}{m}" for s in ("val", "test") for kind in ("", "persistence_", "matched_") for m in METRICS]
+def interval_metrics(prefix: str, levels: np.ndarray, true: np.ndarray,
+                     intervals: list[tuple[int, int, float]]) -> dict[str, float]:
+    """Coverage and mean width (vol points) of predicted intervals.
+
+    Args:
+        levels: (n, n_quantiles) predicted IV quantiles; sorted per row first (monotone rearrangement), so
+            crossing quantiles still give an interval.
+        intervals: (i_lo, i_hi, nominal) column pairs, e.g. (0, 4, 0.9) for the 5% and 95% quantiles.
+
+    Keys: ``{prefix}/coverage{pct}`` (share of true IVs inside; nominal ``pct`` %) and ``{prefix}/width{pct}``.
+    """
+    levels = np.sort(np.asarray(levels, dtype=np.float64), axis=1)
+    out = {}
+    for lo, hi, nominal in intervals:
+        pct = round(nominal * 100)
+        inside = (true >= levels[:, lo]) & (true <= levels[:, hi])
+        out[f"{prefix}/coverage{pct}"] = float(inside.mean()) if len(true) else float("nan")
+        out[f"{prefix}/width{pct}"] = float(np.mean(levels[:, hi] - levels[:, lo]) * VOL_POINTS) if len(true) else float("nan")
+    return out
+
+
+def logged_metric_names(averaging: bool = False, coverages: tuple[float, ...] = ()) -> list[str]:
+    """Every final metric a run logs (what ``optimized_metric`` may name).
+
+    Args:
+        averaging: weight averaging is on: ``val/raw_rmse`` (the raw weights) is logged too.
+        coverages: nominal coverages of the quantile loss's intervals (0.9 -> ``val/coverage90``, ``val/width90``).
+    """
+    names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in ("", "persistence_", "matched_") for m in METRICS]
+    if averaging:
+        names.append("val/raw_rmse")
+    names += [f"{s}/{k}{round(c * 100)}" for s in ("val", "test") for c in coverages for k in ("coverage", "width")]
+    return names
 
 
 def format_table(metrics: dict[str, float], rows: dict[str, int]) -> str:
@@ -46,7 +76,7 @@ def format_table(metrics: dict[str, float], rows: dict[str, int]) -> str:
         f"   {'model on same rows RMSE':>24}",
     ]
     for s in ("val", "test"):
-        g = lambda k: metrics.get(f"{s}/{k}", float("nan"))  # noqa: E731
+        g = lambda k, s=s: metrics.get(f"{s}/{k}", float("nan"))  # noqa: E731
         lines.append(
             f"{s:<6}{rows[s]:>8}  {g('rmse'):>7.3f}{g('mae'):>7.3f}{g('r2'):>7.3f}   "
             f"{g('persistence_rmse'):>17.3f}{g('persistence_mae'):>7.3f}{g('persistence_r2'):>7.3f}"

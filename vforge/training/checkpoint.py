@@ -1,0 +1,157 @@
+"""Crash-safe checkpoints: ``last.pt`` (everything needed to resume) and ``best.pt`` (the best weights),
+written atomically every epoch, and the lookup behind ``trainer.resume=auto|<path>``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from vforge.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from vforge.training.loop import FitState
+
+log = logging.getLogger(__name__)
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: a crash at any moment
+    leaves either the old file or the new one, never a torn one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002 (legacy global RNG, saved as is)
+            "python": random.getstate(),
+            "generator": None if generator is None else generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])  # noqa: NPY002
+    random.setstate(state["python"])
+    if generator is not None and state["generator"] is not None:
+        generator.set_state(state["generator"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def training_state(state: FitState, callbacks: list[Callback]) -> dict[str, Any]:
+    """Everything the loop needs to continue after ``state.epoch``."""
+    return {
+        "epoch": state.epoch, "step": state.step, "history": state.history, "stop": state.stop,
+        "best_epoch": state.best_epoch, "best_value": state.best_value,
+        "model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+        "scheduler": None if state.scheduler is None else state.scheduler.state_dict(),
+        "grad_scaler": None if state.grad_scaler is None else state.grad_scaler.state_dict(),
+        "callbacks": {cb.name: cb.state_dict() for cb in callbacks},
+        "rng": rng_state(state.generator), "finished": False,
+    }
+
+
+def restore(state: FitState, callbacks: list[Callback], ckpt: dict[str, Any]) -> None:
+    """Load a ``last.pt`` dict into a freshly built state (after ``on_fit_start``)."""
+    state.model.load_state_dict(ckpt["model"])
+    state.optimizer.load_state_dict(ckpt["optimizer"])
+    if state.scheduler is not None and ckpt["scheduler"] is not None:
+        state.scheduler.load_state_dict(ckpt["scheduler"])
+    if state.grad_scaler is not None and ckpt["grad_scaler"] is not None:
+        state.grad_scaler.load_state_dict(ckpt["grad_scaler"])
+    for cb in callbacks:
+        if cb.name in ckpt["callbacks"]:
+            cb.load_state_dict(ckpt["callbacks"][cb.name])
+    state.epoch, state.step, state.history = ckpt["epoch"] + 1, ckpt["step"], list(ckpt["history"])
+    state.stop, state.best_epoch, state.best_value = ckpt["stop"], ckpt["best_epoch"], ckpt["best_value"]
+    set_rng_state(ckpt["rng"], state.generator)
+
+
+class Checkpoint(Callback):
+    """Write ``<dir>/last.pt`` after every epoch and ``<dir>/best.pt`` when validation improved.
+
+    ``extra`` (e.g. the MLflow run id) is stored in both. ``last.pt`` is marked ``finished`` at the end of the
+    fit, so ``trainer.resume=auto`` does not pick a run that completed.
+    """
+
+    def __init__(self, dirpath: str | Path, callbacks: list[Callback], extra: dict[str, Any] | None = None) -> None:
+        self.dir = Path(dirpath)
+        self.callbacks = callbacks  # whose state goes into last.pt (all of the fit's callbacks)
+        self.extra = extra or {}
+
+    @property
+    def last(self) -> Path:
+        return self.dir / "last.pt"
+
+    @property
+    def best(self) -> Path:
+        return self.dir / "best.pt"
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if state.improved:
+            atomic_save({"epoch": state.epoch, "model": state.eval_model.state_dict(), "metrics": state.metrics,
+                         **self.extra}, self.best)
+        atomic_save(training_state(state, self.callbacks) | self.extra, self.last)
+
+    def on_fit_end(self, state: FitState) -> None:
+        if self.last.exists():
+            ckpt = torch.load(self.last, weights_only=False)
+            ckpt["finished"] = True
+            atomic_save(ckpt, self.last)
+
+
+def find_resume(resume: str | None, output_dir: str | Path, run_name: str | None = None) -> Path | None:
+    """The checkpoint ``trainer.resume`` points at.
+
+    ``null``: none. A path: that file (or ``<dir>/checkpoints/last.pt`` for a run folder); it must exist.
+    ``auto``: ``<output_dir>/checkpoints/last.pt`` if present, else the newest unfinished ``last.pt`` of a
+    sibling run folder (``outputs/runs/*``) with the same ``run_name``; none found: start fresh.
+    """
+    if not resume:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if path.is_dir():
+            path = path / "checkpoints" / "last.pt"
+        if not path.is_file():
+            raise FileNotFoundError(f"trainer.resume={resume!r}: no checkpoint at {path}; pass a last.pt, a run "
+                                    "folder that holds checkpoints/last.pt, or trainer.resume=auto")
+        return path
+    own = Path(output_dir) / "checkpoints" / "last.pt"
+    if own.is_file():
+        return own
+    candidates = sorted(Path(output_dir).parent.glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime,
+                        reverse=True)
+    for path in candidates:
+        try:
+            ckpt = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as e:  # noqa: BLE001 - an unreadable file is skipped, with a word
+            log.warning("resume=auto: skipping unreadable %s (%s)", path, e)
+            continue
+        if not ckpt.get("finished") and (run_name is None or ckpt.get("run_name") == run_name):
+            return path
+    log.info("resume=auto: no unfinished checkpoint found; starting fresh")
+    return None
