@@ -3,6 +3,12 @@
 Fang & Oosterlee (2008), "A novel pricing method for European options based on Fourier-cosine
 series expansions" (https://doi.org/10.1137/080718061). Puts are priced by the expansion and
 calls by put-call parity, which is the numerically stable choice.
+
+The expansion is of the density of ``z = ln(S_T / F)`` on ``[c1 - L sqrt(c2), c1 + L sqrt(c2)]``,
+which depends on ``(tau, v0)`` only: the characteristic function and the density coefficients are
+computed once per distinct pair (one per expiry and day on a simulated path), and each strike
+only costs a polynomial in ``e^{i pi delta / (b - a)}`` evaluated by cumulative products (no
+trigonometric function per term).
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ import numpy as np
 
 
 def heston_cf(u, tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mean=0.0, jump_std=0.0):
-    """Characteristic function of log(S_T / F) under Heston (+ Merton jumps), "little trap" form.
+    """Characteristic function ``E[exp(i u ln(S_T / F))]`` under Heston (+ Merton jumps), "little trap" form.
 
-    Shapes broadcast: ``u`` (..., n_terms), model arguments (..., 1).
+    Albrecher et al. (2007), "The little Heston trap": the branch of the complex logarithm never
+    jumps. Shapes broadcast: ``u`` (..., n_terms), model arguments (..., 1).
     """
     iu = 1j * u
     beta = kappa - rho * sigma * iu
@@ -31,8 +38,8 @@ def heston_cf(u, tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mea
     return np.exp(log_cf)
 
 
-def _cumulants(tau, v0, kappa, theta, sigma, rho):
-    """First two cumulants of log(S_T/F) (Fang & Oosterlee 2008, Table 11)."""
+def cumulants(tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mean=0.0, jump_std=0.0):
+    """Mean and variance of ln(S_T/F) (Fang & Oosterlee 2008, Table 11; plus the compensated jumps)."""
     e = np.exp(-kappa * tau)
     c1 = (1.0 - e) * (theta - v0) / (2.0 * kappa) - 0.5 * theta * tau
     c2 = (
@@ -46,7 +53,10 @@ def _cumulants(tau, v0, kappa, theta, sigma, rho):
             + 8.0 * kappa**2 * (v0 - theta) * (1.0 - e)
         )
     )
-    return c1, np.abs(c2)
+    jump_comp = np.exp(jump_mean + 0.5 * jump_std**2) - 1.0
+    c1 = c1 + jump_intensity * tau * (jump_mean - jump_comp)
+    c2 = np.abs(c2) + jump_intensity * tau * (jump_mean**2 + jump_std**2)
+    return c1, c2
 
 
 def heston_price(
@@ -66,65 +76,72 @@ def heston_price(
     jump_mean: float = 0.0,
     jump_std: float = 0.0,
     n_terms: int = 256,
-    truncation: float = 20.0,
-    chunk: int = 20_000,
+    truncation: float = 18.0,
+    chunk: int = 8192,
 ):
     """European option prices under Heston/Bates. Array arguments broadcast to (n_options,).
 
     ``v0`` may be an array (one variance per option, e.g. a simulated path); the other model
-    parameters are scalars.
+    parameters are scalars. ``truncation`` is L in ``c1 +- L sqrt(c2)``; with the defaults the
+    price error is below 1e-7 of the spot on the tests' references (Fang & Oosterlee 2008, Lewis 2000).
 
-    >>> p = heston_price(100.0, 100.0, 0.5, 0.03, 0.0, True, v0=0.04, kappa=1.5, theta=0.04, sigma=0.3, rho=-0.9)
-    >>> p.shape
-    (1,)
+    >>> p = heston_price(100.0, 100.0, 1.0, 0.0, 0.0, True, v0=0.0175, kappa=1.5768, theta=0.0398,
+    ...                  sigma=0.5751, rho=-0.5711)
+    >>> round(float(p[0]), 6)
+    5.785155
     """
     s, k, t, r, q, c, v = (
         np.atleast_1d(a).astype(np.float64) for a in np.broadcast_arrays(spot, strike, tau, rate, dividend_yield, is_call, v0)
     )
-    out = np.empty(s.shape)
-    for lo in range(0, s.size, chunk):
-        sl = slice(lo, lo + chunk)
-        out[sl] = _price_chunk(
-            s[sl], k[sl], t[sl], r[sl], q[sl], c[sl] > 0, v[sl], kappa, theta, sigma, rho,
-            jump_intensity, jump_mean, jump_std, n_terms, truncation,
-        )
-    return out
-
-
-def _price_chunk(s, k, t, r, q, call, v0, kappa, theta, sigma, rho, lam, mu_j, sd_j, n_terms, truncation):
     fwd = s * np.exp((r - q) * t)
-    c1, c2 = _cumulants(t, v0, kappa, theta, sigma, rho)
-    # Jumps widen the distribution: add their variance to the second cumulant.
-    c2 = c2 + lam * t * (mu_j**2 + sd_j**2)
-    half = truncation * np.sqrt(c2 + 1e-12)
-    x = np.log(fwd / k)  # y = log(S_T/K) = x + log(S_T/F)
-    a = (x + c1 - half)[:, None]  # interval for y, (n, 1)
-    b = (x + c1 + half)[:, None]
-    kk = np.arange(n_terms)[None, :]
-    w = kk * np.pi / (b - a)  # (n, n_terms)
-    # w depends on (tau, v0) only, so the characteristic function is evaluated once per
-    # distinct pair (one per expiry and day on a simulated path), not once per option.
-    pairs, inverse = np.unique(np.column_stack([t, v0]), axis=0, return_inverse=True)
+    disc = np.exp(-r * t)
+    # One put per distinct (tau, v0, forward, strike): the call of the same terms follows by parity.
+    keys = np.column_stack([t, v, fwd, k])
+    uniq, inverse = np.unique(keys, axis=0, return_inverse=True)
     inverse = inverse.ravel()
-    first = np.zeros(len(pairs), dtype=np.int64)
-    first[inverse[::-1]] = np.arange(len(t))[::-1]
-    cf = heston_cf(w[first], pairs[:, :1], pairs[:, 1:], kappa, theta, sigma, rho, lam, mu_j, sd_j)[inverse]
-    # Put payoff K (1 - e^y)^+ lives on [a, min(b, 0)].
-    d = np.minimum(b, 0.0)
-    upper_ok = (d > a)[:, 0]
-    chi = (
-        np.cos(w * (d - a)) * np.exp(d)
-        - np.exp(a)
-        + w * np.sin(w * (d - a)) * np.exp(d)
-    ) / (1.0 + w * w)
+    model = dict(kappa=kappa, theta=theta, sigma=sigma, rho=rho, jump_intensity=jump_intensity,
+                 jump_mean=jump_mean, jump_std=jump_std)
+    undiscounted_put = np.empty(len(uniq))
+    for lo in range(0, len(uniq), chunk):
+        sl = slice(lo, lo + chunk)
+        undiscounted_put[sl] = _put_chunk(uniq[sl], model, n_terms, truncation)
+    put = disc * undiscounted_put[inverse]
+    call = put + disc * (fwd - k)
+    out = np.where(c > 0, call, put)
+    return np.maximum(out, disc * np.maximum(np.where(c > 0, fwd - k, k - fwd), 0.0))
+
+
+def _put_chunk(terms: np.ndarray, model: dict, n_terms: int, truncation: float) -> np.ndarray:
+    """Undiscounted puts for rows (tau, v0, forward, strike), grouped by (tau, v0)."""
+    t, v0, fwd, k = terms.T
+    pairs, inverse = np.unique(terms[:, :2], axis=0, return_inverse=True)
+    inverse = inverse.ravel()
+    pt, pv = pairs[:, :1], pairs[:, 1:]
+    c1, c2 = cumulants(pt, pv, **model)
+    half = truncation * np.sqrt(c2 + 1e-14)
+    a, b = c1 - half, c1 + half  # (n_pairs, 1): interval for z = ln(S_T/F)
+    kk = np.arange(n_terms)
+    w = kk * np.pi / (b - a)  # (n_pairs, n_terms)
+    # Density coefficients of z on [a, b], halved first term.
+    dens = 2.0 / (b - a) * (heston_cf(w, pt, pv, **model) * np.exp(-1j * w * a)).real
+    dens[:, 0] *= 0.5
+
+    # Put payoff K (1 - e^{z + x})^+, x = ln(F/K), lives on z < -x: integrate over [a, cut].
+    x = np.log(fwd / k)
+    a_i, b_i = a[inverse, 0], b[inverse, 0]
+    cut = np.clip(-x, a_i, b_i)
+    delta = cut - a_i
+    wi = w[inverse]  # (n, n_terms)
+    # e^{i w_k delta} = z^k with z = e^{i pi delta / (b - a)}: powers by cumulative product.
+    zeta = np.exp(1j * np.pi * delta / (b_i - a_i))
+    powers = np.empty((len(t), n_terms), dtype=np.complex128)
+    powers[:, 0] = 1.0
+    powers[:, 1:] = zeta[:, None]
+    np.cumprod(powers, axis=1, out=powers)
+    cos_, sin_ = powers.real, powers.imag
     with np.errstate(divide="ignore", invalid="ignore"):
-        psi = np.where(kk == 0, d - a, np.sin(w * (d - a)) / w)
-    vk = 2.0 / (b - a) * (psi - chi)
-    # The series expands the density of y; e^{i w (x - a)} shifts log(S_T/F) to y.
-    terms = (cf * np.exp(1j * w * (x[:, None] - a))).real * vk
-    terms[:, 0] *= 0.5
-    put = k * np.exp(-r * t) * terms.sum(axis=1)
-    put = np.where(upper_ok, put, 0.0)
-    put = np.maximum(put, 0.0)
-    call_price = put + np.exp(-r * t) * (fwd - k)
-    return np.where(call, call_price, put)
+        psi = np.where(kk == 0, delta[:, None], sin_ / wi)
+    e_cut, e_a = np.exp(cut)[:, None], np.exp(a_i)[:, None]
+    chi = ((cos_ + wi * sin_) * e_cut - e_a) / (1.0 + wi * wi)
+    put = k * ((psi - np.exp(x)[:, None] * chi) * dens[inverse]).sum(axis=1)
+    return np.maximum(put, 0.0)
