@@ -158,7 +158,7 @@ class StudySweeper(Sweeper):
         lock_target = S._local_file(self.storage_url)
         start = time.monotonic()
         done: list[tuple[int, TrialState]] = []
-        n_failed = 0
+        n_failed, last_err = 0, None
         while True:
             with S.file_lock(lock_target):  # count and ask as one step, so parallel sweeps never overshoot
                 left = n_trials - S.n_counted(study)
@@ -196,12 +196,12 @@ class StudySweeper(Sweeper):
                     self.parent.mark_child(trial.number, state.name, err, values[0] if values else None)
                 self._log_trial(study, trial, state, values, err, label)
                 if state == TrialState.FAIL:
-                    n_failed += 1
-                    if n_failed > self.max_failure_rate * n_trials:
-                        raise RuntimeError(
-                            f"{label}{n_failed} trial(s) failed, more than max_failure_rate={self.max_failure_rate} "
-                            f"x n_trials={n_trials}; last error: {type(err).__name__}: {err}. Raise "
-                            "hydra.sweeper.max_failure_rate to let the study go on") from err
+                    n_failed, last_err = n_failed + 1, err
+            if n_failed > self.max_failure_rate * n_trials:  # after the whole batch is told: no trial left RUNNING
+                raise RuntimeError(
+                    f"{label}{n_failed} trial(s) failed, more than max_failure_rate={self.max_failure_rate} "
+                    f"x n_trials={n_trials}; last error: {type(last_err).__name__}: {last_err}. Raise "
+                    "hydra.sweeper.max_failure_rate to let the study go on") from last_err
         return done
 
     def _log_trial(self, study, trial, state, values, err, label: str) -> None:

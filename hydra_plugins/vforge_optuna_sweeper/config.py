@@ -153,7 +153,7 @@ class OptunaSweeperConf:
     """
 
     _target_: str = "hydra_plugins.vforge_optuna_sweeper.optuna_sweeper.OptunaSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "median"}])
     sampler: Any = None
     pruner: Any = None
     direction: Any = "minimize"
@@ -177,7 +177,7 @@ class AutoMLSweeperConf:
     then a leaderboard and an ensemble (see vforge/sweeps/automl.py)."""
 
     _target_: str = "hydra_plugins.vforge_optuna_sweeper.optuna_sweeper.AutoMLSweeper"
-    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}, {"pruner": "median"}])
+    defaults: list[Any] = field(default_factory=lambda: ["_self_", {"sampler": "tpe"}, {"pruner": "median"}])
     sampler: Any = None
     pruner: Any = None
     models: list[str] = field(default_factory=lambda: ["mlp", "resnet"])

@@ -6,8 +6,9 @@ The grammar is the one of the official hydra-optuna-sweeper, so its configs keep
 ``choice(a, b, c)`` or ``a,b,c``   ``CategoricalDistribution``
 ``range(lo, hi[, step=s])``        ``IntDistribution`` (``FloatDistribution`` with a float bound or step);
                                    ``hi`` is included, as in the official plugin
-``interval(lo, hi)``               ``FloatDistribution`` (``IntDistribution`` when both bounds are ints)
+``interval(lo, hi)``               ``FloatDistribution`` (Hydra parses interval bounds as floats)
 ``tag(log, interval(lo, hi))``     the same on a log scale
+``tag(log, range(lo, hi))``        ``IntDistribution`` on a log scale (widths: 16 .. 1024)
 anything else                      a fixed value, passed to every trial as written
 =================================  ==============================================
 """
@@ -42,8 +43,8 @@ def distribution_from_override(override: Any) -> BaseDistribution | str:
     if not override.is_sweep_override():
         return override.get_value_element_as_str()
     value = override.value()
-    if "log" in value.tags and not isinstance(value, IntervalSweep):
-        raise ValueError(f"{key}: tag(log, ...) only applies to interval(lo, hi), got {override.input_line!r}")
+    if "log" in value.tags and not isinstance(value, (IntervalSweep, RangeSweep)):
+        raise ValueError(f"{key}: tag(log, ...) applies to interval(lo, hi) or range(lo, hi), got {override.input_line!r}")
     if isinstance(value, ChoiceSweep):
         choices = [_plain(x) for x in value.list]
         for c in choices:
@@ -59,6 +60,11 @@ def distribution_from_override(override: Any) -> BaseDistribution | str:
             raise ValueError(f"{key}: shuffle(range(...)) has no meaning for Optuna; drop shuffle()")
         # NOTE: hi is included (Optuna's high), as the official plugin does, unlike Hydra's own range()
         lo, hi, step = value.start, value.stop, value.step
+        if "log" in value.tags:
+            if not (isinstance(lo, int) and isinstance(hi, int) and step == 1):
+                raise ValueError(f"{key}: tag(log, range(lo, hi)) needs int bounds and no step, "
+                                 f"got {override.input_line!r}; use tag(log, interval(lo, hi)) for floats")
+            return IntDistribution(lo, hi, log=True)
         if all(isinstance(x, int) for x in (lo, hi, step)):
             return IntDistribution(int(lo), int(hi), step=int(step))
         return FloatDistribution(float(lo), float(hi), step=float(step))
