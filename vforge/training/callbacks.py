@@ -78,11 +78,12 @@ class EarlyStopping(Callback):
         else:
             self.bad_epochs += 1
         state.best_epoch, state.best_value = self.best_epoch, self.best
-        if self.bad_epochs >= self.patience:
-            log.info("early stop: no %s improvement for %d epochs", self.monitor, self.patience)
-            state.stop = True
+        state.stop = state.stop or self.bad_epochs >= self.patience
 
     def on_fit_end(self, state: FitState) -> None:
+        if self.bad_epochs >= self.patience:
+            log.info("early stop: no %s improvement for %d epochs; best epoch %d (%.4f)", self.monitor,
+                     self.patience, self.best_epoch, self.best)
         if self.best_state is not None:
             state.eval_model.load_state_dict(self.best_state["eval"])
             if "raw" in self.best_state:
