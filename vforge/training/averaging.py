@@ -81,7 +81,7 @@ class Averaging(Callback):
             self.update(state)
         if self.active and not self.use_buffers and has_batch_norm(self.averaged.module):
             train = state.data.train
-            batches = torch.randperm(len(train), generator=torch.Generator().manual_seed(0)).split(state.batch_size)
+            batches = torch.randperm(len(train.x_num), generator=torch.Generator().manual_seed(0)).split(state.batch_size)
             update_bn(batches, _Rows(self.averaged.module, train.x_num, train.x_cat))
 
     def state_dict(self) -> dict[str, Any]:
@@ -139,10 +139,9 @@ class SWA(Averaging):
     def on_train_epoch_end(self, state: FitState) -> None:
         super().on_train_epoch_end(state)
         if state.epoch >= self.start:
-            if self.scheduler is None:
-                self.scheduler, _ = self._make_scheduler(state)  # its constructor takes the first step
-            else:
-                self.scheduler.step()
+            if self.scheduler is None:  # its constructor's step keeps the lr; the anneal starts with the next
+                self.scheduler, _ = self._make_scheduler(state)
+            self.scheduler.step()
 
     def state_dict(self) -> dict[str, Any]:
         return super().state_dict() | {"scheduler": None if self.scheduler is None else self.scheduler.state_dict()}
