@@ -122,7 +122,7 @@ def fake_job(values):
 
 
 def make_sweeper(tmp_path, job, **kw):
-    from hydra_plugins.vforge_optuna_sweeper._impl import OptunaSweeperImpl
+    from vforge.sweeps.sweeper import OptunaSweeperImpl
 
     args = dict(sampler={"_target_": "optuna.samplers.RandomSampler", "seed": 0},
                 pruner={"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2, "n_warmup_steps": 0},

@@ -62,6 +62,7 @@ class GridSamplerConfig:
     """The grid is built from the choice(...)/int range(...) params; ``search_space`` overrides it."""
 
     _target_: str = "optuna.samplers.GridSampler"
+    _partial_: bool = True  # Hydra instantiates the sweeper recursively; the grid is only known in sweep()
     seed: int | None = None
     search_space: dict[str, Any] | None = None
 

@@ -1,4 +1,4 @@
-"""The plugin classes Hydra discovers; the logic lives in _impl.py (imported only when a sweep runs)."""
+"""The plugin classes Hydra discovers; the logic lives in vforge/sweeps/ (imported only when a sweep runs)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class OptunaSweeper(Sweeper):
     """``hydra/sweeper=optuna``: an Optuna study with pruning, database storage, resume and MLflow parent runs."""
 
     def __init__(self, **kwargs: Any) -> None:
-        from ._impl import OptunaSweeperImpl
+        from vforge.sweeps.sweeper import OptunaSweeperImpl
 
         self.sweeper = OptunaSweeperImpl(**kwargs)
 

@@ -1,5 +1,7 @@
 """The sweepers' logic: an ask/tell loop over a database-backed Optuna study, jobs through Hydra's launcher.
 
+hydra_plugins/vforge_optuna_sweeper/ holds only the classes Hydra discovers; they import this module.
+
 Each job gets its trial through ``hydra.job.env_set`` (storage URL, study name, trial id, pruner):
 the job rebuilds the trial, reports val RMSE every epoch and raises ``optuna.TrialPruned`` when the
 pruner says so; that exception comes back in the job's return and the trial is told PRUNED.
@@ -79,23 +81,34 @@ class StudySweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        # Hydra hands __init__ the sampler and pruner already instantiated; jobs need the pruner's config
+        # (a pruner is not kept in the storage), so take both from the config
+        node = config.hydra.sweeper
+        self.sampler_cfg = node.get("sampler", self.sampler_cfg)
+        self.pruner_cfg = node.get("pruner", self.pruner_cfg)
 
     # --- building blocks ---
 
     def _sampler(self, space: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler | None:
         cfg = self.sampler_cfg
-        if cfg is None:
-            return None
+        if cfg is None or isinstance(cfg, optuna.samplers.BaseSampler):
+            return cfg
+        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         if str(cfg.get("_target_", "")).endswith("GridSampler"):
-            grid = cfg.get("search_space") or grid_search_space(space)
-            return instantiate(cfg, search_space=OmegaConf.to_container(grid) if isinstance(grid, DictConfig) else grid)
+            cfg.pop("_partial_", None)
+            grid = cfg.pop("search_space", None) or grid_search_space(space)
+            return instantiate(cfg, search_space=grid)
         return instantiate(cfg)
 
     def _pruner(self) -> tuple[optuna.pruners.BasePruner | None, dict | None]:
-        if self.pruner_cfg is None:
+        cfg = self.pruner_cfg
+        if cfg is None:
             return None, None
-        plain = OmegaConf.to_container(self.pruner_cfg, resolve=True) if isinstance(
-            self.pruner_cfg, DictConfig) else dict(self.pruner_cfg)
+        if isinstance(cfg, optuna.pruners.BasePruner):
+            log.warning("pruner %s given as an object: jobs cannot rebuild it, so they will not be pruned; "
+                        "give it as a config (_target_: ...)", type(cfg).__name__)
+            return cfg, None
+        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
         return instantiate(plain), plain
 
     def _open_study(self, storage: str | None, study_name: str, directions: list[str],

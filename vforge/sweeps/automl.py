@@ -1,0 +1,173 @@
+"""AutoML across models (``hydra/sweeper=automl``, see conf/experiment/automl.yaml).
+
+Each model gets its own Optuna study on its conf/hparams_search/<model>.yaml space, with a budget of
+trials and/or minutes; then the best run of each model is re-evaluated from its checkpoint on the same
+split beside persistence and LightGBM, an ensemble of the best models is fit on validation, and the
+leaderboard goes to leaderboard.md/.csv in the sweep folder and to the MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.trial import TrialState
+
+from vforge.sweeps import leaderboard as L
+from vforge.sweeps import study as S
+from vforge.sweeps.search_space import parse_params
+from vforge.sweeps.sweeper import StudySweeper
+
+log = logging.getLogger(__name__)
+
+
+def search_space_file(model: str, config: DictConfig | None) -> Path:
+    """conf/hparams_search/<model>.yaml from the app's config search path (vforge's conf/ as a fallback)."""
+    roots: list[Path] = []
+    if config is not None:
+        for src in config.hydra.runtime.get("config_sources", []):
+            if src.get("schema") == "file":
+                roots.append(Path(src.path))
+    roots.append(Path(__file__).resolve().parents[2] / "conf")
+    for root in roots:
+        path = root / "hparams_search" / f"{model}.yaml"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"no search space for model {model!r}: expected conf/hparams_search/{model}.yaml "
+                            f"(looked in {', '.join(map(str, roots))})")
+
+
+def model_search_params(model: str, config: DictConfig | None = None) -> dict[str, str]:
+    """``hydra.sweeper.params`` of conf/hparams_search/<model>.yaml."""
+    cfg = OmegaConf.load(search_space_file(model, config))
+    params = OmegaConf.select(cfg, "hydra.sweeper.params")
+    if not params:
+        raise ValueError(f"conf/hparams_search/{model}.yaml has no hydra.sweeper.params")
+    return {str(k): str(v) for k, v in params.items()}
+
+
+def _metric_name(name: str) -> str:
+    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
+
+
+class AutoMLSweeperImpl(StudySweeper):
+    def __init__(self, *, sampler: Any, pruner: Any, models: list[str], n_trials: int, minutes: float | None,
+                 n_jobs: int, storage: str | None, study_name: str, max_failure_rate: float, ensemble_size: int,
+                 lightgbm: bool, latency_rows: int, heartbeat_interval: int | None, grace_period: int | None,
+                 mlflow: bool) -> None:
+        super().__init__(sampler=sampler, pruner=pruner, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
+                         heartbeat_interval=heartbeat_interval, grace_period=grace_period, mlflow=mlflow)
+        if not models:
+            raise ValueError("hydra.sweeper.models is empty; e.g. hydra.sweeper.models=[mlp,resnet]")
+        if n_trials < 1 and not minutes:
+            raise ValueError(f"give each model a budget: hydra.sweeper.n_trials >= 1 or hydra.sweeper.minutes, "
+                             f"got {n_trials=}, {minutes=}")
+        self.models = list(models)
+        self.n_trials = n_trials if n_trials >= 1 else 10**9
+        self.minutes = minutes
+        self.storage = storage
+        self.study_name = study_name
+        self.ensemble_size = ensemble_size
+        self.lightgbm = lightgbm
+        self.latency_rows = latency_rows
+
+    def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
+        space_cli, fixed_cli, other = parse_params({}, arguments)
+        if space_cli:
+            raise ValueError(f"AutoML searches each model's own space; sweeps on the command line ({list(space_cli)}) "
+                             "are not supported. Edit conf/hparams_search/<model>.yaml instead")
+        if any(o.split("=")[0].lstrip("+~") == "model" for o in other):
+            raise ValueError("choose the models with hydra.sweeper.models=[mlp,resnet], not model=...")
+        fixed = [f"{k}={v}" for k, v in fixed_cli.items()] + other
+        spaces = {m: parse_params(model_search_params(m, self.config))[0] for m in self.models}
+        budget = f"{self.n_trials} trials" if self.n_trials < 10**9 else ""
+        budget += (" or " if budget else "") + (f"{self.minutes:g} min" if self.minutes else "")
+        log.info("AutoML over %s: %s per model", ", ".join(self.models), budget)
+        status = "FAILED"
+        studies: dict[str, optuna.Study] = {}
+        try:
+            for model in self.models:
+                study = self._open_study(self.storage, f"{self.study_name}-{model}", ["minimize"], spaces[model])
+                studies[model] = study
+                if self.parent is None and self.use_mlflow:
+                    self._start_parent(study, f"automl-{self.study_name}", {
+                        "models": ",".join(self.models), "n_trials_per_model": self.n_trials,
+                        "minutes_per_model": self.minutes, "storage": self.storage_url})
+                try:
+                    self.run_study(study, space=spaces[model], fixed=[f"model={model}", *fixed],
+                                   n_trials=self.n_trials, timeout=self.minutes * 60 if self.minutes else None,
+                                   label=f"[{model}] ")
+                except RuntimeError as e:  # too many failures for this model: the others still run
+                    log.error("%s", e)
+            rows = self.leaderboard(studies)
+            status = "FINISHED"
+            return rows
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            if self.parent is not None:
+                self.parent.end(status)
+
+    def leaderboard(self, studies: dict[str, optuna.Study]) -> list[dict[str, Any]]:
+        entries: list[L.Entry] = []
+        data = None
+        for model, study in studies.items():
+            trials = study.get_trials(deepcopy=False)
+            done = [t for t in trials if t.state == TrialState.COMPLETE and "output_dir" in t.user_attrs]
+            counts = {s: sum(t.state == s and S.counted(t) for t in trials)
+                      for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
+            minutes = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
+                          if t.datetime_complete and t.datetime_start) / 60
+            info = {"trials": "{}/{}/{}".format(*counts.values()), "search_min": minutes}
+            if not done:
+                log.warning("[%s] no complete trial: not on the leaderboard", model)
+                continue
+            best = min(done, key=lambda t: t.value)
+            try:
+                entry, data = L.model_entry(model, best.user_attrs["output_dir"], data, self.latency_rows,
+                                            info | {"trial": best.number, "params": best.params,
+                                                    "notes": f"trial {best.number}"})
+            except Exception as e:  # noqa: BLE001 - a missing checkpoint should not sink the whole board
+                log.error("[%s] could not re-evaluate trial %d: %s", model, best.number, e)
+                continue
+            if not math.isclose(entry.val["rmse"], best.value, rel_tol=1e-3, abs_tol=1e-4):
+                log.warning("[%s] re-evaluated val RMSE %.4f differs from the trial's %.4f", model, entry.val["rmse"],
+                            best.value)
+            entries.append(entry)
+        if data is None:
+            raise RuntimeError("AutoML: no model finished a trial; nothing to rank (see the errors above)")
+        models = sorted(entries, key=lambda e: e.val["rmse"])
+        refs = [L.persistence_entry(data)]
+        if self.lightgbm:
+            lgb = L.lightgbm_entry(data, latency_rows=self.latency_rows)
+            if lgb is not None:
+                refs.append(lgb)
+        weights: dict[str, float] = {}
+        members = models[: self.ensemble_size]
+        if len(members) >= 2:
+            ens, weights = L.ensemble_entry(members, data)
+            assert ens.val["rmse"] <= members[0].val["rmse"] + 1e-9, "ensemble worse than its best member on val"
+            entries.append(ens)
+        rows = L.rank(entries + refs)
+        md, csv = L.write(rows, self.sweep_dir, title=f"AutoML leaderboard ({self.study_name})")
+        (self.sweep_dir / "ensemble.json").write_text(json.dumps(
+            {"weights_fit_on": "val", "weights": weights,
+             "members": {e.name: e.info.get("output_dir") for e in members}}, indent=1))
+        log.info("leaderboard (%s)\n%s", md, md.read_text())
+        if self.parent is not None:
+            for path in (md, csv, self.sweep_dir / "ensemble.json"):
+                self.parent.log_artifact(path)
+            for r in rows:
+                name = _metric_name("ensemble" if r["kind"] == "ensemble" else r["name"])
+                self.parent.log_metrics({f"leaderboard/{name}/{k}": r[k] for k in
+                                         ("val_rmse", "test_rmse", "test_mae", "test_r2", "latency_ms_1k")})
+            if rows:
+                self.parent.set_tags({"automl.winner": rows[0]["name"]})
+        return rows
