@@ -1,0 +1,121 @@
+"""AutoML: ensemble weights (closed forms), the leaderboard re-evaluating a checkpoint, reference rows;
+a real AutoML sweep is marked slow."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hydra.utils import instantiate
+
+from vforge.sweeps import leaderboard as L
+from vforge.sweeps.automl import model_search_params
+from vforge.sweeps.ensemble import fit_weights
+from vforge.train import train
+
+from .conftest import TINY_DATA
+
+
+def test_ensemble_weights_match_the_inverse_variance_closed_form():
+    # two unbiased members with independent errors of sd 1 and 2: w1 = 4 / (1 + 4) = 0.8
+    rng = np.random.default_rng(0)
+    y = rng.normal(0.2, 0.05, 200_000)
+    preds = np.stack([y + rng.normal(0, 0.01, y.size), y + rng.normal(0, 0.02, y.size)], axis=1)
+    w = fit_weights(preds, y)
+    assert w == pytest.approx([0.8, 0.2], abs=0.01)
+    assert w.sum() == pytest.approx(1.0) and (w >= 0).all()
+
+
+def test_ensemble_is_never_worse_than_its_best_member_on_validation():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        y = rng.normal(0.2, 0.05, 300)
+        k = rng.integers(2, 5)
+        preds = y[:, None] + rng.normal(rng.normal(0, 0.01, k), rng.uniform(0.001, 0.03, k), (300, k))
+        w = fit_weights(preds, y)
+        best = min(np.mean((preds[:, j] - y) ** 2) for j in range(k))
+        assert np.mean((preds @ w - y) ** 2) <= best + 1e-15
+        assert (w >= 0).all() and w.sum() == pytest.approx(1.0)
+    # a copy of the best member adds nothing; a useless member gets no weight
+    y = rng.normal(0.2, 0.05, 500)
+    good = y + rng.normal(0, 0.01, 500)
+    assert fit_weights(np.stack([good, good + 0.3], axis=1), y) == pytest.approx([1.0, 0.0], abs=1e-6)
+
+
+def test_ensemble_rejects_bad_inputs():
+    with pytest.raises(ValueError, match=r"val_preds must be \(n_val, n_models\) with n_val=3"):
+        fit_weights(np.zeros((4, 2)), np.zeros(3))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        fit_weights(np.array([[0.1, np.nan], [0.2, 0.2]]), np.array([0.1, 0.2]))
+
+
+def test_leaderboard_ranks_by_validation_and_writes_markdown_and_csv(tmp_path):
+    class Split:
+        def __init__(self, iv):
+            self.iv = iv
+
+    class Data:
+        val, test = Split(np.array([0.20, 0.30, 0.25])), Split(np.array([0.22, 0.28]))
+
+    good = L.Entry("good", "model", Data.val.iv + 0.001, Data.test.iv + 0.05).score(Data)
+    bad = L.Entry("bad", "model", Data.val.iv + 0.01, Data.test.iv).score(Data)
+    assert good.val["rmse"] == pytest.approx(0.1) and good.test["rmse"] == pytest.approx(5.0)
+    rows = L.rank([bad, good])
+    assert [r["name"] for r in rows] == ["good", "bad"]  # by val RMSE, even though "bad" wins on test
+    md, csv = L.write(rows, tmp_path, title="t")
+    assert "| 1 | good | model | 0.100 | 5.000 |" in md.read_text()
+    assert list(pd.read_csv(csv)["name"]) == ["good", "bad"]
+
+
+def test_a_checkpoint_re_evaluates_to_the_metrics_of_its_run(make_cfg):
+    cfg = make_cfg("model.n_blocks=1", "model.d_block=16")
+    metrics = train(cfg)
+    entry, data = L.model_entry("mlp", cfg.output_dir, None, latency_rows=50)
+    assert entry.val["rmse"] == pytest.approx(metrics["val/rmse"], rel=1e-5)
+    assert entry.test["r2"] == pytest.approx(metrics["test/r2"], rel=1e-5)
+    assert entry.n_params == metrics["n_params"] and entry.latency_ms_1k > 0 and entry.latency_ms_row > 0
+    pers = L.persistence_entry(data)
+    assert pers.val["rmse"] == pytest.approx(np.sqrt(np.mean((data.val.base - data.val.iv) ** 2)) * 100)
+    ens, weights = L.ensemble_entry([entry, pers], data)
+    assert ens.val["rmse"] <= min(entry.val["rmse"], pers.val["rmse"]) + 1e-12
+    assert sum(weights.values()) == pytest.approx(1.0)
+
+
+def test_lightgbm_reference_row_beats_a_constant(make_cfg):
+    pytest.importorskip("lightgbm")
+    data = instantiate(make_cfg().data, _convert_="all")
+    row = L.lightgbm_entry(data, n_threads=1, latency_rows=50)
+    const = np.full_like(data.test.iv, data.train.iv.mean())
+    assert row.test["rmse"] < np.sqrt(np.mean((const - data.test.iv) ** 2)) * 100
+    assert row.n_params > 0 and row.train_s > 0
+
+
+def test_search_params_of_a_model_come_from_its_yaml():
+    params = model_search_params("mlp")
+    assert params["optimizer.lr"].startswith("tag(log")
+    with pytest.raises(FileNotFoundError, match=r"conf/hparams_search/nope.yaml"):
+        model_search_params("nope")
+
+
+@pytest.mark.slow
+def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_path):
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VFORGE_CACHE_DIR=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "vforge.automl", "hydra.sweeper.models=[mlp,resnet]", "hydra.sweeper.n_trials=2",
+           "trainer=fast", *TINY_DATA, f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
+           f"hydra.sweep.dir={tmp_path}/automl", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+           "trainer.num_threads=1"]
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    board = pd.read_csv(Path(tmp_path) / "automl" / "leaderboard.csv")
+    assert {"mlp", "resnet", "persistence", "lightgbm"} <= set(board["name"])
+    ens = board[board["kind"] == "ensemble"]
+    assert len(ens) == 1
+    best_member = board[board["kind"] == "model"]["val_rmse"].min()
+    assert ens["val_rmse"].iloc[0] <= best_member + 1e-9
+    assert (board["rank"] == range(1, len(board) + 1)).all() and board["val_rmse"].is_monotonic_increasing
+    assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
