@@ -89,6 +89,10 @@ def test_interrupted_and_resumed_run_matches_an_uninterrupted_one(make_cfg, tmp_
         train(cfg, callbacks=[InterruptAfter(epoch=0)])
     last = Path(cfg.output_dir) / "checkpoints" / "last.pt"
     assert torch.load(last, weights_only=False)["epoch"] == 0
+    other = make_cfg(*RUN, "model.d_block=48", "trainer.resume=auto")
+    other.output_dir = cfg.output_dir
+    with pytest.raises(ValueError, match=r"trainer.resume: .*last.pt was trained with model=.*'d_block': 32"):
+        train(other)
     cfg.trainer.resume = "auto"
     same_metrics(train(cfg), reference)
     assert torch.load(last, weights_only=False)["finished"]

@@ -239,3 +239,16 @@ def test_level_losses_and_schedules_train_end_to_end(make_cfg, overrides):
 def test_torch_compile_trains(make_cfg):
     metrics = train(make_cfg("trainer.compile=true", "trainer.max_epochs=1"))
     assert math.isfinite(metrics["val/rmse"])
+
+
+def test_grad_checkpointing_finds_transformer_blocks(make_cfg):
+    cfg = make_cfg("model=ft_transformer", "model.d_block=16", "model.n_blocks=2", "model.attention_n_heads=2")
+    a = instantiate(cfg.model, n_num=3, cat_cardinalities=[], d_out=1)
+    b = copy.deepcopy(a)
+    assert enable_grad_checkpointing(b) == 2
+    x = torch.randn(8, 3)
+    for m in (a, b):
+        torch.manual_seed(1)
+        m(x).pow(2).sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad, atol=1e-6), name

@@ -16,7 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vforge.config import validate
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
-from vforge.training.checkpoint import Checkpoint, atomic_save, find_resume
+from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
 from vforge.training.loop import evaluate, fit
 from vforge.training.losses import as_loss
 from vforge.training.metrics import format_table
@@ -51,8 +51,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps) if cfg.scheduler else None
     averaging = [instantiate(cfg.averaging)] if cfg.averaging else []
     extra = [instantiate(c) for c in (tr.callbacks or {}).values()]
-    resume_path = find_resume(tr.resume, cfg.output_dir, cfg.run_name)
+    resume_path = find_resume(tr.resume, cfg.output_dir, cfg.run_name, siblings=cfg.get("trial") is None)
     resume = torch.load(resume_path, weights_only=False, map_location=device) if resume_path else None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    if resume:
+        check_compatible(resume, config, resume_path)
     logger = instantiate(cfg.logger) if cfg.logger else None
 
     out_dir = Path(cfg.output_dir)
@@ -67,7 +70,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         cbs: list[Callback] = [*averaging, EarlyStopping(patience=tr.patience), EpochLog(logger), Progress(tr.progress)]
         if tr.checkpoint:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
             ckpt_dir = resume_path.parent if resume_path else out_dir / "checkpoints"
-            cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name,
+            cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name, "config": config,
                                                         "mlflow_run_id": logger.run_id if logger else None}))
         if resume:
             log.info("resuming from %s after epoch %d", resume_path, resume["epoch"])
@@ -84,7 +87,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                     "n_params": sum(p.numel() for p in model.parameters())}
         log.info("results\n%s", format_table(metrics, {"val": len(data.val), "test": len(data.test)}))
         checkpoint = out_dir / "model.pt"
-        atomic_save({"state_dict": result.model.state_dict(), "config": OmegaConf.to_container(cfg, resolve=True),
+        atomic_save({"state_dict": result.model.state_dict(), "config": config,
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
                      "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target,
                      "d_out": loss_fn.d_out, "output_index": getattr(loss_fn, "median", 0),

@@ -123,12 +123,14 @@ class Checkpoint(Callback):
             atomic_save(ckpt, self.last)
 
 
-def find_resume(resume: str | None, output_dir: str | Path, run_name: str | None = None) -> Path | None:
+def find_resume(resume: str | None, output_dir: str | Path, run_name: str | None = None,
+                siblings: bool = True) -> Path | None:
     """The checkpoint ``trainer.resume`` points at.
 
     ``null``: none. A path: that file (or ``<dir>/checkpoints/last.pt`` for a run folder); it must exist.
-    ``auto``: ``<output_dir>/checkpoints/last.pt`` if present, else the newest unfinished ``last.pt`` of a
-    sibling run folder (``outputs/runs/*``) with the same ``run_name``; none found: start fresh.
+    ``auto``: ``<output_dir>/checkpoints/last.pt`` if present, else (with ``siblings``; off for sweep trials,
+    which must not pick up each other's runs) the newest unfinished ``last.pt`` of a sibling run folder
+    (``outputs/runs/*``) with the same ``run_name``; none found: start fresh.
     """
     if not resume:
         return None
@@ -143,6 +145,8 @@ def find_resume(resume: str | None, output_dir: str | Path, run_name: str | None
     own = Path(output_dir) / "checkpoints" / "last.pt"
     if own.is_file():
         return own
+    if not siblings:
+        return None
     candidates = sorted(Path(output_dir).parent.glob("*/checkpoints/last.pt"), key=lambda p: p.stat().st_mtime,
                         reverse=True)
     for path in candidates:
@@ -155,3 +159,12 @@ def find_resume(resume: str | None, output_dir: str | Path, run_name: str | None
             return path
     log.info("resume=auto: no unfinished checkpoint found; starting fresh")
     return None
+
+
+def check_compatible(ckpt: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """A checkpoint resumes only the model and loss it was trained with: say which group differs."""
+    saved = ckpt.get("config") or {}
+    for group in ("model", "loss"):
+        if group in saved and saved[group] != config.get(group):
+            raise ValueError(f"trainer.resume: {path} was trained with {group}={saved[group]}, this run has "
+                             f"{group}={config.get(group)}; resume with the same {group} or set trainer.resume=null")

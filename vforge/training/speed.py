@@ -27,7 +27,8 @@ def _checkpointed(forward, *args, **kwargs):
 
 
 def enable_grad_checkpointing(model: nn.Module) -> int:
-    """Recompute each block of ``model.blocks`` in backward instead of storing its activations.
+    """Recompute each block of ``model.blocks`` (or the shallowest ``*.blocks``, e.g. ``model.backbone.blocks``) in
+    backward instead of storing its activations.
 
     A model that knows better defines ``set_grad_checkpointing(enabled)``; it is called instead. Returns the
     number of blocks wrapped. Call it after any ``deepcopy`` of the model (weight averaging makes one): the
@@ -37,8 +38,11 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     if hasattr(model, "set_grad_checkpointing"):
         model.set_grad_checkpointing(True)
         return -1
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or len(blocks) == 0:
+    # the shallowest module list named `blocks`: model.blocks (MLP, ResNet) or model.backbone.blocks (transformers)
+    found = [m for name, m in model.named_modules() if name.split(".")[-1] == "blocks"
+             and isinstance(m, (nn.Sequential, nn.ModuleList)) and len(m)]
+    blocks = found[0] if found else None  # named_modules is pre-order: the first is the shallowest
+    if blocks is None:
         raise ValueError(f"trainer.grad_checkpointing=true needs a model with a `blocks` Sequential/ModuleList or a "
                          f"set_grad_checkpointing method; {type(model).__name__} has neither. Set "
                          "trainer.grad_checkpointing=false")
