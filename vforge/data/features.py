@@ -1,10 +1,12 @@
 """Named features. Each documents the information it uses and as of when.
 
 Notation: a row is a contract on its *terms date* ``j`` (contract terms and spot known),
-predicting the IV at ``j + horizon`` quote dates. Surface information (IVs) comes from the
-*info date*: ``j - 1`` when ``horizon == 0`` (re-marking today's surface from yesterday's),
-``j`` otherwise. "Previous" below means the info date: the latest date present in the data
-before the target, never a later one.
+predicting the IV at ``j + horizon`` quote dates (the *target date*). Surface information (IVs)
+comes from the *info date*: ``j - 1`` when ``horizon == 0`` (re-marking today's surface from
+yesterday's), ``j`` otherwise. "Previous" below means the info date: the latest date present in
+the data before the target, never a later one. Spot information is used up to the terms date.
+
+Select features with ``data.features=[...]``; ``FEATURES`` lists every valid name.
 """
 
 from __future__ import annotations
@@ -14,52 +16,185 @@ import pandas as pd
 
 # name -> one-line description (information used, as of when)
 FEATURES: dict[str, str] = {
-    "log_moneyness": "log(K / F) with F from the terms-date spot, rate and dividend yield",
+    # contract terms
+    "log_moneyness": "log(K / F) with F the terms-date forward of the contract's expiry",
     "tau": "years to expiry at the target date (contract terms, known in advance)",
     "sqrt_tau": "square root of tau",
     "is_call": "1 for calls, 0 for puts",
-    "prev_iv": "the contract's own IV on the info date (filled with the previous surface where missing)",
-    "prev_iv_missing": "1 where the contract was not quoted on the info date",
-    "gap_days": "calendar days from the info date to the target date",
+    "delta": "Black-Scholes delta at the previous IV (prev_iv), terms-date forward, target-date tau",
+    # market state (spot path up to the terms date)
     "spot_ret_1d": "log spot return over the last quote date up to the terms date",
     "spot_ret_5d": "log spot return over the last 5 quote dates up to the terms date",
-    "realized_vol_21d": "annualized realized vol of daily log returns over 21 quote dates up to the terms date",
-    "prev_atm_iv": "the info date's ATM IV interpolated to 30 days",
+    "spot_ret_21d": "log spot return over the last 21 quote dates up to the terms date",
+    "realized_vol_5d": "annualized realized vol of log returns over 5 quote dates up to the terms date",
+    "realized_vol_21d": "annualized realized vol of log returns over 21 quote dates up to the terms date",
+    # lagged surface (info date)
+    "prev_iv": "the contract's own IV on the info date, filled with prev_surface_iv where it was not quoted",
+    "prev_iv_missing": "1 where the contract was not quoted on the info date",
+    "prev_surface_iv": "the info date's smile at this contract's strike and expiry, leaving the contract's own "
+                       "quote out (neighbouring strikes in log-moneyness; total variance across expiries)",
+    "prev_iv_resid": "prev_iv - prev_surface_iv: how far the contract's own quote sat from its neighbours",
+    "prev_atm_iv": "the info date's ATM IV interpolated to 30 days (OTM quotes, total variance in tau)",
+    "prev_skew": "the info date's 30-day skew: (IV at k = -0.05 - IV at k = +0.05) / 0.1",
+    "prev_term_slope": "the info date's ATM IV at 91 days minus at 30 days",
+    "gap_days": "calendar days from the info date to the target date",
 }
 
+# Categorical features for ``data.cat_features`` (index 0 is "unseen in train").
+CAT_FEATURES: dict[str, str] = {
+    "option_type": "C or P",
+    "expiry_cycle": "monthly (the third Friday of its month) or weekly/other",
+    "underlying": "the underlying column, where the table has one",
+}
 
-def validate_names(names: list[str]) -> None:
+ATM_DAYS, TERM_DAYS = 30, 91
+SKEW_K = 0.05
+
+
+def validate_names(names: list[str], cat_names: list[str] | None = None) -> None:
     unknown = [n for n in names if n not in FEATURES]
     if unknown:
         raise ValueError(f"unknown feature(s) {unknown} in data.features; valid names: {', '.join(FEATURES)}")
+    unknown = [n for n in cat_names or [] if n not in CAT_FEATURES]
+    if unknown:
+        raise ValueError(f"unknown categorical feature(s) {unknown} in data.cat_features; "
+                         f"valid names: {', '.join(CAT_FEATURES)}")
 
 
 def market_state(spot: pd.Series) -> pd.DataFrame:
-    """Spot-path features per quote date, using spot up to and including that date.
+    """Spot-path features per quote date, using spot up to and including that date only.
 
     Args:
-        spot: underlying price indexed by quote date (sorted).
+        spot: underlying price indexed by quote-date index (sorted). Windows count quote dates;
+            the first dates use what history exists (a return of 0 and a vol of 0 before any).
     """
     logs = np.log(spot)
     ret = logs.diff()
+    vol = lambda n: ret.rolling(n, min_periods=2).std().fillna(0.0) * np.sqrt(252)  # noqa: E731
     return pd.DataFrame({
         "spot_ret_1d": ret.fillna(0.0),
-        "spot_ret_5d": (logs - logs.shift(5)).fillna(0.0),
-        "realized_vol_21d": ret.rolling(21, min_periods=2).std().bfill().fillna(0.0) * np.sqrt(252),
+        "spot_ret_5d": (logs - logs.shift(5)).fillna(logs - logs.iloc[0]),
+        "spot_ret_21d": (logs - logs.shift(21)).fillna(logs - logs.iloc[0]),
+        "realized_vol_5d": vol(5),
+        "realized_vol_21d": vol(21),
     })
 
 
-def atm_iv_30d(day: pd.DataFrame) -> float:
-    """ATM IV at 30 days from one quote date's surface (rows with log_moneyness, tau, iv)."""
-    per_exp = day.assign(absk=day["log_moneyness"].abs()).sort_values("absk").groupby("tau")["iv"].first()
-    taus, ivs = per_exp.index.to_numpy(), per_exp.to_numpy()
-    target = 30 / 365
+def smile_leave_one_out(chain: pd.DataFrame) -> np.ndarray:
+    """For each quote, the IV of its smile (same date, type, expiry) at its log-moneyness from its two
+    neighbouring strikes, linear in log-moneyness (one neighbour at the ends: its IV; none: NaN).
+
+    Uses only quotes of the quote's own date. Expects ``date_idx, option_type, expiry, log_moneyness, iv``.
+    """
+    order = np.lexsort((chain["log_moneyness"].to_numpy(), chain["expiry"].to_numpy(),
+                        chain["option_type"].to_numpy(), chain["date_idx"].to_numpy()))
+    g = chain.iloc[order]
+    key = g["date_idx"].astype(str) + g["option_type"] + g["expiry"].astype(str)
+    same_prev = (key == key.shift(1)).to_numpy()
+    same_next = (key == key.shift(-1)).to_numpy()
+    k, iv = g["log_moneyness"].to_numpy(), g["iv"].to_numpy()
+    k_prev, k_next = np.roll(k, 1), np.roll(k, -1)
+    iv_prev, iv_next = np.roll(iv, 1), np.roll(iv, -1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        w = (k - k_prev) / (k_next - k_prev)
+        inner = iv_prev + w * (iv_next - iv_prev)
+    out = np.where(same_prev & same_next, inner,
+                   np.where(same_prev, iv_prev, np.where(same_next, iv_next, np.nan)))
+    result = np.empty(len(chain))
+    result[order] = out
+    return result
+
+
+def surface_at(nodes: pd.DataFrame, k: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """Interpolate one date's smiles (one option type or OTM quotes) at points ``(k, tau)``.
+
+    Per expiry: linear in log-moneyness; beyond the outer strikes the outer slope continues when the
+    smile rises outward (see ``_smile_at``), flat otherwise. Across expiries: total variance
+    ``iv^2 tau`` linear in tau between the two expiries around ``tau``, flat vol outside.
+
+    Args:
+        nodes: rows with ``tau, log_moneyness, iv`` of one quote date.
+    """
+    return surface_at_arrays(nodes["tau"].to_numpy(np.float64), nodes["log_moneyness"].to_numpy(np.float64),
+                             nodes["iv"].to_numpy(np.float64), k, tau)
+
+
+def surface_at_arrays(node_tau: np.ndarray, node_k: np.ndarray, node_iv: np.ndarray, k, tau) -> np.ndarray:
+    """``surface_at`` on plain arrays (any order)."""
+    k, tau = np.atleast_1d(np.asarray(k, dtype=np.float64)), np.atleast_1d(np.asarray(tau, dtype=np.float64))
+    order = np.lexsort((node_k, node_tau))
+    node_tau, node_k, node_iv = node_tau[order], node_k[order], node_iv[order]
+    taus, start = np.unique(node_tau, return_index=True)
+    bounds = np.append(start, len(node_tau))
+    vols = np.stack([_smile_at(node_k[a:b], node_iv[a:b], k) for a, b in zip(bounds[:-1], bounds[1:])])
     if len(taus) == 1:
-        return float(ivs[0])
-    # interpolate total variance linearly in tau, flat extrapolation in vol
-    w = np.interp(target, taus, ivs**2 * taus)
-    if target < taus[0]:
-        return float(ivs[0])
-    if target > taus[-1]:
-        return float(ivs[-1])
-    return float(np.sqrt(w / target))
+        return vols[0]
+    hi = np.clip(np.searchsorted(taus, tau), 1, len(taus) - 1)
+    lo = hi - 1
+    cols = np.arange(len(k))
+    w_lo, w_hi = vols[lo, cols] ** 2 * taus[lo], vols[hi, cols] ** 2 * taus[hi]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = (tau - taus[lo]) / (taus[hi] - taus[lo])
+        inner = np.sqrt(np.maximum(w_lo + frac * (w_hi - w_lo), 0.0) / tau)
+    return np.where(tau <= taus[0], vols[0], np.where(tau >= taus[-1], vols[-1], inner))
+
+
+def _smile_at(nodes_k: np.ndarray, nodes_iv: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """One smile (sorted by k) at ``k``: linear inside; beyond the outer strikes, the outermost
+    segment's slope continued outward when it rises, flat otherwise.
+
+    Measured on the default synthetic market, for contracts new on a day (strikes beyond the
+    previous day's range), continuing a rising wing errs 3.3 vol points RMS against 5.1 for flat.
+    """
+    out = np.interp(k, nodes_k, nodes_iv)
+    if len(nodes_k) < 2:
+        return out
+    for edge, inner, beyond in ((-1, -2, k > nodes_k[-1]), (0, 1, k < nodes_k[0])):
+        dk = nodes_k[edge] - nodes_k[inner]
+        slope = (nodes_iv[edge] - nodes_iv[inner]) / dk if dk else 0.0
+        outward = slope * np.sign(dk)
+        if outward > 0:
+            dist = np.abs(k - nodes_k[edge])
+            out = np.where(beyond, nodes_iv[edge] + outward * dist, out)
+    return out
+
+
+def otm_nodes(day: pd.DataFrame) -> pd.DataFrame:
+    """Out-of-the-money quotes of one date: puts below the forward, calls at or above it."""
+    otm = np.where(day["option_type"] == "C", day["log_moneyness"] >= 0, day["log_moneyness"] < 0)
+    nodes = day[otm]
+    return nodes if len(nodes) else day
+
+
+def surface_state(day: pd.DataFrame) -> dict[str, float]:
+    """ATM IV at 30 days, 30-day skew and term slope of one quote date's surface (OTM quotes)."""
+    nodes = otm_nodes(day)
+    t30, t91 = ATM_DAYS / 365.0, TERM_DAYS / 365.0
+    v = surface_at(nodes, np.array([0.0, -SKEW_K, SKEW_K, 0.0]), np.array([t30, t30, t30, t91]))
+    return {"prev_atm_iv": v[0], "prev_skew": (v[1] - v[2]) / (2 * SKEW_K), "prev_term_slope": v[3] - v[0]}
+
+
+def surface_states(chain: pd.DataFrame) -> pd.DataFrame:
+    """``surface_state`` of every quote date, indexed by ``date_idx`` (each from its own date only)."""
+    otm = np.where(chain["option_type"] == "C", chain["log_moneyness"] >= 0, chain["log_moneyness"] < 0)
+    d = chain["date_idx"].to_numpy()
+    has_otm = pd.Series(otm).groupby(d).transform("any").to_numpy()
+    nodes = chain[otm | ~has_otm]
+    t30, t91 = ATM_DAYS / 365.0, TERM_DAYS / 365.0
+    qk, qt = np.array([0.0, -SKEW_K, SKEW_K, 0.0]), np.array([t30, t30, t30, t91])
+    arrays = [nodes[c].to_numpy(np.float64) for c in ("tau", "log_moneyness", "iv")]
+    idx = nodes["date_idx"].to_numpy()
+    order = np.argsort(idx, kind="stable")
+    dates, start = np.unique(idx[order], return_index=True)
+    bounds = np.append(start, len(order))
+    out = np.empty((len(dates), 4))
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        sel = order[a:b]
+        out[i] = surface_at_arrays(arrays[0][sel], arrays[1][sel], arrays[2][sel], qk, qt)
+    return pd.DataFrame({"prev_atm_iv": out[:, 0], "prev_skew": (out[:, 1] - out[:, 2]) / (2 * SKEW_K),
+                         "prev_term_slope": out[:, 3] - out[:, 0]}, index=dates)
+
+
+def atm_iv_30d(day: pd.DataFrame) -> float:
+    """ATM IV at 30 days from one quote date's surface (rows with option_type, log_moneyness, tau, iv)."""
+    return float(surface_state(day)["prev_atm_iv"])

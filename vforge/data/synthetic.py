@@ -13,11 +13,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from vforge.data.chain import normalize
 from vforge.data.dataset import Dataset, prepare
 from vforge.data.heston import heston_price
 from vforge.data.iv import bs_price, implied_vol
 
 TRADING_DAYS = 252
+GENERATOR_VERSION = 2  # part of the cache key: bump when the generator's output changes
 START_DATE = "2024-01-02"
 
 
@@ -94,17 +96,16 @@ def generate_chain(*, seed: int, n_days: int, spot0: float, rate: float, dividen
     half = quotes["half_spread_vol"] * (1.0 + 0.5 / np.sqrt(tau * 52.0)) * (1.0 + log_m**2)
     bid = np.floor(bs_price(fwd, k, tau, np.maximum(model_iv - half, 1e-4), rate, call) * 100) / 100
     ask = np.ceil(bs_price(fwd, k, tau, model_iv + half, rate, call) * 100) / 100
-    mid = 0.5 * (bid + ask)
-    iv, _ = implied_vol(mid, fwd, k, tau, rate, call)
+    bid = np.maximum(bid, 0.0)
 
+    # Every listed quote is published, zero bids and all: the loader's checks drop and count the
+    # unusable ones, as they do on real chains. IVs are inverted from the mid there.
     chain = chain.drop(columns="_var").assign(
-        option_type=np.where(call, "C", "P"), bid=bid, ask=ask, implied_volatility=iv, model_iv=model_iv,
+        option_type=np.where(call, "C", "P"), bid=bid, ask=ask, model_iv=model_iv,
         rate=rate, dividend_yield=dividend_yield,
     ).drop(columns="is_call")
     present = rng.random(len(chain)) >= quotes["missing_fraction"]
-    # Quotes that cannot be inverted (bid 0, mid below intrinsic) are what a vendor would not publish.
-    keep = present & (bid > 0) & np.isfinite(iv)
-    return chain[keep].reset_index(drop=True)
+    return chain[present].reset_index(drop=True)
 
 
 def _heston_args(heston: dict, jumps: dict) -> dict:
@@ -116,7 +117,8 @@ def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
     """``generate_chain(**params)``, cached as Parquet under ``cache_dir`` by a hash of the parameters."""
     if cache_dir is None:
         return generate_chain(**params)
-    key = hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    blob = json.dumps({**params, "version": GENERATOR_VERSION}, sort_keys=True, default=str)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"synthetic-{key}.parquet"
     if path.exists():
         return pd.read_parquet(path)
@@ -130,10 +132,18 @@ def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
 
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
          listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
-         val_fraction: float, test_fraction: float) -> Dataset:
-    """The synthetic market as a ready-to-train ``Dataset``."""
+         val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
+         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0) -> Dataset:
+    """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
-    chain = cached_chain(cache_dir, **params)
-    return prepare(chain, features=list(features), target=target, horizon=horizon,
-                   val_fraction=val_fraction, test_fraction=test_fraction, source="synthetic")
+    raw = cached_chain(cache_dir, **params)
+    report: dict = {}
+    chain = normalize(raw, columns={}, iv_unit="decimal", rate=rate, dividend_yield=dividend_yield, report=report,
+                      max_spread_vol=max_spread_vol, otm_only=otm_only)
+    ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
+                 test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
+                 fold=fold)
+    ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
+    ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
+    return ds
