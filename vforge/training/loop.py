@@ -6,6 +6,7 @@ Early stopping, checkpoints, averaging, logging, progress and pruning are callba
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -176,25 +177,29 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
     output = getattr(loss_fn, "median", 0)
+    change, plain, probe = data.target == "change", Batch(), hasattr(loss_fn, "penalties")
+    autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     start = time.perf_counter()
     for epoch in range(state.epoch, max_epochs if not state.stop else state.epoch):
         state.epoch = epoch
         model.train()
         perm = torch.randperm(n, generator=generator).to(device)
         batches = perm.split(batch_size)[:batches_per_epoch]  # drops a straggler of one row (breaks BatchNorm)
-        loss_log = torch.zeros(len(batches), device=device)  # per-step loss; checked once an epoch: no sync
+        losses = []  # per-step losses, checked once an epoch: no per-step sync
         for i, idx in enumerate(batches):
-            batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, data.target == "change")
-            if hasattr(loss_fn, "penalties"):  # the surface loss probes the model around the batch
+            batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change) if aux else plain
+            if probe:  # the surface loss probes the model around the batch
                 batch.probe = surface_probe(model, data, x_num[idx], None if x_cat is None else x_cat[idx], batch,
                                             min(len(idx), loss_fn.n_probe))
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            with autocast():
                 pred = forward(x_num[idx], None if x_cat is None else x_cat[idx])
             loss = loss_fn(pred.float(), y[idx], batch)
             if auxiliary is not None:
                 loss = loss + auxiliary()
-            loss_log[i] = loss.detach()
-            (scaler.scale(loss / accumulate) if scaler else loss / accumulate).backward()
+            losses.append(loss.detach())
+            if accumulate > 1:
+                loss = loss / accumulate
+            (scaler.scale(loss) if scaler else loss).backward()
             if (i + 1) % accumulate and i + 1 < len(batches):
                 continue  # accumulate gradients over `accumulate` batches
             if scaler:
@@ -210,6 +215,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
             state.step += 1
             for cb in callbacks:
                 cb.on_step_end(state)
+        loss_log = torch.stack(losses)
         bad = (~torch.isfinite(loss_log)).nonzero()
         if len(bad):  # stop before any callback can checkpoint the broken weights
             step = int(bad[0])
