@@ -18,6 +18,8 @@ import pandas as pd
 from vforge.data import dataset as D
 from vforge.data.iv import REASONS, bs_vega, implied_vol
 
+# Drops made by the pipeline after loading (dataset.build_rows / prepare): not quotes lost at load.
+PIPELINE_DROPS = ("drop_first_date", "drop_no_target", "drop_no_previous_surface", "drop_missing_feature")
 REQUIRED = ["quote_date", "expiry", "strike", "option_type"]
 OPTION_TYPES = {"c": "C", "call": "C", "calls": "C", "p": "P", "put": "P", "puts": "P"}
 FORWARDS = ("spot", "column", "parity")
@@ -26,12 +28,13 @@ IV_RANGE = {"decimal": (0.0, 5.0), "percent": (0.5, 500.0)}  # plausible medians
 # Quotes dropped at load time (the pipeline's own reasons are in dataset.DROP_REASONS).
 D.DROP_REASONS.update({
     "drop_outside_dates": "quote date outside data.start_date..data.end_date (selected out, not bad)",
-    "drop_duplicate": "duplicate (quote_date, expiry, strike, option_type): every copy dropped",
+    "drop_duplicate": "duplicate contract on a quote date (data.duplicates: drop = every copy, first = the others)",
     "drop_expired": "expiry on the quote date (zero time to expiry)",
     "drop_zero_bid": "zero (or missing) bid",
     "drop_missing_price": "no price: IV, bid/ask and price all missing",
     "drop_missing_iv": "implied_volatility missing or not positive",
     "drop_no_parity_forward": "no call/put pair on the same expiry to take a parity forward from",
+    "drop_min_price": "price below data.min_price (a minimum-tick price does not identify IV)",
     "drop_wide_spread": "bid/ask spread wider than data.max_spread_vol in volatility",
     "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
 })
@@ -86,14 +89,17 @@ def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
     out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
     for _, idx in df.groupby("_file", sort=False).groups.items():
         values = raw.loc[idx]
-        text = values.astype(str).str.strip().str.replace(r"\.0$", "", regex=True) if values.dtype != object else values
+        if not pd.api.types.is_datetime64_any_dtype(values):
+            values = values.astype(str).str.strip().str.replace(r"\.0$", "", regex=True).where(values.notna())
         try:
-            parsed = pd.to_datetime(text, errors="coerce")
+            parsed = pd.to_datetime(values, errors="coerce")
         except (ValueError, TypeError):
-            parsed = pd.to_datetime(text, errors="coerce", format="mixed")
-        if parsed.isna().any() and parsed.notna().any():
-            parsed = parsed.fillna(pd.to_datetime(text, errors="coerce", format="mixed"))
-        out.loc[idx] = parsed.dt.tz_localize(None).astype("datetime64[ns]") if parsed.dt.tz else parsed
+            parsed = pd.Series(pd.NaT, index=values.index)
+        if parsed.isna().any():
+            parsed = parsed.fillna(pd.to_datetime(values, errors="coerce", format="mixed"))
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_localize(None)
+        out.loc[idx] = parsed.astype("datetime64[ns]")
     bad = out.isna() & raw.notna() | raw.isna()
     if bad.any():
         example = raw[bad].head(3).tolist()
@@ -105,7 +111,7 @@ def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
 def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
               report: dict, forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
               max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
-              end_date: str | None = None) -> pd.DataFrame:
+              end_date: str | None = None, min_price: float | None = None) -> pd.DataFrame:
     """Rename, type and check a raw table; fill IV by inversion where it is missing.
 
     Unusable rows are dropped and counted in ``report['dropped']`` by reason; impossible values
@@ -115,7 +121,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         raise ValueError(f"data.iv_unit must be 'decimal' or 'percent', got {iv_unit!r}")
     if forward not in FORWARDS:
         raise ValueError(f"data.forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
-    df = raw.rename(columns={v: k for k, v in columns.items()})
+    df = raw.rename(columns={v: k for k, v in columns.items() if v is not None and v != k})
     if "_file" not in df.columns:
         df["_file"] = "table"
     dropped = report.setdefault("dropped", {})
@@ -261,6 +267,13 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             df, price, need_iv, tau = (df[keep].reset_index(drop=True), price[keep].reset_index(drop=True),
                                        need_iv[keep].reset_index(drop=True), tau[keep])
 
+    if price is not None and min_price:
+        cheap = need_iv & (price < min_price)
+        dropped["drop_min_price"] = int(cheap.sum())
+        keep = ~cheap.to_numpy()
+        df, price, need_iv, tau = (df[keep].reset_index(drop=True), price[keep].reset_index(drop=True),
+                                   need_iv[keep].reset_index(drop=True), tau[keep])
+
     # Forward: the spot carried at r - q, a given column, or put-call parity per (date, expiry).
     carry = np.exp((df["rate"] - df["dividend_yield"]).to_numpy() * tau)
     if forward == "spot":
@@ -344,13 +357,15 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
          forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
          max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
          end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
+         min_price: float | None = None,
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0) -> D.Dataset:
     """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
     report: dict = {}
     raw = read_table(path, read_options=dict(read_options or {}), quote_date_from_path=quote_date_from_path)
     chain = normalize(raw, columns=dict(columns), iv_unit=iv_unit, rate=rate, dividend_yield=dividend_yield,
                       report=report, forward=forward, option_type=option_type, duplicates=duplicates,
-                      max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date)
+                      max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date,
+                      min_price=min_price)
     ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                    test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
                    fold=fold)

@@ -177,6 +177,8 @@ def build_rows(chain: pd.DataFrame, *, horizon: int) -> tuple[pd.DataFrame, dict
     rows["is_call"] = (rows["option_type"] == "C").astype(float)
     rows["gap_days"] = (target_dates - dates[rows["info_idx"].to_numpy()]).days.to_numpy().astype(float)
     rows = rows.join(state, on="info_idx")
+    rows["spot_ret_1d_vol"] = rows["spot_ret_1d"] / rows["prev_atm_iv"]
+    rows["spot_ret_5d_vol"] = rows["spot_ret_5d"] / rows["prev_atm_iv"]
     own = rows["persistence"].notna() & rows["prev_loo_iv"].notna()
     fallback = np.full(len(rows), np.nan)
     fallback[~own.to_numpy()] = previous_surface(rows[~own], nodes, spot)

@@ -28,6 +28,9 @@ FEATURES: dict[str, str] = {
     "spot_ret_21d": "log spot return over the last 21 quote dates up to the terms date",
     "realized_vol_5d": "annualized realized vol of log returns over 5 quote dates up to the terms date",
     "realized_vol_21d": "annualized realized vol of log returns over 21 quote dates up to the terms date",
+    "spot_ret_1d_vol": "spot_ret_1d / prev_atm_iv: the last move in units of the previous ATM vol (under "
+                       "stochastic vol the IV response to a move scales like 1 / vol, so this generalizes across regimes)",
+    "spot_ret_5d_vol": "spot_ret_5d / prev_atm_iv",
     # lagged surface (info date)
     "prev_iv": "the contract's own IV on the info date, filled with prev_surface_iv where it was not quoted",
     "prev_iv_missing": "1 where the contract was not quoted on the info date",
