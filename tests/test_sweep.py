@@ -287,3 +287,11 @@ def test_two_sweep_processes_share_one_study(tmp_path):
     assert sorted(ran[0] + ran[1]) == list(range(6))  # no trial ran twice
     assert all(t.state == TrialState.COMPLETE for t in study.trials)
     assert len({t.user_attrs["output_dir"] for t in study.trials}) == 6
+
+
+def test_a_journal_storage_file_works_like_a_database(tmp_path):
+    url = f"journal:///{tmp_path}/study.log"
+    make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=3).sweep([])
+    make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=4).sweep([])
+    study = optuna.load_study(study_name="fake", storage=S.open_storage(url))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4

@@ -50,7 +50,7 @@ def _local_file(storage: str) -> Path | None:
 
 @contextlib.contextmanager
 def file_lock(target: str | Path | None) -> Iterator[None]:
-    """An exclusive lock on ``<target>.lock`` (no-op for None), held across processes on this machine.
+    """An exclusive lock on ``<target>.vforge-lock`` (no-op for None), held across processes on this machine.
 
     Two processes creating one fresh SQLite file at once race (optuna: ``table studies already
     exists``; MLflow: ``duplicate column name``): creation happens under this lock.
@@ -58,7 +58,7 @@ def file_lock(target: str | Path | None) -> Iterator[None]:
     if target is None:
         yield
         return
-    lock_path = Path(f"{target}.lock")
+    lock_path = Path(f"{target}.vforge-lock")  # not .lock: optuna's journal backend owns that name
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
