@@ -41,10 +41,11 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, dropo
     if mask is not None:
         logits = logits.masked_fill(~mask.repeat(group, 1), float("-inf"))
     weights = (logits - logits.amax(dim=-1, keepdim=True).detach()).exp()
-    weights = weights / weights.sum(dim=-1, keepdim=True)
-    if dropout_p:
-        weights = weights * ((torch.rand_like(weights) >= dropout_p) / (1 - dropout_p))
-    return (weights @ v).view(batch, n_heads, n_q, d_head)
+    denominator = weights.sum(dim=-1, keepdim=True)
+    if dropout_p:  # inverted dropout; its 1 / (1 - p) rides on the softmax's denominator, saving a pass
+        weights = weights * (torch.rand_like(weights) >= dropout_p)
+        denominator = denominator * (1 - dropout_p)
+    return (weights / denominator @ v).view(batch, n_heads, n_q, d_head)
 
 
 class MultiHeadAttention(nn.Module):
