@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob as globlib
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +93,9 @@ def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
         if not pd.api.types.is_datetime64_any_dtype(values):
             values = values.astype(str).str.strip().str.replace(r"\.0$", "", regex=True).where(values.notna())
         try:
-            parsed = pd.to_datetime(values, errors="coerce")
+            with warnings.catch_warnings():  # "could not infer format": the mixed-format fallback below handles it
+                warnings.simplefilter("ignore", UserWarning)
+                parsed = pd.to_datetime(values, errors="coerce")
         except (ValueError, TypeError):
             parsed = pd.Series(pd.NaT, index=values.index)
         if parsed.isna().any():
