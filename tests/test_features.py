@@ -78,7 +78,7 @@ def test_previous_surface_fallback_is_the_neighbours_smile_at_the_strike():
         for k in strikes:
             rows.append({"quote_date": d, "expiry": expiry, "strike": k, "option_type": "P", "underlying_price": 100.0,
                          "implied_volatility": 0.2 + 0.001 * (100 - k), "rate": 0.0, "dividend_yield": 0.0})
-    out, report = build_rows(pd.DataFrame(rows), horizon=0)
+    out, report = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
     new = out[out["strike"] == 95.0].iloc[0]
     assert new["prev_iv_missing"] == 1.0 and np.isnan(new["persistence"])
     tau = (expiry - dates[0]).days / 365
@@ -90,6 +90,23 @@ def test_previous_surface_fallback_is_the_neighbours_smile_at_the_strike():
     # A quoted contract: its own quote, and its distance to the smile of its neighbours (90 and 110).
     loo = 0.21 + (0.0 - k90) / (np.log(1.1) - k90) * (0.19 - 0.21)
     assert old["prev_iv"] == pytest.approx(0.20) and old["prev_iv_resid"] == pytest.approx(0.20 - loo, rel=1e-9)
+
+
+def test_moneyness_fallback_reads_the_previous_surface_at_todays_coordinates():
+    """After a large spot move, the new strike is read at its own log-moneyness and time to expiry."""
+    dates = pd.to_datetime(["2024-03-01", "2024-03-04"])
+    expiry = pd.Timestamp("2024-06-21")
+    rows = []
+    for d, spot, strikes in ((dates[0], 100.0, [90.0, 100.0, 110.0]), (dates[1], 120.0, [100.0, 120.0])):
+        for k in strikes:
+            rows.append({"quote_date": d, "expiry": expiry, "strike": k, "option_type": "P", "underlying_price": spot,
+                         "implied_volatility": 0.2 - 0.2 * np.log(k / spot), "rate": 0.0, "dividend_yield": 0.0})
+    out, _ = build_rows(pd.DataFrame(rows), horizon=0, fallback="moneyness")
+    new = out[out["strike"] == 120.0].iloc[0]  # at the money today: yesterday's ATM IV, 0.2
+    assert new["prev_iv_missing"] == 1.0 and new["prev_iv"] == pytest.approx(0.2, rel=1e-12)
+    strike, _ = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
+    # Sticky strike reads yesterday's smile at K=120 (beyond its strikes: the rising left wing is not there, flat).
+    assert strike[strike["strike"] == 120.0].iloc[0]["prev_iv"] == pytest.approx(0.2 - 0.2 * np.log(1.1), rel=1e-12)
 
 
 def test_unknown_feature_lists_valid_names():

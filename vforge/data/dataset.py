@@ -102,13 +102,17 @@ def add_lagged(chain: pd.DataFrame, horizon: int) -> pd.DataFrame:
     return rows.merge(prev, on=[*CONTRACT, "info_idx"], how="left")
 
 
-def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series) -> np.ndarray:
+FALLBACKS = ("strike", "moneyness")
+
+
+def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, sticky: str = "strike") -> np.ndarray:
     """For each row, the info date's smile of the same option type at the contract's strike and expiry.
 
-    Sticky strike, like the contract's own previous quote: the query point is
+    ``sticky="strike"``, like the contract's own previous quote: the query point is
     ``(ln(K / F_info(T)), T)`` with ``T`` the expiry's time from the info date and ``F_info`` the
-    info date's spot carried forward; see ``features.surface_at``. NaN where the info date has no
-    quote of that type.
+    info date's spot carried forward. ``sticky="moneyness"``: the row's own log-moneyness and time
+    to expiry (better across long gaps, where the spot has moved far). See ``features.surface_at``.
+    NaN where the info date has no quote of that type.
 
     Args:
         nodes: the chain with ``date_idx, tau, log_moneyness`` and IVs in ``iv``.
@@ -122,14 +126,17 @@ def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series) -
         if sel is None:
             continue
         g = rows.iloc[pos]
-        tau = (pd.DatetimeIndex(g["expiry"]) - info_dates[info]).days.to_numpy() / 365.0
-        fwd = spot[info] * np.exp((g["rate"] - g["dividend_yield"]).to_numpy() * tau)
-        k = np.log(g["strike"].to_numpy() / fwd)
+        if sticky == "moneyness":
+            k, tau = g["log_moneyness"].to_numpy(np.float64), g["tau"].to_numpy(np.float64)
+        else:
+            tau = (pd.DatetimeIndex(g["expiry"]) - info_dates[info]).days.to_numpy() / 365.0
+            fwd = spot[info] * np.exp((g["rate"] - g["dividend_yield"]).to_numpy() * tau)
+            k = np.log(g["strike"].to_numpy() / fwd)
         out[pos] = F.surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], k, np.maximum(tau, 1e-6))
     return out
 
 
-def build_rows(chain: pd.DataFrame, *, horizon: int) -> tuple[pd.DataFrame, dict]:
+def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness") -> tuple[pd.DataFrame, dict]:
     """Canonical chain (IV filled) -> one row per (contract, terms date) with every feature, unscaled.
 
     Returns ``rows, report``. No feature of a row uses data after its terms date (surface data after
@@ -137,6 +144,8 @@ def build_rows(chain: pd.DataFrame, *, horizon: int) -> tuple[pd.DataFrame, dict
     """
     if horizon < 0:
         raise ValueError(f"data.horizon must be >= 0, got {horizon}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"data.fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
     chain = chain.sort_values(["quote_date", *CONTRACT]).reset_index(drop=True)
     for col in ("rate", "dividend_yield"):
         if col not in chain.columns:
@@ -180,9 +189,9 @@ def build_rows(chain: pd.DataFrame, *, horizon: int) -> tuple[pd.DataFrame, dict
     rows["spot_ret_1d_vol"] = rows["spot_ret_1d"] / rows["prev_atm_iv"]
     rows["spot_ret_5d_vol"] = rows["spot_ret_5d"] / rows["prev_atm_iv"]
     own = rows["persistence"].notna() & rows["prev_loo_iv"].notna()
-    fallback = np.full(len(rows), np.nan)
-    fallback[~own.to_numpy()] = previous_surface(rows[~own], nodes, spot)
-    rows["prev_surface_iv"] = rows["prev_loo_iv"].where(own, fallback)
+    surface = np.full(len(rows), np.nan)
+    surface[~own.to_numpy()] = previous_surface(rows[~own], nodes, spot, sticky=fallback)
+    rows["prev_surface_iv"] = rows["prev_loo_iv"].where(own, surface)
     rows["prev_iv_missing"] = rows["persistence"].isna().astype(float)
     rows["prev_iv"] = rows["persistence"].fillna(rows["prev_surface_iv"])
     rows["prev_iv_resid"] = rows["prev_iv"] - rows["prev_surface_iv"]
@@ -261,13 +270,13 @@ def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
 
 def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
             test_fraction: float, source: str = "chain", cat_features: list[str] | None = None,
-            n_folds: int = 1, fold: int = 0) -> Dataset:
+            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> Dataset:
     """Canonical chain (IV filled) -> ``Dataset``. No feature of a row uses data after its info date."""
     cat_features = list(cat_features or [])
     F.validate_names(features, cat_features)
     if target not in ("level", "change"):
         raise ValueError(f"data.target must be 'level' or 'change', got {target!r}")
-    rows, report = build_rows(chain, horizon=horizon)
+    rows, report = build_rows(chain, horizon=horizon, fallback=fallback)
     dates = rows.attrs["dates"]
     missing = ~np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1)
     report["dropped"]["drop_missing_feature"] = int(missing.sum())

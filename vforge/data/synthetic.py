@@ -133,7 +133,7 @@ def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
          listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
          val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
-         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0) -> Dataset:
+         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
@@ -143,7 +143,7 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
                       max_spread_vol=max_spread_vol, otm_only=otm_only)
     ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                  test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
-                 fold=fold)
+                 fold=fold, fallback=fallback)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds
