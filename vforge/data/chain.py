@@ -84,6 +84,10 @@ def _rows(mask, df: pd.DataFrame | None = None) -> str:
     return f"{len(idx)} row(s), e.g. rows {idx[:5].tolist()}{where} (0-based, header excluded)"
 
 
+def _show(value) -> str:
+    return str(value.date()) if isinstance(value, pd.Timestamp) else f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
     """Dates per source file (files may use different formats); unparseable ones are an error."""
     raw = df[col]
@@ -181,23 +185,30 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             raise ValueError(f"option_type: unknown spellings {sorted(set(spelled[bad]))[:5]} in {_rows(bad, df)}; "
                              f"accepted: {', '.join(OPTION_TYPES)} (any case)")
 
-    # Impossible values: errors, never silent drops.
+    # Impossible values: errors, never silent drops. (rule, offending rows, columns to show, how to fix)
+    mapping = "check data.columns.{} points at the right column"
     rules = [
-        ("strike must be > 0", df["strike"] <= 0),
-        ("expiry must not be before quote_date", df["expiry"] < df["quote_date"]),
+        ("strike must be > 0", df["strike"] <= 0, ["strike"], mapping.format("strike")),
+        ("expiry must not be before quote_date", df["expiry"] < df["quote_date"], ["quote_date", "expiry"],
+         "check data.columns.expiry and data.columns.quote_date, and that the dates parse as intended "
+         "(e.g. day-first vs month-first); remove rows of expired contracts"),
     ]
-    for col in ("bid", "ask", "price", "underlying_price", "forward"):
+    for col in ("bid", "ask", "price"):
         if col in df.columns:
-            rules.append((f"{col} must be >= 0" if col in ("bid", "ask", "price") else f"{col} must be > 0",
-                          df[col] < 0 if col in ("bid", "ask", "price") else df[col] <= 0))
+            rules.append((f"{col} must be >= 0", df[col] < 0, [col], mapping.format(col)))
+    for col in ("underlying_price", "forward"):
+        if col in df.columns:
+            rules.append((f"{col} must be > 0", df[col] <= 0, [col], mapping.format(col)))
     if {"bid", "ask"} <= set(df.columns):
-        rules.append(("bid must not exceed ask (crossed quote)", df["bid"] > df["ask"]))
+        rules.append(("bid must not exceed ask (crossed quote)", df["bid"] > df["ask"], ["bid", "ask"],
+                      "check that data.columns.bid and data.columns.ask are not swapped; remove crossed quotes"))
     if {"iv_bid", "iv_ask"} <= set(df.columns):
-        rules.append(("iv_bid must not exceed iv_ask (crossed quote)", df["iv_bid"] > df["iv_ask"]))
-    for rule, bad in rules:
+        rules.append(("iv_bid must not exceed iv_ask (crossed quote)", df["iv_bid"] > df["iv_ask"], ["iv_bid", "iv_ask"],
+                      "check that data.columns.iv_bid and data.columns.iv_ask are not swapped"))
+    for rule, bad, cols, fix in rules:
         if bad.any():
-            raise ValueError(f"{rule}: violated by {_rows(bad, df)}. Fix the data or the column mapping "
-                             "(data.columns.<name>=<your column>)")
+            shown = "; ".join(", ".join(f"{c}={_show(df.at[i, c])}" for c in cols) for i in df.index[bad][:3])
+            raise ValueError(f"{rule}: violated by {_rows(bad, df)}: {shown}. To fix: {fix}")
 
     for col, default in (("rate", rate), ("dividend_yield", dividend_yield)):
         if col not in df.columns:
