@@ -207,3 +207,21 @@ def torch_int64():
     import torch
 
     return torch.int64
+
+
+def test_synthetic_jumps_steepen_the_short_dated_skew():
+    from vforge.data.synthetic import generate_chain
+
+    params = dict(seed=1, n_days=3, spot0=100.0, rate=0.0, dividend_yield=0.0,
+                  heston=dict(kappa=2.0, theta=0.04, sigma=0.3, rho=-0.5, v0=0.04),
+                  listing=dict(n_monthlies=2, n_weeklies=0, strike_step=5.0, moneyness_range=[0.8, 1.2]),
+                  quotes=dict(half_spread_vol=0.0025, missing_fraction=0.0))
+
+    def skew(intensity: float) -> float:
+        ch = generate_chain(**params, jumps=dict(intensity=intensity, mean=-0.1, std=0.1))
+        day = ch[(ch["quote_date"] == ch["quote_date"].min()) & (ch["option_type"] == "P")]
+        first = day[day["expiry"] == day["expiry"].min()].set_index("strike")["model_iv"]
+        return float(first.loc[90.0] - first.loc[100.0])
+
+    # Same seed, same path shocks; Merton jumps with a negative mean fatten the left tail.
+    assert skew(1.0) > skew(0.0) + 0.01

@@ -313,9 +313,11 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
         )
 
     splits = {k: make(v) for k, v in parts.items()}
+    # The baseline on every row: persistence, with the previous surface where the contract is new.
+    base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * 100) if len(v) else float("nan")  # noqa: E731
     report["splits"] = {
         k: {"rows": len(v), "dates": f"{dates[v['target_idx'].min()].date()}..{dates[v['target_idx'].max()].date()}"
-            if len(v) else "-"}
+            if len(v) else "-", "base_rmse": round(base_rmse(v), 4)}
         for k, v in parts.items()
     }
     report["features"] = list(features)
@@ -341,5 +343,6 @@ def format_report(report: dict) -> str:
                      f"{report.get('horizon')}; {report.get('rows_without_previous_quote', 0):,} without a previous "
                      "quote of the contract, based on the previous surface)")
     for k, v in report.get("splits", {}).items():
-        lines.append(f"    {k:<6}{v['rows']:>10,}  {v['dates']}")
+        lines.append(f"    {k:<6}{v['rows']:>10,}  {v['dates']}  base RMSE {v.get('base_rmse', float('nan')):.3f} vol pts "
+                     "(persistence, previous surface where new)")
     return "\n".join(lines)
