@@ -119,3 +119,23 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     assert ens["val_rmse"].iloc[0] <= best_member + 1e-9
     assert (board["rank"] == range(1, len(board) + 1)).all() and board["val_rmse"].is_monotonic_increasing
     assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
+
+
+def automl_sweeper(**kw):
+    from vforge.sweeps.automl import AutoMLSweeperImpl
+
+    args = dict(sampler=None, pruner=None, models=["mlp"], n_trials=2, minutes=None, n_jobs=1, storage=None,
+                study_name="automl", max_failure_rate=0.5, ensemble_size=3, lightgbm=False, latency_rows=100,
+                heartbeat_interval=None, grace_period=None, mlflow=False)
+    return AutoMLSweeperImpl(**(args | kw))
+
+
+def test_automl_says_how_to_choose_models_and_budgets():
+    with pytest.raises(ValueError, match=r"hydra.sweeper.models=\[mlp,resnet\]"):
+        automl_sweeper(models=[])
+    with pytest.raises(ValueError, match="give each model a budget"):
+        automl_sweeper(n_trials=0, minutes=None)
+    with pytest.raises(ValueError, match=r"not model=\.\.\."):
+        automl_sweeper().sweep(["model=resnet"])
+    with pytest.raises(ValueError, match=r"Edit conf/hparams_search/<model>.yaml"):
+        automl_sweeper().sweep(["model.d_block=choice(8,16)"])

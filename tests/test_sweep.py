@@ -295,3 +295,12 @@ def test_a_journal_storage_file_works_like_a_database(tmp_path):
     make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=4).sweep([])
     study = optuna.load_study(study_name="fake", storage=S.open_storage(url))
     assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 4
+
+
+def test_the_grid_sampler_visits_every_point_once(tmp_path):
+    seen = []
+    sweeper = make_sweeper(tmp_path, lambda v: seen.append((v["a"], v["b"])) or 0.0, n_trials=50,
+                           sampler={"_target_": "optuna.samplers.GridSampler", "_partial_": True, "seed": 0},
+                           params={"a": "choice(1, 2, 3)", "b": "range(0, 1)"})
+    sweeper.sweep([])
+    assert sorted(seen) == [(a, b) for a in (1, 2, 3) for b in (0, 1)]

@@ -55,6 +55,16 @@ def _values(ret: JobReturn, n_objectives: int) -> list[float]:
     return values
 
 
+def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
+    try:
+        study.tell(trial, values=values, state=state)
+    except RuntimeError as e:
+        # the grid sampler calls study.stop() once the grid is done, which ask/tell does not allow; the trial
+        # is already recorded by then
+        if "Study.stop" not in str(e):
+            raise
+
+
 class StudySweeper(Sweeper):
     """What the Optuna and AutoML sweepers share: setup, the study, the ask/tell loop, MLflow."""
 
@@ -203,7 +213,7 @@ class StudySweeper(Sweeper):
                 state, values, err = self._outcome(ret, len(directions))
                 if err is not None:
                     trial.set_user_attr(S.ATTR_ERROR, f"{type(err).__name__}: {err}"[:2000])
-                study.tell(trial, values=values, state=state)
+                _tell(study, trial, values, state)
                 done.append((trial.number, state))
                 if self.parent is not None:
                     self.parent.mark_child(trial.number, state.name, err, values[0] if values else None)
@@ -263,6 +273,11 @@ class OptunaSweeperImpl(StudySweeper):
         fixed = [f"{k}={v}" for k, v in fixed_values.items()] + other
         study_name = self.study_name or "sweep"
         study = self._open_study(self.storage, study_name, self.directions, space)
+        if isinstance(study.sampler, optuna.samplers.GridSampler):
+            n_grid = math.prod(len(v) for v in study.sampler._search_space.values())
+            if n_grid < self.n_trials:
+                log.info("the grid has %d points: n_trials %d -> %d", n_grid, self.n_trials, n_grid)
+                self.n_trials = n_grid
         n_before = S.n_counted(study)
         log.info("study %r in %s: %d of %d trials already there; sampler %s, pruner %s, %d job(s) at a time",
                  study.study_name, self.storage_url, n_before, self.n_trials, type(study.sampler).__name__,
