@@ -144,9 +144,11 @@ class StudySweeper(Sweeper):
             return
         uri, experiment = where
         key = f"vforge:mlflow_parent:{uri}:{experiment}"
-        self.parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
-                               tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
-        study.set_user_attr(key, self.parent.run_id)
+        # one parent per study: a resumed sweep and a second worker on the same study reuse it
+        with S.file_lock(S._local_file(self.storage_url)):
+            self.parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
+                                   tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
+            study.set_user_attr(key, self.parent.run_id)
         self.parent.log_params(params)
 
     def _job_overrides(self, trial: optuna.Trial, study: optuna.Study, fixed_overrides: list[str]) -> list[str]:
