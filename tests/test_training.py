@@ -252,3 +252,10 @@ def test_grad_checkpointing_finds_transformer_blocks(make_cfg):
         m(x).pow(2).sum().backward()
     for (name, p), q in zip(a.named_parameters(), b.parameters()):
         assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad, atol=1e-6), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_mixed_precision_trains(make_cfg, precision):
+    metrics = train(make_cfg("trainer.device=cuda", f"trainer.precision={precision}"))
+    assert math.isfinite(metrics["val/rmse"])
