@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -193,6 +195,7 @@ def test_synthetic_market_report_and_aux(make_cfg):
     ds = instantiate(make_cfg().data, _convert_="all")
     rep = ds.report
     assert rep["loaded"] > rep["quotes"] > 0 and rep["dropped"]["drop_zero_bid"] > 0
+    assert json.loads(json.dumps(rep)) == rep  # logged to MLflow as data_report.json
     aux = ds.train.aux
     assert set(aux) >= {"log_moneyness", "tau", "base", "vega", "is_call", "quote_date_idx"}
     assert all(len(v) == len(ds.train) for v in aux.values())
