@@ -66,6 +66,7 @@ class Recorder(Callback):
 
     def on_epoch_end(self, state):
         assert {"train/loss", "val/rmse_epoch", "lr"} <= set(state.metrics)
+        self.metrics = state.metrics
         self.events.append(f"epoch_end{state.epoch}")
         if state.epoch == self.stop_after:
             state.stop = True
@@ -231,8 +232,10 @@ def test_quantile_run_logs_coverage_and_saves_the_median_index(make_cfg):
 @pytest.mark.parametrize("overrides", [["loss=surface", "loss.n_probe=32"], ["loss=vega_weighted"],
                                        ["scheduler=onecycle", "trainer.accumulate=2"], ["scheduler=plateau"]])
 def test_level_losses_and_schedules_train_end_to_end(make_cfg, overrides):
-    metrics = train(make_cfg(*overrides))
+    metrics = train(make_cfg(*overrides), callbacks=[history := Recorder()])
     assert math.isfinite(metrics["val/rmse"]) and math.isfinite(metrics["test/rmse"])
+    if "loss=surface" in overrides:
+        assert {"train/calendar_penalty", "train/butterfly_penalty"} <= set(history.metrics)
 
 
 @pytest.mark.slow

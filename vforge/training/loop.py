@@ -227,6 +227,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         state.metrics = {"train/loss": float((loss_log * sizes).sum() / sizes.sum()),
                          "val/rmse_epoch": val_rmse(state.eval_model, data, eval_batch_size, output),
                          "lr": optimizer.param_groups[0]["lr"]}
+        state.metrics |= {f"train/{k}_penalty": float(v) for k, v in getattr(loss_fn, "last", {}).items()}
         if state.eval_model is not model:  # averaging: the raw weights' score beside the averaged ones
             state.metrics["val/raw_rmse_epoch"] = val_rmse(model, data, eval_batch_size, output)
         if plateau and state.scheduler is not None:

@@ -320,7 +320,7 @@ class Surface(Loss):
         self.calendar_weight, self.butterfly_weight = calendar_weight, butterfly_weight
         self.dk, self.dtau, self.n_probe = dk, dtau, n_probe
         self.base = base if base is not None else MSE()
-        self.last: dict[str, float] = {}
+        self.last: dict[str, Tensor] = {}  # the latest batch's penalties
 
     def penalties(self, batch: Batch) -> tuple[Tensor, Tensor]:
         if batch.probe is None:
@@ -336,7 +336,7 @@ class Surface(Loss):
     def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
         loss = self.base(pred, target, batch)
         calendar, butterfly = self.penalties(batch)
-        self.last = {"calendar": float(calendar.detach()), "butterfly": float(butterfly.detach())}
+        self.last = {"calendar": calendar.detach(), "butterfly": butterfly.detach()}  # logged by the loop
         return loss + self.calendar_weight * calendar + self.butterfly_weight * butterfly
 
 
