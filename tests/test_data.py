@@ -228,3 +228,20 @@ def test_synthetic_jumps_steepen_the_short_dated_skew():
 
     # Same seed, same path shocks; Merton jumps with a negative mean fatten the left tail.
     assert skew(1.0) > skew(0.0) + 0.01
+
+
+def test_itm_rows_take_the_otm_iv_of_their_strike(make_cfg, tmp_path):
+    df = make_chain()
+    first = df["quote_date"] == df["quote_date"].min()
+    stale = df.index[first & (df["option_type"] == "C") & (df["strike"] == 80.0)]  # deep ITM call
+    df.loc[stale, ["bid", "ask"]] = 1.0  # far below intrinsic (~20): not invertible on its own
+    path = write(df, tmp_path / "c.csv")
+    plain = load(make_cfg, path)
+    assert plain.report["dropped"]["drop_iv_price_at_or_below_intrinsic_value"] == len(stale)
+    fixed = load(make_cfg, path, "data.itm_from_otm=true")
+    assert fixed.report["dropped"].get("drop_iv_price_at_or_below_intrinsic_value", 0) == 0
+    assert fixed.report["itm_iv_from_otm"] > len(stale)
+    # Every row of a strike now carries one IV: calls and puts agree.
+    rows = fixed.train.rows.assign(iv=fixed.train.iv)
+    spread = rows.groupby(["quote_date", "expiry", "strike"])["iv"].agg(lambda s: s.max() - s.min())
+    assert spread.max() < 1e-12

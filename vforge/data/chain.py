@@ -118,7 +118,7 @@ def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
 def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
               report: dict, forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
               max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
-              end_date: str | None = None, min_price: float | None = None) -> pd.DataFrame:
+              end_date: str | None = None, min_price: float | None = None, itm_from_otm: bool = False) -> pd.DataFrame:
     """Rename, type and check a raw table; fill IV by inversion where it is missing.
 
     Unusable rows are dropped and counted in ``report['dropped']`` by reason; impossible values
@@ -315,18 +315,34 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             sigma, reason = implied_vol(price[m].to_numpy(), df["forward"][m].to_numpy(), df["strike"][m].to_numpy(),
                                         tau[m], df["rate"][m].to_numpy(), (df["option_type"][m] == "C").to_numpy())
             df.loc[m, "implied_volatility"] = sigma
-            for code, count in zip(*np.unique(reason[reason != 0], return_counts=True)):
-                dropped[_reason_key(int(code))] = dropped.get(_reason_key(int(code)), 0) + int(count)
+            inv_reason = np.zeros(len(df), dtype=np.int8)
+            inv_reason[m] = reason
+    width = spread_vol(df, tau)
+    if itm_from_otm:
+        # The IV of a strike is its out-of-the-money quote's: an ITM row takes it (and its spread)
+        # where the OTM counterpart exists; deep ITM quotes carry little information about volatility.
+        key = ["quote_date", "expiry", "strike"]
+        itm = np.where(df["option_type"] == "C", df["strike"] < df["forward"], df["strike"] > df["forward"])
+        otm = df.loc[~itm, key].assign(_iv=df.loc[~itm, "implied_volatility"], _w=width[~itm])
+        otm = otm[np.isfinite(otm["_iv"]) & (otm["_iv"] > 0)].drop_duplicates(key)
+        counterpart = df[key].merge(otm, on=key, how="left")
+        take = itm & counterpart["_iv"].notna().to_numpy()
+        df.loc[take, "implied_volatility"] = counterpart.loc[take, "_iv"].to_numpy()
+        width = width.where(~take, counterpart["_w"])
+        report["itm_iv_from_otm"] = report.get("itm_iv_from_otm", 0) + int(take.sum())
     bad_iv = ~(np.isfinite(df["implied_volatility"]) & (df["implied_volatility"] > 0))
+    if need_iv.any() and price is not None:
+        failed = inv_reason[bad_iv.to_numpy()]
+        for code, count in zip(*np.unique(failed[failed != 0], return_counts=True)):
+            dropped[_reason_key(int(code))] = dropped.get(_reason_key(int(code)), 0) + int(count)
     if bad_iv.any():
         dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(bad_iv[~need_iv].sum())
     keep = ~bad_iv.to_numpy()
-    df, tau = df[keep].reset_index(drop=True), tau[keep]
+    df, tau, width = df[keep].reset_index(drop=True), tau[keep], width[keep].reset_index(drop=True)
     if price is not None:
         price = price[keep].reset_index(drop=True)
 
     if max_spread_vol is not None:
-        width = spread_vol(df, tau)
         wide = width > max_spread_vol
         dropped["drop_wide_spread"] = int(wide.sum())
         df, tau = df[~wide].reset_index(drop=True), tau[~wide.to_numpy()]
@@ -371,7 +387,7 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
          forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
          max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
          end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
-         min_price: float | None = None,
+         min_price: float | None = None, itm_from_otm: bool = False,
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> D.Dataset:
     """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
     report: dict = {}
@@ -379,7 +395,7 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
     chain = normalize(raw, columns=dict(columns), iv_unit=iv_unit, rate=rate, dividend_yield=dividend_yield,
                       report=report, forward=forward, option_type=option_type, duplicates=duplicates,
                       max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date,
-                      min_price=min_price)
+                      min_price=min_price, itm_from_otm=itm_from_otm)
     ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                    test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
                    fold=fold, fallback=fallback)

@@ -133,6 +133,7 @@ def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
          listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
          val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
+         itm_from_otm: bool = False,
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
@@ -140,7 +141,7 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
     raw = cached_chain(cache_dir, **params)
     report: dict = {}
     chain = normalize(raw, columns={}, iv_unit="decimal", rate=rate, dividend_yield=dividend_yield, report=report,
-                      max_spread_vol=max_spread_vol, otm_only=otm_only)
+                      max_spread_vol=max_spread_vol, otm_only=otm_only, itm_from_otm=itm_from_otm)
     ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                  test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
                  fold=fold, fallback=fallback)
