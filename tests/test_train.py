@@ -25,7 +25,7 @@ def test_train_records_an_mlflow_run(make_cfg, mlflow_uri):
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
     logged = run.data.metrics
-    for key in ("val/rmse", "test/rmse", "val/persistence_rmse", "test/persistence_rmse"):
+    for key in ("val/rmse", "test/rmse", "val/persistence_rmse", "test/persistence_rmse", "test/baseline_rmse"):
         assert logged[key] == pytest.approx(metrics[key])
     assert run.data.params["model._target_"] == "vforge.models.mlp.MLP"
     history = client.get_metric_history(run.info.run_id, "val/rmse_epoch")

@@ -10,11 +10,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
+import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from vforge.config import validate
+from vforge.data.dataset import format_report
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
 from vforge.training.loop import evaluate, fit
@@ -42,7 +44,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     device = resolve_device(tr.device)
 
     data = instantiate(cfg.data, _convert_="all")
-    log.info("data: %s", data.report)
+    log.info("%s", format_report(data.report))
     loss_fn = as_loss(instantiate(cfg.loss, _convert_="all")).to(device)
     model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities,
                         d_out=loss_fn.d_out).to(device)
@@ -85,7 +87,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         metrics = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
                     "n_params": sum(p.numel() for p in model.parameters())}
-        log.info("results\n%s", format_table(metrics, {"val": len(data.val), "test": len(data.test)}))
+        log.info("results\n%s", format_table(metrics, {k: (len(s), int(np.isfinite(s.persistence).sum()))
+                                                           for k, s in (("val", data.val), ("test", data.test))}))
         checkpoint = out_dir / "model.pt"
         atomic_save({"state_dict": result.model.state_dict(), "config": config,
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,

@@ -251,7 +251,7 @@ def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss, bat
     for name in ("val", "test"):
         split = getattr(data, name)
         outputs = predict_outputs(final, split, batch_size)
-        metrics |= split_metrics(name, data.to_level(outputs[:, out_idx], split), split.iv, split.persistence)
+        metrics |= split_metrics(name, data.to_level(outputs[:, out_idx], split), split.iv, split.persistence, split.base)
         if isinstance(loss_fn, Quantile):
             levels = np.stack([data.to_level(outputs[:, j], split) for j in range(outputs.shape[1])], axis=1)
             metrics |= interval_metrics(name, levels, split.iv, loss_fn.intervals())

@@ -21,14 +21,19 @@ def iv_errors(pred: np.ndarray, true: np.ndarray) -> dict[str, float]:
     }
 
 
-def split_metrics(prefix: str, pred: np.ndarray, true: np.ndarray, persistence: np.ndarray) -> dict[str, float]:
-    """Model metrics on all rows, and model vs persistence on the rows where persistence exists.
+def split_metrics(prefix: str, pred: np.ndarray, true: np.ndarray, persistence: np.ndarray,
+                  base: np.ndarray | None = None) -> dict[str, float]:
+    """The model against the baselines a desk already has, like for like.
 
-    Keys: ``{prefix}/rmse`` ..., ``{prefix}/persistence_rmse`` ..., ``{prefix}/matched_rmse`` ...
-    (the model on exactly the persistence rows, for a like-for-like comparison).
+    Keys: ``{prefix}/rmse`` ... the model on all rows; ``{prefix}/baseline_rmse`` ... on all rows, the
+    contract's previous IV, or the previous surface where the contract was not quoted (``base``);
+    ``{prefix}/persistence_rmse`` ... the contract's previous IV on the rows where it exists, and
+    ``{prefix}/matched_rmse`` ... the model on exactly those rows.
     """
     has_prev = np.isfinite(persistence)
     out = {f"{prefix}/{k}": v for k, v in iv_errors(pred, true).items()}
+    if base is not None:
+        out |= {f"{prefix}/baseline_{k}": v for k, v in iv_errors(base, true).items()}
     out |= {f"{prefix}/persistence_{k}": v for k, v in iv_errors(persistence[has_prev], true[has_prev]).items()}
     out |= {f"{prefix}/matched_{k}": v for k, v in iv_errors(pred[has_prev], true[has_prev]).items()}
     return out
@@ -62,24 +67,28 @@ def logged_metric_names(averaging: bool = False, coverages: tuple[float, ...] = 
         averaging: weight averaging is on: ``val/raw_rmse`` (the raw weights) is logged too.
         coverages: nominal coverages of the quantile loss's intervals (0.9 -> ``val/coverage90``, ``val/width90``).
     """
-    names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in ("", "persistence_", "matched_") for m in METRICS]
+    names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in ("", "baseline_", "persistence_", "matched_") for m in METRICS]
     if averaging:
         names.append("val/raw_rmse")
     names += [f"{s}/{k}{round(c * 100)}" for s in ("val", "test") for c in coverages for k in ("coverage", "width")]
     return names
 
 
-def format_table(metrics: dict[str, float], rows: dict[str, int]) -> str:
-    """The end-of-run summary: model beside persistence, in vol points."""
-    lines = [
-        f"{'split':<6}{'rows':>8}  {'RMSE':>7}{'MAE':>7}{'R2':>7}   {'persistence RMSE':>17}{'MAE':>7}{'R2':>7}"
-        f"   {'model on same rows RMSE':>24}",
-    ]
+def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) -> str:
+    """The end-of-run summary: the model beside the baseline, in vol points.
+
+    Args:
+        rows: split -> (all rows, rows whose contract was quoted on the previous date).
+    """
+    cols = "".join(f"{m.upper() if m != 'r2' else 'R2':>7}" for m in METRICS)
+    lines = [f"{'':<26}{'model':^21}   {'baseline':^21}", f"{'split rows':<19}{'n':>7}{cols}   {cols}"]
     for s in ("val", "test"):
         g = lambda k, s=s: metrics.get(f"{s}/{k}", float("nan"))  # noqa: E731
-        lines.append(
-            f"{s:<6}{rows[s]:>8}  {g('rmse'):>7.3f}{g('mae'):>7.3f}{g('r2'):>7.3f}   "
-            f"{g('persistence_rmse'):>17.3f}{g('persistence_mae'):>7.3f}{g('persistence_r2'):>7.3f}"
-            f"   {g('matched_rmse'):>24.3f}"
-        )
-    return "\n".join(lines) + "\n(errors in vol points: IV x 100)"
+        n_all, n_prev = rows[s]
+        for label, n, model, base in (("all", n_all, "", "baseline_"), ("prev. quoted", n_prev, "matched_", "persistence_")):
+            vals = lambda prefix: "".join(f"{g(prefix + m):>7.3f}" for m in METRICS)  # noqa: E731
+            lines.append(f"{s:<5} {label:<13}{n:>7}{vals(model)}   {vals(base)}")
+    return "\n".join(lines) + (
+        "\nerrors in vol points (IV x 100). baseline: the contract's IV on the previous quote date (persistence);"
+        "\non 'all' rows, the previous surface stands in for contracts not quoted then."
+    )

@@ -1,0 +1,25 @@
+"""Metrics in vol points against hand computations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vforge.training.metrics import format_table, split_metrics
+
+
+def test_model_baseline_and_persistence_are_scored_like_for_like():
+    true = np.array([0.20, 0.22, 0.30, 0.25])
+    pred = np.array([0.21, 0.22, 0.28, 0.25])
+    persistence = np.array([0.19, np.nan, 0.30, 0.27])  # the second contract is new today
+    base = np.array([0.19, 0.26, 0.30, 0.27])  # ... and falls back to the previous surface
+    m = split_metrics("val", pred, true, persistence, base)
+    assert m["val/rmse"] == pytest.approx(np.sqrt((1 + 0 + 4 + 0) / 4))  # vol points
+    assert m["val/mae"] == pytest.approx((1 + 0 + 2 + 0) / 4)
+    assert m["val/baseline_rmse"] == pytest.approx(np.sqrt((1 + 16 + 0 + 4) / 4))
+    assert m["val/persistence_rmse"] == pytest.approx(np.sqrt((1 + 0 + 4) / 3))
+    assert m["val/matched_rmse"] == pytest.approx(np.sqrt((1 + 4 + 0) / 3))
+    ss_tot = np.sum((true - true.mean()) ** 2) * 1e4
+    assert m["val/r2"] == pytest.approx(1 - 5 / ss_tot)
+    table = format_table(m | {f"test/{k[4:]}": v for k, v in m.items()}, {"val": (4, 3), "test": (4, 3)})
+    assert "prev. quoted" in table and f"{m['val/baseline_rmse']:.3f}" in table
