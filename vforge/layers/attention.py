@@ -2,7 +2,8 @@
 
 Every attention takes ``(x_q, x_kv=None)``: self-attention when ``x_kv`` is None, cross-attention otherwise (the
 queries attend over ``x_kv``; FT-Transformer's last block uses it to let only the CLS token query all tokens). The
-softmax kinds run on ``F.scaled_dot_product_attention``.
+softmax kinds share ``attend``: ``F.scaled_dot_product_attention`` for sequences of ``SDPA_MIN_TOKENS`` or more,
+explicit matmuls below (see there why; tests check the two paths agree).
 """
 
 from __future__ import annotations
