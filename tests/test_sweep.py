@@ -310,3 +310,17 @@ def test_the_grid_sampler_visits_every_point_once(tmp_path):
                            params={"a": "choice(1, 2, 3)", "b": "range(0, 1)"})
     sweeper.sweep([])
     assert sorted(seen) == [(a, b) for a in (1, 2, 3) for b in (0, 1)]
+
+
+def extend_space(cfg, trial):
+    """A ``custom_search_space`` hook: a conditional parameter the override grammar cannot express."""
+    if trial.params["x"] > 0.5:
+        trial.suggest_int("depth", 1, 3)
+
+
+def test_custom_search_space_adds_define_by_run_params(tmp_path):
+    seen = []
+    sweeper = make_sweeper(tmp_path, lambda v: seen.append(dict(v)) or v["x"], n_trials=6,
+                           custom_search_space="tests.test_sweep.extend_space")
+    sweeper.sweep([])
+    assert all(("depth" in v) == (v["x"] > 0.5) for v in seen) and any("depth" in v for v in seen)
