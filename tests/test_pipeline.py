@@ -48,15 +48,16 @@ def test_persistence_is_the_previous_present_date_of_the_same_contract():
     assert seen == len(chain) - 3 - 1
     assert n_dropped(ds.report) >= 1
 
+    # The change target is added back onto the base: levels come out exactly.
+    level = ds.to_level(ds.test.y.numpy(), ds.test)
+    np.testing.assert_allclose(level, ds.test.iv, atol=1e-6)
+
 
 def n_dropped(report) -> int:
     """All counts under report keys that mention dropping, however nested."""
     if isinstance(report, dict):
         return sum(v if isinstance(v, int) and "drop" in k else n_dropped(v) for k, v in report.items())
     return 0
-    # The change target is added back onto the base: levels come out exactly.
-    level = ds.to_level(ds.test.y.numpy(), ds.test)
-    np.testing.assert_allclose(level, ds.test.iv, atol=1e-6)
 
 
 def test_gap_days_counts_calendar_days_to_the_previous_date():

@@ -86,8 +86,8 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
         g = lambda k, s=s: metrics.get(f"{s}/{k}", float("nan"))  # noqa: E731
         n_all, n_prev = rows[s]
         for label, n, model, base in (("all", n_all, "", "baseline_"), ("prev. quoted", n_prev, "matched_", "persistence_")):
-            vals = lambda prefix: "".join(f"{g(prefix + m):>7.3f}" for m in METRICS)  # noqa: E731
-            lines.append(f"{s:<5} {label:<13}{n:>7}{vals(model)}   {vals(base)}")
+            vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, base)]
+            lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}")
     return "\n".join(lines) + (
         "\nerrors in vol points (IV x 100). baseline: the contract's IV on the previous quote date (persistence);"
         "\non 'all' rows, the previous surface stands in for contracts not quoted then."
