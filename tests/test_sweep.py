@@ -324,3 +324,17 @@ def test_custom_search_space_adds_define_by_run_params(tmp_path):
                            custom_search_space="tests.test_sweep.extend_space")
     sweeper.sweep([])
     assert all(("depth" in v) == (v["x"] > 0.5) for v in seen) and any("depth" in v for v in seen)
+
+
+@pytest.mark.slow
+def test_a_trial_whose_heartbeat_stops_is_failed_as_stale(tmp_path):
+    import time
+
+    study = S.create_study(f"sqlite:///{tmp_path}/hb.db", "hb", ["minimize"], heartbeat_interval=1, grace_period=1)
+    trial = study.ask({"x": FloatDistribution(0, 1)})
+    study._storage.record_heartbeat(trial._trial_id)  # what PruningCallback does every epoch
+    time.sleep(2.5)
+    assert S.fail_stale_trials(study) == [trial.number]
+    first, retry = study.get_trials()
+    assert first.state == TrialState.FAIL and first.user_attrs[S.ATTR_STALE]
+    assert retry.state == TrialState.WAITING and retry.user_attrs[S.ATTR_RETRY_OF] == first.number

@@ -164,7 +164,9 @@ class OptunaSweeperConf:
     n_jobs: int = 1
     max_failure_rate: float = 0.0
     timeout: float | None = None          # seconds; no new trial is asked for after it
-    heartbeat_interval: int | None = None  # RDB storages: mark trials of dead workers failed (seconds)
+    # RDB storages: a trial whose job sent no heartbeat (one per epoch) for grace_period seconds is failed as stale
+    # by the next sweep on the study and retried; grace_period must exceed the longest epoch
+    heartbeat_interval: int | None = None
     grace_period: int | None = None
     search_space: Any = None               # the official plugin's deprecated form: rejected with a hint
     params: dict[str, str] | None = None

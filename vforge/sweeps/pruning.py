@@ -68,6 +68,8 @@ def pruning_callback_from_env(output_dir: str | None = None) -> PruningCallback 
         return None
     if output_dir is not None:
         trial.set_user_attr("output_dir", str(output_dir))
+    if hasattr(trial.study._storage, "record_heartbeat"):  # alive from the start, then every epoch
+        trial.study._storage.record_heartbeat(trial._trial_id)
     log.info("reporting to Optuna trial %d of study %r", trial.number, trial.study.study_name)
     return PruningCallback(trial)
 

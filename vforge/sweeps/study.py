@@ -130,19 +130,20 @@ def fail_stale_trials(study: optuna.Study, *, retry: bool = True) -> list[int]:
     not count toward ``n_trials``. Returns the stale trial numbers.
     """
     stale: list[int] = []
-    if getattr(study._storage, "is_heartbeat_enabled", lambda: False)():
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        stale += sorted(before - after)
-        for t in study.get_trials(deepcopy=False):
-            if t.number in stale:
-                study._storage.set_trial_user_attr(t._trial_id, ATTR_STALE, True)
+    storage = study._storage
+    # heartbeats: the storage's own staleness test (optuna.storages.fail_stale_trials applies the same one, but a
+    # trial can no longer be tagged once it is failed, so tag first, then fail)
+    stale_ids = set(storage._get_stale_trial_ids(study._study_id)) if getattr(
+        storage, "get_heartbeat_interval", lambda: None)() else set()
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if t.user_attrs.get(ATTR_HOST) == host and not _pid_alive(int(t.user_attrs.get(ATTR_PID, 0)) or 0):
-            study._storage.set_trial_user_attr(t._trial_id, ATTR_STALE, True)
-            study.tell(t.number, state=TrialState.FAIL)
+        dead = t.user_attrs.get(ATTR_HOST) == host and not _pid_alive(int(t.user_attrs.get(ATTR_PID, 0)) or 0)
+        if t._trial_id in stale_ids or dead:
+            try:
+                storage.set_trial_user_attr(t._trial_id, ATTR_STALE, True)
+                study.tell(t.number, state=TrialState.FAIL)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue  # another worker got there first (or the trial just finished)
             stale.append(t.number)
     if retry:
         for t in study.get_trials(deepcopy=False):

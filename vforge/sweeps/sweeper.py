@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ from vforge.sweeps import study as S
 from vforge.sweeps.search_space import format_value, grid_search_space, parse_params, quote, suggest
 
 log = logging.getLogger(__name__)
+# our jobs send the heartbeats (one per epoch, vforge/sweeps/pruning.py), so ask/tell with a heartbeat is intended
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def _directions(direction: Any) -> list[str]:
@@ -130,7 +133,8 @@ class StudySweeper(Sweeper):
         pruner, self.pruner_plain = self._pruner()
         study = S.create_study(self.storage_url, study_name, directions, sampler=self._sampler(space), pruner=pruner,
                                heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
-        stale = S.fail_stale_trials(study)
+        with S.file_lock(S._local_file(self.storage_url)):  # two workers starting together fail a trial once
+            stale = S.fail_stale_trials(study)
         if stale and self.parent is not None:
             for n in stale:
                 self.parent.mark_child(n, "STALE")
