@@ -285,7 +285,8 @@ class OptunaSweeperImpl(StudySweeper):
                 log.info("the grid has %d points: n_trials %d -> %d", n_grid, self.n_trials, n_grid)
                 self.n_trials = n_grid
         n_before = S.n_counted(study)
-        log.info("study %r in %s: %d of %d trials already there; sampler %s, pruner %s, %d job(s) at a time",
+        log.info("study %r in %s: %d of %d trials already done, running or queued; sampler %s, pruner %s, %d job(s) "
+                 "at a time",
                  study.study_name, self.storage_url, n_before, self.n_trials, type(study.sampler).__name__,
                  type(study.pruner).__name__, self.n_jobs)
         self._start_parent(study, f"sweep-{study.study_name}", {
