@@ -139,3 +139,19 @@ def test_automl_says_how_to_choose_models_and_budgets():
         automl_sweeper().sweep(["model=resnet"])
     with pytest.raises(ValueError, match=r"Edit conf/hparams_search/<model>.yaml"):
         automl_sweeper().sweep(["model.d_block=choice(8,16)"])
+
+
+def test_the_automl_experiment_composes_with_the_automl_sweeper():
+    from hydra import compose, initialize_config_dir
+
+    from .conftest import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=automl", "hydra.sweeper.models=[mlp,tabm]"],
+                      return_hydra_config=True)
+    sw = cfg.hydra.sweeper
+    assert sw._target_.endswith("AutoMLSweeper") and list(sw.models) == ["mlp", "tabm"]
+    assert sw.sampler._target_.endswith("TPESampler") and sw.pruner.n_startup_trials == 2
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.optimized_metric == "val/rmse"
+    for model in sw.models:  # every model it names has a search space
+        assert model_search_params(model)
