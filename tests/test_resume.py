@@ -115,7 +115,8 @@ def test_resumed_run_continues_the_same_mlflow_run(make_cfg, mlflow_uri):
     assert sorted(steps) == [0, 1, 2]
 
 
-@pytest.mark.slow
+# Deliberately in the fast suite although it takes a few seconds (two subprocesses): crash safety is
+# the promise of checkpoints, so every test run proves it.
 def test_sigkill_mid_epoch_then_resume_gives_the_same_final_metrics(make_cfg, cache_dir, tmp_path):
     reference = train(make_cfg(*RUN))
     run_dir = tmp_path / "killed"
