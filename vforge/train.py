@@ -94,7 +94,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
                      "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target,
                      "d_out": loss_fn.d_out, "output_index": getattr(loss_fn, "median", 0),
-                     "quantiles": getattr(loss_fn, "quantiles", None)}, checkpoint)
+                     "quantiles": getattr(loss_fn, "quantiles", None),
+                     "cat_cardinalities": data.cat_cardinalities}, checkpoint)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if logger:
             logger.log_metrics(metrics)

@@ -190,7 +190,7 @@ class CLSToken(nn.Module):
         self.weight = nn.Parameter(_uniform_(torch.empty(d_embedding), d_embedding))
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.cat([self.weight.expand(len(x), 1, -1), x], dim=1)
+        return torch.cat([self.weight.expand(x.shape[0], 1, -1), x], dim=1)  # shape[0], not len(): traceable by export
 
 
 class FeatureTokenizer(nn.Module):
