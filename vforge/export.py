@@ -95,8 +95,11 @@ def sample_inputs(ckpt: dict, n: int, spread: float = 1.0, seed: int = 0) -> tup
 
 
 def export_onnx(serving: Serving, example: tuple[Tensor, Tensor], path: Path, opset: int, meta: dict) -> Callable:
-    import onnx
-    import onnxruntime as ort
+    try:
+        import onnx
+        import onnxruntime as ort
+    except ImportError as e:
+        raise ImportError(f"format=onnx needs onnx and onnxruntime ({e}); install them with pip install -e '.[export]'") from e
 
     with warnings.catch_warnings():  # the legacy exporter's deprecation and tracer warnings: the parity check decides
         warnings.simplefilter("ignore")
