@@ -1,0 +1,93 @@
+"""Predicting from raw chain rows reproduces, row for row, what the run's test metrics measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, open_dict
+
+from vforge.data.synthetic import cached_chain
+from vforge.export import load_serving
+from vforge.predict import predict
+from vforge.train import train
+
+from .conftest import CONF_DIR, TINY_DATA
+
+
+def raw_synthetic_chain(cfg) -> pd.DataFrame:
+    keys = ("seed", "n_days", "spot0", "rate", "dividend_yield", "heston", "jumps", "listing", "quotes")
+    params = OmegaConf.to_container(cfg.data, resolve=True)
+    return cached_chain(params["cache_dir"], **{k: params[k] for k in keys})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, cache_dir):
+    """One tiny run for the module (composed like ``make_cfg``, which is function-scoped)."""
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=fast", "logger=none", *TINY_DATA],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.output_dir = str(tmp_path_factory.mktemp("run"))
+        cfg.data.cache_dir = str(cache_dir)
+    train(cfg)
+    return cfg
+
+
+def test_predict_matches_the_test_split_row_for_row(trained, tmp_path):
+    cfg = trained
+    ds = instantiate(cfg.data, _convert_="all")
+    date = ds.test.rows["quote_date"].min()
+    raw = raw_synthetic_chain(cfg)
+    path = tmp_path / "chain.csv"
+    raw[raw["quote_date"] <= date].to_csv(path, index=False)  # history up to the date, nothing after it
+    out = predict(OmegaConf.create({"run": cfg.output_dir, "input": str(path), "output": None, "date": None}))
+    assert Path(str(path).replace(".csv", ".iv.csv")).is_file()
+    assert (out["quote_date"] == date).all() and len(out) > 0
+
+    serving, _ = load_serving(Path(cfg.output_dir) / "model.pt")
+    on_date = (ds.test.rows["quote_date"] == date).to_numpy()
+    with torch.inference_mode():
+        raw_out = serving.model(ds.test.x_num[on_date.copy()], None)[:, 0].numpy()
+    # Dataset.to_level on the test split's own rows of that date: what test/rmse scored.
+    expected = ds.test.rows[on_date].copy()
+    expected["expected"] = raw_out * ds.y_scale + ds.y_center + (ds.test.base[on_date] if ds.target == "change" else 0)
+    expected["expiry"] = pd.to_datetime(expected["expiry"])
+    out["expiry"] = pd.to_datetime(out["expiry"])
+    both = out.merge(expected, on=["expiry", "strike", "option_type"])
+    assert len(both) == on_date.sum()  # every contract the test split scored on that date is predicted
+    np.testing.assert_allclose(both["implied_volatility"], both["expected"], atol=2e-6)
+
+
+def test_predict_needs_the_previous_date(trained, tmp_path):
+    raw = raw_synthetic_chain(trained)
+    path = tmp_path / "one_day.csv"
+    raw[raw["quote_date"] == raw["quote_date"].max()].to_csv(path, index=False)
+    with pytest.raises(ValueError, match="needs the previous date's chain"):
+        predict(OmegaConf.create({"run": trained.output_dir, "input": str(path), "output": None, "date": None}))
+
+
+def test_unquoted_contracts_are_re_marked_too(trained, tmp_path):
+    raw = raw_synthetic_chain(trained)
+    last = raw["quote_date"].max()
+    chain = raw[raw["quote_date"] >= raw["quote_date"].unique()[-3]].copy()
+    today = (chain["quote_date"] == last) & (chain["bid"] > 0)
+    unquoted = today & (np.arange(len(chain)) % 2 == 0)
+    chain.loc[unquoted, ["bid", "ask"]] = np.nan  # listed, but no quote today
+    path = tmp_path / "partly_quoted.parquet"
+    chain.to_parquet(path)
+    out = predict(OmegaConf.create({"run": trained.output_dir, "input": str(path), "output": str(tmp_path / "iv.parquet"),
+                                    "date": None}))
+    keys = ["expiry", "strike", "option_type"]
+    got = out.merge(chain.loc[unquoted, keys], on=keys)
+    assert len(got) > 0.9 * unquoted.sum()  # all but those the previous surface cannot reach
+    assert np.isfinite(got["implied_volatility"]).all() and (got["implied_volatility"] > 0).all()
+    assert pd.read_parquet(tmp_path / "iv.parquet").shape == out.shape
