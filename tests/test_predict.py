@@ -91,3 +91,20 @@ def test_unquoted_contracts_are_re_marked_too(trained, tmp_path):
     assert len(got) > 0.9 * unquoted.sum()  # all but those the previous surface cannot reach
     assert np.isfinite(got["implied_volatility"]).all() and (got["implied_volatility"] > 0).all()
     assert pd.read_parquet(tmp_path / "iv.parquet").shape == out.shape
+
+
+def test_an_mlflow_run_id_predicts_like_its_folder(make_cfg, mlflow_uri, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-predict")
+    train(cfg)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test-predict").experiment_id])
+    raw = raw_synthetic_chain(cfg)
+    path = tmp_path / "chain.csv"
+    raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].to_csv(path, index=False)
+    ask = lambda run_ref: predict(OmegaConf.create({"run": run_ref, "input": str(path), "date": None,  # noqa: E731
+                                                    "output": str(tmp_path / "iv.csv"), "tracking_uri": mlflow_uri}))
+    from_mlflow, from_folder = ask(f"runs:/{run.info.run_id}"), ask(cfg.output_dir)
+    pd.testing.assert_frame_equal(from_mlflow, from_folder)
+    with pytest.raises(FileNotFoundError, match="could not fetch model/model.pt"):
+        ask("runs:/0123456789abcdef0123456789abcdef")

@@ -53,8 +53,19 @@ class Serving(nn.Module):
         return level + base if self.change else level + torch.zeros_like(base)
 
 
-def resolve_checkpoint(run: str | Path) -> Path:
-    """``run`` (a run folder or a model.pt) -> the model.pt path."""
+def resolve_checkpoint(run: str | Path, tracking_uri: str | None = None) -> Path:
+    """``run`` -> a local model.pt path. ``run`` is a run folder, a model.pt, or an MLflow run as ``runs:/<run_id>``
+    (its logged ``model/model.pt`` is downloaded; ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` says where)."""
+    if str(run).startswith("runs:/"):
+        import mlflow
+
+        run_id = str(run).removeprefix("runs:/").strip("/").split("/")[0]
+        try:
+            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.pt",
+                                                            tracking_uri=tracking_uri))
+        except Exception as e:  # MLflow raises several types for a missing run or artifact
+            raise FileNotFoundError(f"run={run!r}: could not fetch model/model.pt from MLflow at "
+                                    f"{tracking_uri or mlflow.get_tracking_uri()} ({e})") from e
     path = Path(run)
     if path.is_dir():
         if not (path / "model.pt").is_file():
@@ -63,7 +74,8 @@ def resolve_checkpoint(run: str | Path) -> Path:
                 "folder (outputs/runs/<time>_<model>); pass that folder or the model.pt itself")
         return path / "model.pt"
     if not path.is_file():
-        raise FileNotFoundError(f"run={str(run)!r} does not exist; pass a training run's folder or its model.pt")
+        raise FileNotFoundError(f"run={str(run)!r} does not exist; pass a training run's folder, its model.pt or "
+                                "runs:/<mlflow run id>")
     return path
 
 
@@ -175,7 +187,7 @@ def export(cfg: DictConfig) -> dict:
     """Export ``cfg.run``'s model as ``cfg.format``; return the report (path, parity in vol points, size, latencies)."""
     if cfg.format not in FORMATS:
         raise ValueError(f"format={cfg.format!r} is not an export format; valid: {', '.join(FORMATS)}")
-    checkpoint = resolve_checkpoint(cfg.run)
+    checkpoint = resolve_checkpoint(cfg.run, cfg.get("tracking_uri"))
     serving, ckpt = load_serving(checkpoint)
     out = Path(cfg.output) if cfg.output else checkpoint.parent / FORMATS[cfg.format]
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -75,7 +75,7 @@ def chain_rows(raw: pd.DataFrame, data_cfg: dict, date: str | None, report: dict
 
 def predict(cfg: DictConfig) -> pd.DataFrame:
     """Predicted IV levels (decimal) for one quote date of ``cfg.input``, written to ``cfg.output``."""
-    serving, ckpt = load_serving(resolve_checkpoint(cfg.run))
+    serving, ckpt = load_serving(resolve_checkpoint(cfg.run, cfg.get("tracking_uri")))
     data_cfg = ckpt["config"]["data"]
     if data_cfg.get("horizon", 0) != 0:
         raise ValueError(f"predict re-marks a quote date (data.horizon=0); {cfg.run} was trained with "
