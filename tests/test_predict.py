@@ -108,3 +108,19 @@ def test_an_mlflow_run_id_predicts_like_its_folder(make_cfg, mlflow_uri, tmp_pat
     pd.testing.assert_frame_equal(from_mlflow, from_folder)
     with pytest.raises(FileNotFoundError, match="could not fetch model/model.pt"):
         ask("runs:/0123456789abcdef0123456789abcdef")
+
+
+def test_a_registered_model_predicts_from_raw_rows(make_cfg, mlflow_uri, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-registry",
+                   "logger.registered_model=vforge-test-iv")
+    train(cfg)
+    (version,) = [v.version for v in mlflow.MlflowClient(tracking_uri=mlflow_uri).search_model_versions(
+        "name='vforge-test-iv'")]
+    raw = raw_synthetic_chain(cfg)
+    path = tmp_path / "chain.csv"
+    raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].to_csv(path, index=False)
+    ask = lambda run_ref: predict(OmegaConf.create({"run": run_ref, "input": str(path), "date": None,  # noqa: E731
+                                                    "output": str(tmp_path / "iv.csv"), "tracking_uri": mlflow_uri}))
+    registered, folder = ask(f"models:/vforge-test-iv/{version}"), ask(cfg.output_dir)
+    pd.testing.assert_frame_equal(registered.reset_index(drop=True), folder, check_dtype=False)

@@ -73,15 +73,15 @@ def chain_rows(raw: pd.DataFrame, data_cfg: dict, date: str | None, report: dict
     return rows
 
 
-def predict(cfg: DictConfig) -> pd.DataFrame:
-    """Predicted IV levels (decimal) for one quote date of ``cfg.input``, written to ``cfg.output``."""
-    serving, ckpt = load_serving(resolve_checkpoint(cfg.run, cfg.get("tracking_uri")))
+def predict_frame(serving: torch.nn.Module, ckpt: dict, raw: pd.DataFrame, date: str | None = None
+                  ) -> tuple[pd.DataFrame, dict]:
+    """Raw chain rows -> ``(predictions, report)``: IV levels (decimal) for the contracts of one quote date."""
     data_cfg = ckpt["config"]["data"]
     if data_cfg.get("horizon", 0) != 0:
-        raise ValueError(f"predict re-marks a quote date (data.horizon=0); {cfg.run} was trained with "
+        raise ValueError(f"predict re-marks a quote date (data.horizon=0); this model was trained with "
                          f"data.horizon={data_cfg['horizon']}")
     report: dict = {}
-    rows = chain_rows(read_table(cfg.input), data_cfg, cfg.date, report)
+    rows = chain_rows(raw, data_cfg, date, report)
     features = ckpt["feature_names"]
     ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
     rows = rows[ok].reset_index(drop=True)
@@ -90,13 +90,33 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
                      torch.as_tensor(rows["base"].to_numpy(np.float32))).numpy()
     out = rows[["quote_date", *CONTRACT, "underlying_price"]].assign(
         implied_volatility=iv.astype(np.float64), baseline=rows["base"], new_contract=rows["prev_iv_missing"] > 0)
+    return out, report
+
+
+def predict(cfg: DictConfig) -> pd.DataFrame:
+    """Predicted IV levels (decimal) for one quote date of ``cfg.input``, written to ``cfg.output``.
+
+    ``cfg.run`` is a run folder, a model.pt, ``runs:/<id>``, or a registered model ``models:/<name>@<alias>``
+    (``models:/<name>/<version>``), which is loaded as the MLflow pyfunc model that training registered.
+    """
+    raw = read_table(cfg.input)
+    if str(cfg.run).startswith("models:/"):
+        import mlflow
+
+        if cfg.get("tracking_uri"):
+            mlflow.set_tracking_uri(cfg.tracking_uri)
+        out = mlflow.pyfunc.load_model(str(cfg.run)).predict(raw, params={"date": cfg.date} if cfg.date else None)
+        report: dict = {}
+    else:
+        serving, ckpt = load_serving(resolve_checkpoint(cfg.run, cfg.get("tracking_uri")))
+        out, report = predict_frame(serving, ckpt, raw, cfg.date)
     output = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(".iv.csv")
     output.parent.mkdir(parents=True, exist_ok=True)
     out.to_parquet(output, index=False) if output.suffix == ".parquet" else out.to_csv(output, index=False)
     dropped = {k: v for k, v in report.get("dropped", {}).items() if v}
     log.info("%d contracts re-marked on %s -> %s (%d without a previous quote; dropped: %s)", len(out),
-             out["quote_date"].iloc[0].date() if len(out) else "-", output, int(out["new_contract"].sum()),
-             dropped or "none")
+             pd.Timestamp(out["quote_date"].iloc[0]).date() if len(out) else "-", output,
+             int(out["new_contract"].sum()), dropped or "none")
     return out
 
 

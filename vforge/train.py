@@ -99,7 +99,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if logger:
             logger.log_metrics(metrics)
-            logger.log_artifact(checkpoint, "model")
+            logger.log_checkpoint(checkpoint)
         status = "FINISHED"
         return metrics
     except BaseException as e:

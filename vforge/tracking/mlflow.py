@@ -33,7 +33,9 @@ class MLflowLogger:
         log_model: log the trained model checkpoint as an artifact.
     """
 
-    def __init__(self, *, tracking_uri: str, experiment: str, log_model: bool = True) -> None:
+    def __init__(self, *, tracking_uri: str, experiment: str, log_model: bool = True,
+                 registered_model: str | None = None) -> None:
+        self.registered_model = registered_model
         self.tracking_uri = tracking_uri
         self.experiment = experiment
         self.log_model = log_model
@@ -79,6 +81,18 @@ class MLflowLogger:
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         if self.log_model or artifact_path != "model":
             self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_checkpoint(self, checkpoint: str | Path) -> None:
+        """The trained model: its model.pt as ``model/model.pt``; with ``registered_model`` also a pyfunc model
+        (``chain_model``) that predicts from raw chain rows, registered under that name."""
+        if not self.log_model:
+            return
+        self._mlflow.log_artifact(str(checkpoint), "model")
+        if self.registered_model:
+            from vforge.tracking.registry import log_chain_model
+
+            uri = log_chain_model(checkpoint, self.registered_model)
+            log.info("registered %s as MLflow model %r", uri, self.registered_model)
 
     def end(self, status: str = "FINISHED") -> None:
         if self.run_id is not None:
