@@ -26,15 +26,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
-from vforge.training.loop import predict  # noqa: E402
-from vforge.training.metrics import VOL_POINTS  # noqa: E402
+from vforge.training.loop import val_rmse  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 REFERENCED = ("mlp", "resnet", "ft_transformer")
@@ -142,11 +140,6 @@ def latency_ms(model: nn.Module, data, rows: int, repeats: int) -> float:
     return statistics.median(times) * 1000
 
 
-def val_rmse(model: nn.Module, data) -> float:
-    level = data.to_level(predict(model, data.val, 8192), data.val)
-    return float(np.sqrt(np.mean((level - data.val.iv) ** 2)) * VOL_POINTS)
-
-
 def bench(name: str, args, data, cfg: DictConfig) -> list[dict]:
     torch.manual_seed(args.seed)
     ours = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
@@ -171,7 +164,7 @@ def bench(name: str, args, data, cfg: DictConfig) -> list[dict]:
             "memory_mb": trainers[label].memory_mb(),
             "latency_1_ms": latency_ms(model, data, 1, 200),
             "latency_4096_ms": latency_ms(model, data, 4096, 5),
-            "val_rmse": val_rmse(model, data),
+            "val_rmse": val_rmse(model, data, 8192),
         })
     if len(rows) == 2:
         ratio = rows[0]["median_chunk_s"] / rows[1]["median_chunk_s"]

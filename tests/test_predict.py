@@ -27,6 +27,18 @@ def raw_synthetic_chain(cfg) -> pd.DataFrame:
     return cached_chain(params["cache_dir"], **{k: params[k] for k in keys})
 
 
+def run_predict(run, path, output=None, tracking_uri=None) -> pd.DataFrame:
+    """``python -m vforge.predict run=... input=path`` in process."""
+    return predict(OmegaConf.create({"run": str(run), "input": str(path), "output": None if output is None else str(output),
+                                     "date": None, "tracking_uri": tracking_uri}))
+
+
+def last_two_dates(cfg, path) -> None:
+    """Write the raw synthetic chain's last two quote dates (the previous surface and the date to re-mark)."""
+    raw = raw_synthetic_chain(cfg)
+    raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].to_csv(path, index=False)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir):
     """One tiny run for the module (composed like ``make_cfg``, which is function-scoped)."""
@@ -49,7 +61,7 @@ def test_predict_matches_the_test_split_row_for_row(trained, tmp_path):
     raw = raw_synthetic_chain(cfg)
     path = tmp_path / "chain.csv"
     raw[raw["quote_date"] <= date].to_csv(path, index=False)  # history up to the date, nothing after it
-    out = predict(OmegaConf.create({"run": cfg.output_dir, "input": str(path), "output": None, "date": None}))
+    out = run_predict(cfg.output_dir, path)
     assert Path(str(path).replace(".csv", ".iv.csv")).is_file()
     assert (out["quote_date"] == date).all() and len(out) > 0
 
@@ -72,7 +84,7 @@ def test_predict_needs_the_previous_date(trained, tmp_path):
     path = tmp_path / "one_day.csv"
     raw[raw["quote_date"] == raw["quote_date"].max()].to_csv(path, index=False)
     with pytest.raises(ValueError, match="needs the previous date's chain"):
-        predict(OmegaConf.create({"run": trained.output_dir, "input": str(path), "output": None, "date": None}))
+        run_predict(trained.output_dir, path)
 
 
 def test_unquoted_contracts_are_re_marked_too(trained, tmp_path):
@@ -84,8 +96,7 @@ def test_unquoted_contracts_are_re_marked_too(trained, tmp_path):
     chain.loc[unquoted, ["bid", "ask"]] = np.nan  # listed, but no quote today
     path = tmp_path / "partly_quoted.parquet"
     chain.to_parquet(path)
-    out = predict(OmegaConf.create({"run": trained.output_dir, "input": str(path), "output": str(tmp_path / "iv.parquet"),
-                                    "date": None}))
+    out = run_predict(trained.output_dir, path, output=tmp_path / "iv.parquet")
     keys = ["expiry", "strike", "option_type"]
     got = out.merge(chain.loc[unquoted, keys], on=keys)
     assert len(got) > 0.9 * unquoted.sum()  # all but those the previous surface cannot reach
@@ -99,11 +110,9 @@ def test_an_mlflow_run_id_predicts_like_its_folder(make_cfg, mlflow_uri, tmp_pat
     train(cfg)
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     (run,) = client.search_runs([client.get_experiment_by_name("test-predict").experiment_id])
-    raw = raw_synthetic_chain(cfg)
     path = tmp_path / "chain.csv"
-    raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].to_csv(path, index=False)
-    ask = lambda run_ref: predict(OmegaConf.create({"run": run_ref, "input": str(path), "date": None,  # noqa: E731
-                                                    "output": str(tmp_path / "iv.csv"), "tracking_uri": mlflow_uri}))
+    last_two_dates(cfg, path)
+    ask = lambda run_ref: run_predict(run_ref, path, tmp_path / "iv.csv", mlflow_uri)  # noqa: E731
     from_mlflow, from_folder = ask(f"runs:/{run.info.run_id}"), ask(cfg.output_dir)
     pd.testing.assert_frame_equal(from_mlflow, from_folder)
     with pytest.raises(FileNotFoundError, match="could not fetch model/model.pt"):
@@ -117,10 +126,8 @@ def test_a_registered_model_predicts_from_raw_rows(make_cfg, mlflow_uri, tmp_pat
     train(cfg)
     (version,) = [v.version for v in mlflow.MlflowClient(tracking_uri=mlflow_uri).search_model_versions(
         "name='vforge-test-iv'")]
-    raw = raw_synthetic_chain(cfg)
     path = tmp_path / "chain.csv"
-    raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].to_csv(path, index=False)
-    ask = lambda run_ref: predict(OmegaConf.create({"run": run_ref, "input": str(path), "date": None,  # noqa: E731
-                                                    "output": str(tmp_path / "iv.csv"), "tracking_uri": mlflow_uri}))
+    last_two_dates(cfg, path)
+    ask = lambda run_ref: run_predict(run_ref, path, tmp_path / "iv.csv", mlflow_uri)  # noqa: E731
     registered, folder = ask(f"models:/vforge-test-iv/{version}"), ask(cfg.output_dir)
     pd.testing.assert_frame_equal(registered.reset_index(drop=True), folder, check_dtype=False)

@@ -37,3 +37,10 @@ def test_train_records_an_mlflow_run(make_cfg, mlflow_uri):
 def test_bad_optimized_metric_names_the_fix(make_cfg):
     with pytest.raises(ValueError, match=r"optimized_metric='val/rsme' is not logged.*val/rmse"):
         train(make_cfg("optimized_metric=val/rsme"))
+
+
+def test_registering_a_model_that_is_not_logged_is_refused():
+    from vforge.tracking.mlflow import MLflowLogger
+
+    with pytest.raises(ValueError, match=r"registered_model='iv' needs logger.log_model=true"):
+        MLflowLogger(tracking_uri="sqlite:///unused.db", experiment="x", log_model=False, registered_model="iv")

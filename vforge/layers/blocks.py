@@ -9,6 +9,14 @@ from vforge.layers.activations import get_activation, glu_factor
 from vforge.layers.norms import LayerScale, get_norm
 
 
+def check_transformer_sizes(*, n_blocks: int, d_block: int, attention_n_heads: int) -> None:
+    """The size rules of every transformer-family model, checked at the top of its ``__init__``."""
+    if n_blocks < 1:
+        raise ValueError(f"n_blocks must be >= 1, got {n_blocks=}")
+    if d_block % attention_n_heads:
+        raise ValueError(f"d_block must be a multiple of attention_n_heads, got {d_block=}, {attention_n_heads=}")
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drop a whole residual branch per row with probability ``p`` and rescale the kept ones by
     1 / (1 - p) (Huang et al. 2016, https://arxiv.org/abs/1603.09382). Identity in eval mode.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vforge.layers.attention import MultiHeadAttention
-from vforge.layers.blocks import TransformerBlock
+from vforge.layers.blocks import TransformerBlock, check_transformer_sizes
 from vforge.layers.embeddings import FeatureTokenizer
 from vforge.layers.norms import get_norm
 
@@ -55,10 +55,7 @@ class SAINT(nn.Module):
                  residual_dropout: float, intersample: bool = True, num_embeddings: str = "linear",
                  num_embeddings_options: dict | None = None) -> None:
         super().__init__()
-        if n_blocks < 1:
-            raise ValueError(f"n_blocks must be >= 1, got {n_blocks=}")
-        if d_block % attention_n_heads:
-            raise ValueError(f"d_block must be a multiple of attention_n_heads, got {d_block=}, {attention_n_heads=}")
+        check_transformer_sizes(n_blocks=n_blocks, d_block=d_block, attention_n_heads=attention_n_heads)
         self.tokenizer = FeatureTokenizer(n_num, cat_cardinalities, d_block, num_embeddings=num_embeddings,
                                           num_embeddings_options=num_embeddings_options)
         n_tokens = self.tokenizer.n_tokens

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from vforge.layers.attention import get_attention
-from vforge.layers.blocks import TransformerBackbone
+from vforge.layers.blocks import TransformerBackbone, check_transformer_sizes
 from vforge.layers.embeddings import FeatureTokenizer
 from vforge.layers.norms import get_norm
 
@@ -42,10 +42,7 @@ class Transformer(nn.Module):
                  layer_scale_init: float | None = None, num_embeddings: str = "linear",
                  num_embeddings_options: dict | None = None) -> None:
         super().__init__()
-        if n_blocks < 1:
-            raise ValueError(f"n_blocks must be >= 1, got {n_blocks=}")
-        if d_block % attention_n_heads:
-            raise ValueError(f"d_block must be a multiple of attention_n_heads, got {d_block=}, {attention_n_heads=}")
+        check_transformer_sizes(n_blocks=n_blocks, d_block=d_block, attention_n_heads=attention_n_heads)
         self.tokenizer = FeatureTokenizer(n_num, cat_cardinalities, d_block, num_embeddings=num_embeddings,
                                           num_embeddings_options=num_embeddings_options)
         options = dict(d_embedding=d_block, n_heads=attention_n_heads, dropout=attention_dropout,

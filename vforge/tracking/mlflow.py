@@ -31,10 +31,14 @@ class MLflowLogger:
         tracking_uri: any MLflow tracking URI; the default config gives an embedded SQLite store.
         experiment: the experiment name; created on first use.
         log_model: log the trained model checkpoint as an artifact.
+        registered_model: also log a pyfunc model that predicts from raw chain rows, registered under this name.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, log_model: bool = True,
                  registered_model: str | None = None) -> None:
+        if registered_model and not log_model:
+            raise ValueError(f"logger.registered_model={registered_model!r} needs logger.log_model=true: "
+                             "a run that logs no model has nothing to register")
         self.registered_model = registered_model
         self.tracking_uri = tracking_uri
         self.experiment = experiment
@@ -74,13 +78,6 @@ class MLflowLogger:
 
     def log_dict(self, d: dict, name: str) -> None:
         self._mlflow.log_dict(d, name)
-
-    def log_text(self, text: str, name: str) -> None:
-        self._mlflow.log_text(text, name)
-
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
-        if self.log_model or artifact_path != "model":
-            self._mlflow.log_artifact(str(path), artifact_path)
 
     def log_checkpoint(self, checkpoint: str | Path) -> None:
         """The trained model: its model.pt as ``model/model.pt``; with ``registered_model`` also a pyfunc model
