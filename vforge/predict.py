@@ -99,16 +99,22 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     ``cfg.run`` is a run folder, a model.pt, ``runs:/<id>``, or a registered model ``models:/<name>@<alias>``
     (``models:/<name>/<version>``), which is loaded as the MLflow pyfunc model that training registered.
     """
-    raw = read_table(cfg.input)
-    if str(cfg.run).startswith("models:/"):
+    registered = str(cfg.run).startswith("models:/")
+    if registered:
         import mlflow
 
         if cfg.get("tracking_uri"):
             mlflow.set_tracking_uri(cfg.tracking_uri)
-        out = mlflow.pyfunc.load_model(str(cfg.run)).predict(raw, params={"date": cfg.date} if cfg.date else None)
-        report: dict = {}
+        model = mlflow.pyfunc.load_model(str(cfg.run))
+        ckpt = model.unwrap_python_model().ckpt
     else:
         serving, ckpt = load_serving(resolve_checkpoint(cfg.run, cfg.get("tracking_uri")))
+    data_cfg = ckpt["config"]["data"]  # the input is read as the run read its training chains
+    raw = read_table(cfg.input, read_options=dict(data_cfg.get("read_options") or {}),
+                     quote_date_from_path=data_cfg.get("quote_date_from_path"))
+    if registered:
+        out, report = model.predict(raw, params={"date": cfg.date} if cfg.date else None), {}
+    else:
         out, report = predict_frame(serving, ckpt, raw, cfg.date)
     output = Path(cfg.output) if cfg.output else Path(cfg.input).with_suffix(".iv.csv")
     output.parent.mkdir(parents=True, exist_ok=True)
