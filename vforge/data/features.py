@@ -196,8 +196,3 @@ def surface_states(chain: pd.DataFrame) -> pd.DataFrame:
         out[i] = surface_at_arrays(arrays[0][sel], arrays[1][sel], arrays[2][sel], qk, qt)
     return pd.DataFrame({"prev_atm_iv": out[:, 0], "prev_skew": (out[:, 1] - out[:, 2]) / (2 * SKEW_K),
                          "prev_term_slope": out[:, 3] - out[:, 0]}, index=dates)
-
-
-def atm_iv_30d(day: pd.DataFrame) -> float:
-    """ATM IV at 30 days from one quote date's surface (rows with option_type, log_moneyness, tau, iv)."""
-    return float(surface_state(day)["prev_atm_iv"])

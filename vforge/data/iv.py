@@ -87,11 +87,6 @@ def bs_delta(forward_, strike, tau, sigma, rate, dividend_yield, is_call):
     return np.where(c > 0, ndtr(d1), -ndtr(-d1)) * np.exp(-q * t)
 
 
-def normalized_otm(x, s):
-    """``b(x, s)`` for ``x <= 0``: the OTM price divided by ``D sqrt(F K)``."""
-    return np.exp(_log_b(x, s))
-
-
 def _log_b(x, s):
     """ln b for x <= 0, s > 0, as ln(e^{x/2} N(d1)) + ln(1 - e^{-x} N(d2) / N(d1)) in log space."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
