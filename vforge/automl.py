@@ -12,8 +12,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from vforge import CONF_DIR
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def job(cfg: DictConfig) -> float:
     """One AutoML trial: exactly what ``vforge.train``'s main does."""
     from vforge.sweeps.pruning import sweep_callbacks
@@ -24,11 +26,17 @@ def job(cfg: DictConfig) -> float:
 
 
 def main() -> None:
+    """``vforge-automl`` / ``python -m vforge.automl``: ``job`` with ``experiment=automl`` unless one is given."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts its thread pool
     if not any(a.lstrip("+").startswith("experiment=") for a in sys.argv[1:]):
-        sys.argv.insert(1, "experiment=automl")
+        sys.argv.append("experiment=automl")  # last: argparse takes Hydra's overrides as one run of positionals
+        # Tab completion (-sc query=bash) composes the words of the line it is given: complete in the AutoML config.
+        line = os.environ.get("COMP_LINE")
+        if line and "experiment=" not in line:
+            app, _, rest = line.lstrip().partition(" ")
+            os.environ["COMP_LINE"] = f"{app} experiment=automl {rest}"
     job()
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     main()

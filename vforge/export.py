@@ -18,6 +18,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
+from vforge import CONF_DIR
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "quantized": "model.quantized.pt"}
@@ -243,7 +245,7 @@ def export(cfg: DictConfig) -> dict:
     return report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="export")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="export")
 def main(cfg: DictConfig) -> None:
     export(cfg)
 

@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 from omegaconf import DictConfig
 
+from vforge import CONF_DIR
 from vforge.data.chain import normalize, read_table
 from vforge.data.dataset import CONTRACT, build_rows
 from vforge.export import load_serving, resolve_checkpoint
@@ -126,7 +127,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     return out
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="predict")
 def main(cfg: DictConfig) -> None:
     predict(cfg)
 

@@ -15,6 +15,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from vforge import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import format_report
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
@@ -112,7 +113,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             logger.end(status)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
     from vforge.sweeps.pruning import sweep_callbacks  # reports to the Optuna trial when a sweep runs this job
 
