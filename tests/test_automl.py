@@ -13,9 +13,9 @@ import pandas as pd
 import pytest
 from hydra.utils import instantiate
 
-from vforge.sweeps import leaderboard as L
+from vforge.evaluation import leaderboard as L
 from vforge.sweeps.automl import model_search_params
-from vforge.sweeps.ensemble import fit_weights
+from vforge.evaluation.ensemble import fit_weights
 from vforge.train import train
 
 from .conftest import TINY_DATA

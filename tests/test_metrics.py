@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vforge.training.metrics import format_table, split_metrics
+from vforge.evaluation.metrics import format_table, split_metrics
 
 
 def test_model_baseline_and_persistence_are_scored_like_for_like():
@@ -18,7 +18,7 @@ def test_model_baseline_and_persistence_are_scored_like_for_like():
     assert m["val/mae"] == pytest.approx((1 + 0 + 2 + 0) / 4)
     assert m["val/baseline_rmse"] == pytest.approx(np.sqrt((1 + 16 + 0 + 4) / 4))
     assert m["val/persistence_rmse"] == pytest.approx(np.sqrt((1 + 0 + 4) / 3))
-    assert m["val/matched_rmse"] == pytest.approx(np.sqrt((1 + 4 + 0) / 3))
+    assert m["val/prev_quoted_rmse"] == pytest.approx(np.sqrt((1 + 4 + 0) / 3))
     ss_tot = np.sum((true - true.mean()) ** 2) * 1e4
     assert m["val/r2"] == pytest.approx(1 - 5 / ss_tot)
     table = format_table(m | {f"test/{k[4:]}": v for k, v in m.items()}, {"val": (4, 3), "test": (4, 3)})
@@ -26,7 +26,7 @@ def test_model_baseline_and_persistence_are_scored_like_for_like():
 
 
 def test_conformal_offset_makes_validation_intervals_cover_the_nominal_share():
-    from vforge.training.metrics import conformal_metrics
+    from vforge.evaluation.metrics import conformal_metrics
 
     rng = np.random.default_rng(0)
     true = 0.2 + 0.01 * rng.standard_normal(2000)

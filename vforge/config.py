@@ -5,14 +5,18 @@ from __future__ import annotations
 from omegaconf import DictConfig
 
 from vforge.training.checks import coverages, validate_training
-from vforge.training.metrics import logged_metric_names
+from vforge.evaluation.metrics import logged_metric_names
 
 
 def validate(cfg: DictConfig) -> None:
-    names = logged_metric_names(averaging=cfg.get("averaging") is not None, coverages=coverages(cfg))
+    walk_forward = cfg.evaluation.name == "walk_forward"
+    names = logged_metric_names(averaging=cfg.get("averaging") is not None, coverages=coverages(cfg),
+                                walk_forward=walk_forward)
     if cfg.optimized_metric not in names:
+        hint = "; with evaluation=walk_forward a run logs the wf/* metrics and val/rmse (mean over folds)" \
+            if walk_forward else ""
         raise ValueError(
-            f"optimized_metric={cfg.optimized_metric!r} is not logged; logged metrics: {', '.join(names)}. "
+            f"optimized_metric={cfg.optimized_metric!r} is not logged; logged metrics: {', '.join(names)}{hint}. "
             "Set it on the command line (optimized_metric=val/rmse) or in conf/hparams_search/<model>.yaml"
         )
     if cfg.data.target not in ("level", "change"):

@@ -10,7 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import hydra
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,11 +17,11 @@ from omegaconf import DictConfig, OmegaConf
 from vforge import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import format_report
+from vforge.evaluation.report import evaluate_run
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
 from vforge.training.loop import evaluate, fit
 from vforge.training.losses import as_loss
-from vforge.training.metrics import format_table
 from vforge.training.optim import param_groups
 from vforge.training.speed import GradCheckpointing, resolve_device
 
@@ -37,6 +36,13 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     the exception propagates.
     """
     validate(cfg)
+    if cfg.evaluation.name == "walk_forward":  # one run per fold (each through this function), scored together
+        from vforge.evaluation.walk_forward import walk_forward
+
+        wf = walk_forward(cfg, train, callbacks)
+        log.info("%s", wf.text)
+        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(wf.metrics, indent=1))
+        return wf.metrics
     tr = cfg.trainer
     torch.manual_seed(cfg.seed)
     if tr.num_threads:
@@ -85,11 +91,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile, callbacks=[*cbs, *extra, *callbacks],
             generator=torch.Generator().manual_seed(cfg.seed), resume=resume,
         )
-        metrics = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
+        metrics, predictions = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
                     "n_params": sum(p.numel() for p in model.parameters())}
-        log.info("results\n%s", format_table(metrics, {k: (len(s), int(np.isfinite(s.persistence).sum()))
-                                                           for k, s in (("val", data.val), ("test", data.test))}))
+        report = evaluate_run(data, predictions, out_dir, cfg.evaluation, logger=logger, history=result.history)
+        metrics |= report.metrics
+        log.info("%s\nevaluation took %.2f s", report.text, report.seconds)
         checkpoint = out_dir / "model.pt"
         atomic_save({"state_dict": result.model.state_dict(), "config": config,
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,

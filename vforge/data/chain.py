@@ -388,7 +388,8 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
          max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
          end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
          min_price: float | None = None, itm_from_otm: bool = False,
-         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> D.Dataset:
+         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
+         train_dates: int | None = None) -> D.Dataset:
     """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
     report: dict = {}
     raw = read_table(path, read_options=dict(read_options or {}), quote_date_from_path=quote_date_from_path)
@@ -398,7 +399,7 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
                       min_price=min_price, itm_from_otm=itm_from_otm)
     ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                    test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
-                   fold=fold, fallback=fallback)
+                   fold=fold, fallback=fallback, train_dates=train_dates)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

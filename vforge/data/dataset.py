@@ -35,7 +35,10 @@ class Split:
     ``x_num`` (n, n_num) float32 scaled features; ``x_cat`` (n, n_cat) int64 or None;
     ``y`` (n,) float32 the model's target (scaled); ``iv`` (n,) the target IV level (decimal);
     ``base`` (n,) what a predicted change is added to; ``persistence`` (n,) the contract's own
-    previous IV (NaN where it was not quoted); ``rows`` the identifying columns.
+    previous IV (NaN where it was not quoted); ``rows`` the identifying columns (``quote_date``, the terms date, and
+    the contract) and the terms evaluation needs: ``target_date``, ``info_date``, ``target_idx``, ``info_idx``,
+    ``tau``, ``log_moneyness``, ``forward``, ``delta``, ``rate`` and, where the chain has them, ``bid``, ``ask``,
+    ``iv_bid``, ``iv_ask`` (of the terms date).
 
     ``aux`` holds unscaled per-row values for losses and diagnostics, each a (n,) tensor:
     ``log_moneyness`` (log K/F on the terms date), ``tau`` (years to expiry from the target date),
@@ -72,6 +75,10 @@ class Dataset:
     report: dict = field(default_factory=dict)
     cat_features: list[str] = field(default_factory=list)
     cat_vocab: dict[str, list[str]] = field(default_factory=dict)
+    # Every usable quote (all dates, before any split): date_idx, quote_date, expiry, strike, option_type, tau,
+    # log_moneyness, forward, iv. What a surface fit on an information date (SSVI) starts from.
+    quotes: pd.DataFrame | None = None
+    horizon: int = 0
 
     @property
     def n_num(self) -> int:
@@ -136,10 +143,14 @@ def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, s
     return out
 
 
-def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness") -> tuple[pd.DataFrame, dict]:
+QUOTE_COLUMNS = ["date_idx", "quote_date", *CONTRACT, "tau", "log_moneyness", "forward", "iv"]
+
+
+def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness",
+               quotes: list[pd.DataFrame] | None = None) -> tuple[pd.DataFrame, dict]:
     """Canonical chain (IV filled) -> one row per (contract, terms date) with every feature, unscaled.
 
-    Returns ``rows, report``. No feature of a row uses data after its terms date (surface data after
+    Returns ``rows, report``; ``quotes``, a list, receives the chain's quotes in ``QUOTE_COLUMNS``. No feature of a row uses data after its terms date (surface data after
     its info date): tests/test_leakage.py changes later rows and checks that nothing moves.
     """
     if horizon < 0:
@@ -170,6 +181,8 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     spot = pd.Series(fwd / carry).groupby(chain["date_idx"]).median()
     chain = chain.join(F.market_state(spot), on="date_idx")
     nodes = chain.rename(columns={"implied_volatility": "iv"})
+    if quotes is not None:
+        quotes.append(nodes[QUOTE_COLUMNS])
     chain["loo_iv"] = F.smile_leave_one_out(nodes)
     state = F.surface_states(nodes)
 
@@ -209,12 +222,13 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
 
 
 def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fraction: float,
-               n_folds: int = 1, fold: int = 0) -> dict[str, pd.DataFrame]:
+               n_folds: int = 1, fold: int = 0, train_dates: int | None = None) -> dict[str, pd.DataFrame]:
     """Chronological train/val/test on the target date, with an embargo of ``horizon`` dates before val and test.
 
     Walk-forward: with ``n_folds > 1``, fold ``i`` moves the val and test windows back by
     ``(n_folds - 1 - i)`` test windows and trains on everything before (an expanding window);
-    the last fold is the plain split.
+    the last fold is the plain split. ``train_dates``: train on at most that many target dates before
+    validation (a sliding window).
     """
     if not 0 <= fold < n_folds:
         raise ValueError(f"data.fold must be in [0, data.n_folds), got fold={fold}, n_folds={n_folds}")
@@ -229,10 +243,13 @@ def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fr
             f"n_folds={n_folds}: need at least one train date; lower the fractions or n_folds"
         )
     train_end, val_end, test_end = udates[end - n_test - n_val - 1], udates[end - n_test - 1], udates[end - 1]
+    if train_dates is not None and train_dates < 1:
+        raise ValueError(f"data.train_dates must be >= 1 or null (expanding window), got {train_dates}")
+    train_start = udates[max(0, end - n_test - n_val - train_dates)] if train_dates else udates[0]
     t = rows["target_idx"]
     # Info for val/test rows must come after the last train target: drop `horizon` dates.
     return {
-        "train": rows[t <= train_end],
+        "train": rows[(t >= train_start) & (t <= train_end)],
         "val": rows[(t > train_end + horizon) & (t <= val_end)],
         "test": rows[(t > val_end + horizon) & (t <= test_end)],
     }
@@ -270,21 +287,27 @@ def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
 
 def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
             test_fraction: float, source: str = "chain", cat_features: list[str] | None = None,
-            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> Dataset:
+            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness", train_dates: int | None = None) -> Dataset:
     """Canonical chain (IV filled) -> ``Dataset``. No feature of a row uses data after its info date."""
     cat_features = list(cat_features or [])
     F.validate_names(features, cat_features)
     if target not in ("level", "change"):
         raise ValueError(f"data.target must be 'level' or 'change', got {target!r}")
-    rows, report = build_rows(chain, horizon=horizon, fallback=fallback)
+    quotes: list[pd.DataFrame] = []
+    rows, report = build_rows(chain, horizon=horizon, fallback=fallback, quotes=quotes)
     dates = rows.attrs["dates"]
+    rows["target_date"] = dates[rows["target_idx"].to_numpy()]
+    rows["info_date"] = dates[rows["info_idx"].to_numpy()]
     missing = ~np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1)
     report["dropped"]["drop_missing_feature"] = int(missing.sum())
     rows = rows[~missing].reset_index(drop=True)
     report = {"source": source, **report, "rows": len(rows), "target_dates": int(rows["target_idx"].nunique()),
               "horizon": horizon, "target": target}
     parts = split_rows(rows, horizon=horizon, val_fraction=val_fraction, test_fraction=test_fraction,
-                       n_folds=n_folds, fold=fold)
+                       n_folds=n_folds, fold=fold, train_dates=train_dates)
+    row_columns = ["quote_date", *CONTRACT, "target_date", "info_date", "target_idx", "info_idx", "tau",
+                   "log_moneyness", "forward", "delta", "rate"]
+    row_columns += [c for c in ("bid", "ask", "iv_bid", "iv_ask") if c in rows.columns]
 
     # Scaling and categorical vocabularies from the train part only.
     train = parts["train"]
@@ -309,7 +332,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
             x_num=torch.as_tensor(x, dtype=torch.float32), x_cat=x_cat,
             y=torch.tensor(y.to_numpy(), dtype=torch.float32),
             iv=df["iv"].to_numpy(), base=df["base"].to_numpy(), persistence=df["persistence"].to_numpy(),
-            rows=df[["quote_date", *CONTRACT]].reset_index(drop=True), aux=make_aux(df),
+            rows=df[row_columns].reset_index(drop=True), aux=make_aux(df),
         )
 
     splits = {k: make(v) for k, v in parts.items()}
@@ -317,13 +340,14 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * 100) if len(v) else float("nan")  # noqa: E731
     report["splits"] = {
         k: {"rows": len(v), "dates": f"{dates[v['target_idx'].min()].date()}..{dates[v['target_idx'].max()].date()}"
-            if len(v) else "-", "base_rmse": round(base_rmse(v), 4)}
+            if len(v) else "-", "n_dates": int(v["target_idx"].nunique()), "baseline_rmse": round(base_rmse(v), 4)}
         for k, v in parts.items()
     }
     report["features"] = list(features)
     return Dataset(**splits, feature_names=list(features), cat_cardinalities=[len(vocab[c]) + 1 for c in cat_features],
                    target=target, y_center=center, y_scale=scale, x_mean=x_mean, x_std=x_std, report=report,
-                   cat_features=cat_features, cat_vocab=vocab)
+                   cat_features=cat_features, cat_vocab=vocab, quotes=quotes[0].reset_index(drop=True),
+                   horizon=horizon)
 
 
 def format_report(report: dict) -> str:
@@ -343,6 +367,6 @@ def format_report(report: dict) -> str:
                      f"{report.get('horizon')}; {report.get('rows_without_previous_quote', 0):,} without a previous "
                      "quote of the contract, based on the previous surface)")
     for k, v in report.get("splits", {}).items():
-        lines.append(f"    {k:<6}{v['rows']:>10,}  {v['dates']}  base RMSE {v.get('base_rmse', float('nan')):.3f} vol pts "
-                     "(persistence, previous surface where new)")
+        lines.append(f"    {k:<6}{v['rows']:>10,}  {v['dates']} ({v.get('n_dates', '?')} dates)  baseline RMSE "
+                     f"{v.get('baseline_rmse', float('nan')):.3f} vol pts (persistence, else the previous surface)")
     return "\n".join(lines)

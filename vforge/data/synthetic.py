@@ -134,7 +134,8 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
          listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
          val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
          itm_from_otm: bool = False,
-         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness") -> Dataset:
+         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
+         train_dates: int | None = None) -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
@@ -144,7 +145,7 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
                       max_spread_vol=max_spread_vol, otm_only=otm_only, itm_from_otm=itm_from_otm)
     ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                  test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
-                 fold=fold, fallback=fallback)
+                 fold=fold, fallback=fallback, train_dates=train_dates)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

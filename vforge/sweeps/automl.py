@@ -19,7 +19,7 @@ import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
 
-from vforge.sweeps import leaderboard as L
+from vforge.evaluation import leaderboard as L
 from vforge.sweeps import study as S
 from vforge.sweeps.search_space import parse_params
 from vforge.sweeps.sweeper import StudySweeper

@@ -26,7 +26,6 @@ ENV_STORAGE = "VFORGE_OPTUNA_STORAGE"
 ENV_STUDY = "VFORGE_OPTUNA_STUDY"
 ENV_TRIAL_ID = "VFORGE_OPTUNA_TRIAL_ID"
 ENV_PRUNER = "VFORGE_OPTUNA_PRUNER"  # JSON of the pruner's config: a pruner is not kept in the storage
-ENV_PARENT_RUN = "VFORGE_PARENT_RUN_ID"  # read by vforge/tracking/mlflow.py
 
 # user attributes the sweeper writes on each trial
 ATTR_HOST, ATTR_PID, ATTR_STALE, ATTR_ERROR, ATTR_RETRY_OF = (

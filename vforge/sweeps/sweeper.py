@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 
 from vforge.sweeps import study as S
 from vforge.sweeps.search_space import format_value, grid_search_space, parse_params, quote, suggest
+from vforge.tracking.mlflow import ENV_PARENT_RUN
 
 log = logging.getLogger(__name__)
 # our jobs send the heartbeats (one per epoch, vforge/sweeps/pruning.py), so ask/tell with a heartbeat is intended
@@ -158,7 +159,7 @@ class StudySweeper(Sweeper):
     def _job_overrides(self, trial: optuna.Trial, study: optuna.Study, fixed_overrides: list[str]) -> list[str]:
         env = S.job_env(self.storage_url, study.study_name, trial, self.pruner_plain)
         if self.parent is not None:
-            env[S.ENV_PARENT_RUN] = self.parent.run_id
+            env[ENV_PARENT_RUN] = self.parent.run_id
         out = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
         out += fixed_overrides
         if self.config is not None and "trial" in self.config:

@@ -11,6 +11,9 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger(__name__)
 
+# A run started while this is set becomes a child of that run (a sweep's trials, walk-forward's folds).
+ENV_PARENT_RUN = "VFORGE_PARENT_RUN_ID"
+
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1}; lists become their string form."""
@@ -60,8 +63,9 @@ class MLflowLogger:
             log.info("MLflow run %s resumed at %s", self.run_id, self.tracking_uri)
             return self.run_id
         mlflow.set_experiment(self.experiment)
-        parent = os.environ.get("VFORGE_PARENT_RUN_ID")
-        run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None)
+        parent = os.environ.get(ENV_PARENT_RUN)
+        # nested: the parent may be this process's active run (walk-forward's folds)
+        run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None, nested=bool(parent))
         self.run_id = run.info.run_id
         container = OmegaConf.to_container(cfg, resolve=True)
         params = {k: str(v)[:6000] for k, v in flatten(container).items()}
@@ -78,6 +82,9 @@ class MLflowLogger:
 
     def log_dict(self, d: dict, name: str) -> None:
         self._mlflow.log_dict(d, name)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        self._mlflow.log_artifact(str(path), folder)
 
     def log_checkpoint(self, checkpoint: str | Path) -> None:
         """The trained model: its model.pt as ``model/model.pt``; with ``registered_model`` also a pyfunc model

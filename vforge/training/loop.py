@@ -22,7 +22,7 @@ from vforge.data.dataset import Dataset, Split
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.losses import Batch, Loss, Quantile
-from vforge.training.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
+from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
 
 log = logging.getLogger(__name__)
 
@@ -243,16 +243,19 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
                      state.eval_model)
 
 
-def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss, batch_size: int) -> dict[str, float]:
+def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss,
+             batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Val/test metrics of the final (averaged, best-epoch) model; interval coverage for quantile losses; the raw
-    weights' val RMSE when averaging is on."""
+    weights' val RMSE when averaging is on. Also returns the point predictions, IV levels (n,) per split."""
     out_idx = getattr(loss_fn, "median", 0)
     metrics: dict[str, float] = {}
     levels: dict[str, np.ndarray] = {}
+    points: dict[str, np.ndarray] = {}
     for name in ("val", "test"):
         split = getattr(data, name)
         outputs = predict_outputs(final, split, batch_size)
-        metrics |= split_metrics(name, data.to_level(outputs[:, out_idx], split), split.iv, split.persistence, split.base)
+        points[name] = data.to_level(outputs[:, out_idx], split)
+        metrics |= split_metrics(name, points[name], split.iv, split.persistence, split.base)
         if isinstance(loss_fn, Quantile):
             levels[name] = np.stack([data.to_level(outputs[:, j], split) for j in range(outputs.shape[1])], axis=1)
             metrics |= interval_metrics(name, levels[name], split.iv, loss_fn.intervals())
@@ -260,5 +263,5 @@ def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss, bat
         metrics |= conformal_metrics(levels["val"], data.val.iv, levels["test"], data.test.iv, loss_fn.intervals())
     if final is not raw:
         metrics["val/raw_rmse"] = val_rmse(raw, data, batch_size, out_idx)
-    return metrics
+    return metrics, points
 

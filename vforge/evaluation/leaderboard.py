@@ -17,9 +17,9 @@ import torch
 from hydra.utils import instantiate
 
 from vforge.data.dataset import Dataset
-from vforge.sweeps.ensemble import fit_weights
+from vforge.evaluation.ensemble import fit_weights
 from vforge.training.loop import predict_outputs
-from vforge.training.metrics import iv_errors
+from vforge.evaluation.metrics import iv_errors
 
 log = logging.getLogger(__name__)
 

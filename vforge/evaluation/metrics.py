@@ -28,14 +28,14 @@ def split_metrics(prefix: str, pred: np.ndarray, true: np.ndarray, persistence: 
     Keys: ``{prefix}/rmse`` ... the model on all rows; ``{prefix}/baseline_rmse`` ... on all rows, the
     contract's previous IV, or the previous surface where the contract was not quoted (``base``);
     ``{prefix}/persistence_rmse`` ... the contract's previous IV on the rows where it exists, and
-    ``{prefix}/matched_rmse`` ... the model on exactly those rows.
+    ``{prefix}/prev_quoted_rmse`` ... the model on exactly those rows.
     """
     has_prev = np.isfinite(persistence)
     out = {f"{prefix}/{k}": v for k, v in iv_errors(pred, true).items()}
     if base is not None:
         out |= {f"{prefix}/baseline_{k}": v for k, v in iv_errors(base, true).items()}
     out |= {f"{prefix}/persistence_{k}": v for k, v in iv_errors(persistence[has_prev], true[has_prev]).items()}
-    out |= {f"{prefix}/matched_{k}": v for k, v in iv_errors(pred[has_prev], true[has_prev]).items()}
+    out |= {f"{prefix}/prev_quoted_{k}": v for k, v in iv_errors(pred[has_prev], true[has_prev]).items()}
     return out
 
 
@@ -86,35 +86,62 @@ def conformal_metrics(val_levels: np.ndarray, val_true: np.ndarray, test_levels:
     return out
 
 
-def logged_metric_names(averaging: bool = False, coverages: tuple[float, ...] = ()) -> list[str]:
+def logged_metric_names(averaging: bool = False, coverages: tuple[float, ...] = (),
+                        walk_forward: bool = False) -> list[str]:
     """Every final metric a run logs (what ``optimized_metric`` may name).
 
     Args:
         averaging: weight averaging is on: ``val/raw_rmse`` (the raw weights) is logged too.
         coverages: nominal coverages of the quantile loss's intervals (0.9 -> ``val/coverage90``, ``val/width90``).
+        walk_forward: ``evaluation=walk_forward``: the parent run's ``wf/*`` metrics and ``val/rmse``, the mean of
+            the folds' validation RMSE (what a sweep selects on), instead.
     """
-    names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in ("", "baseline_", "persistence_", "matched_") for m in METRICS]
+    kinds = ("", "baseline_", "persistence_", "prev_quoted_")
+    extra = ("dm_stat", "dm_pvalue", "dates_beaten", "baseline_dm_stat", "baseline_dm_pvalue",
+             "baseline_dates_beaten", "n_dates", "ssvi_rmse", "ssvi_prev_quoted_rmse")
+    if walk_forward:
+        return [f"wf/{k}{m}" for k in kinds for m in METRICS] + [f"wf/{k}" for k in extra] + ["wf/val_rmse", "val/rmse"]
+    names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in kinds for m in METRICS]
+    names += [f"{s}/{k}" for s in ("val", "test") for k in extra]
     if averaging:
         names.append("val/raw_rmse")
     names += [f"{s}/{k}{round(c * 100)}" for s in ("val", "test") for c in coverages for k in ("coverage", "width")]
     return names
 
 
+# One meaning for each benchmark word: the data report, metrics.json, the results table, the leaderboard and the
+# README all use these.
+WORDS = {
+    "persistence": "the contract's own IV on the previous quote date, on the rows that have one (prev. quoted)",
+    "baseline": "persistence, else the previous date's surface at the contract's moneyness (every row)",
+    "ssvi": "an SSVI surface (Gatheral & Jacquier 2014) fit to the previous date's quotes, at the row's moneyness",
+}
+
+
 def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) -> str:
-    """The end-of-run summary: the model beside the baseline, in vol points.
+    """The end-of-run summary: the model beside its benchmark, the DM p-value and the dates won, in vol points.
+
+    On the *all* rows the benchmark is the baseline, on the *prev. quoted* rows persistence (see ``WORDS``).
 
     Args:
         rows: split -> (all rows, rows whose contract was quoted on the previous date).
     """
     cols = "".join(f"{m.upper() if m != 'r2' else 'R2':>7}" for m in METRICS)
-    lines = [f"{'':<26}{'model':^21}   {'baseline':^21}", f"{'split rows':<19}{'n':>7}{cols}   {cols}"]
-    for s in ("val", "test"):
+    lines = [f"{'':<26}{'model':^21}   {'benchmark':^21}  {'model vs benchmark':^16}  {'SSVI':>6}",
+             f"{'split rows':<19}{'n':>7}{cols}   {cols}  {'DM p':>7} {'dates won':>9}  {'RMSE':>6}"]
+    for s in rows:
         g = lambda k, s=s: metrics.get(f"{s}/{k}", float("nan"))  # noqa: E731
         n_all, n_prev = rows[s]
-        for label, n, model, base in (("all", n_all, "", "baseline_"), ("prev. quoted", n_prev, "matched_", "persistence_")):
-            vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, base)]
-            lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}")
+        for label, n, model, bench, dm, ssvi in (
+                ("all", n_all, "", "baseline_", "baseline_", "ssvi_rmse"),
+                ("prev. quoted", n_prev, "prev_quoted_", "persistence_", "", "ssvi_prev_quoted_rmse")):
+            vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, bench)]
+            won = g(dm + "dates_beaten")
+            won = f"{won:>9.0%}" if won == won else f"{'-':>9}"
+            lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}  {g(dm + 'dm_pvalue'):>7.3f} {won}  {g(ssvi):>6.3f}")
     return "\n".join(lines) + (
-        "\nerrors in vol points (IV x 100). baseline: the contract's IV on the previous quote date (persistence);"
-        "\non 'all' rows, the previous surface stands in for contracts not quoted then."
+        "\nerrors in vol points (IV x 100). benchmark on 'all' rows: the baseline, " + WORDS["baseline"] +
+        ";\non 'prev. quoted' rows: persistence, " + WORDS["persistence"] + ".\nSSVI: " + WORDS["ssvi"] +
+        ".\nDM p: one-sided Diebold-Mariano p-value that the model's squared error is lower (per-date losses, "
+        "Newey-West, HLN);\ndates won: share of quote dates on which the model's RMSE is below the benchmark's."
     )
