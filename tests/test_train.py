@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -16,14 +17,25 @@ def test_train_end_to_end_returns_finite_metrics(make_cfg):
     assert metrics["val/rmse"] > 0
 
 
-def test_train_records_an_mlflow_run(make_cfg, mlflow_uri):
+def test_train_records_an_mlflow_run(make_cfg, mlflow_uri, tmp_path, monkeypatch):
     mlflow = pytest.importorskip("mlflow")
     cfg = make_cfg("logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-e2e")
+    scratch = tmp_path / "scratch"  # a working directory that is not where the store is
+    scratch.mkdir()
+    monkeypatch.chdir(scratch)
     metrics = train(cfg)
+    assert not (scratch / "mlruns").exists(), "artifacts went to ./mlruns of the working directory"
     client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
     exp = client.get_experiment_by_name("test-e2e")
+    store_dir = Path(mlflow_uri.removeprefix("sqlite:///")).parent
+    assert exp.artifact_location == (store_dir / "mlruns").as_uri()
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.status == "FINISHED"
+    assert run.info.run_name == "mlp-synthetic"
+    assert {k: run.data.tags[k] for k in ("model", "data", "target", "horizon", "evaluation")} == {
+        "model": "mlp", "data": "synthetic", "target": "change", "horizon": "0", "evaluation": "holdout"}
+    assert (store_dir / "mlruns" / run.info.run_id / "artifacts" / "model" / "model.pt").is_file()
     logged = run.data.metrics
     for key in ("val/rmse", "test/rmse", "val/persistence_rmse", "test/persistence_rmse", "test/baseline_rmse"):
         assert logged[key] == pytest.approx(metrics[key])

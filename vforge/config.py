@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from vforge.training.checks import coverages, validate_training
 from vforge.evaluation.metrics import logged_metric_names
+from vforge.training.checks import coverages, validate_training
 
 
 def validate(cfg: DictConfig) -> None:

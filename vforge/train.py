@@ -18,6 +18,7 @@ from vforge import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import format_report
 from vforge.evaluation.report import evaluate_run
+from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
 from vforge.training.loop import evaluate, fit
@@ -70,7 +71,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if logger:
-        logger.start(cfg, run_name=cfg.run_name, tags={"model": cfg.run_name},
+        logger.start(cfg, run_name=cfg.run_name, tags=run_tags(cfg),
                      run_id=resume.get("mlflow_run_id") if resume else None)
         if not resume:
             logger.log_dict(data.report, "data_report.json")

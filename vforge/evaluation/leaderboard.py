@@ -18,8 +18,8 @@ from hydra.utils import instantiate
 
 from vforge.data.dataset import Dataset
 from vforge.evaluation.ensemble import fit_weights
-from vforge.training.loop import predict_outputs
 from vforge.evaluation.metrics import iv_errors
+from vforge.training.loop import predict_outputs
 
 log = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vforge.evaluation.report import RunEvaluation, frame_metrics, log_files, summarize
-from vforge.tracking.mlflow import ENV_PARENT_RUN
+from vforge.tracking.mlflow import ENV_PARENT_RUN, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def walk_forward(cfg: DictConfig, train_fn: TrainFn, callbacks: Any = ()) -> Wal
     status = "FAILED"
     if parent:
         parent.start(cfg, run_name=f"{cfg.run_name}-walk_forward",
-                     tags={"model": str(cfg.run_name), "vforge.evaluation": "walk_forward"})
+                     tags={**run_tags(cfg), "vforge.evaluation": "walk_forward"})
     try:
         folds = []
         with _parent_run(parent.run_id if parent else None):

@@ -13,6 +13,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from vforge.sweeps.study import file_lock
+from vforge.tracking.mlflow import experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,7 @@ class SweepRun:
         db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
         with file_lock(db):  # a fresh SQLite store is migrated once, not by two processes at the same time
             self.client = MlflowClient(tracking_uri=tracking_uri)
-            exp = self.client.get_experiment_by_name(experiment)
-            exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            exp_id = experiment_id(self.client, experiment)
         self.tracking_uri = tracking_uri
         self.run_id = None
         if run_id:

@@ -13,6 +13,52 @@ log = logging.getLogger(__name__)
 
 # A run started while this is set becomes a child of that run (a sweep's trials, walk-forward's folds).
 ENV_PARENT_RUN = "VFORGE_PARENT_RUN_ID"
+# MLflow 3's UI opens an experiment in its GenAI view unless told it is for model training. Releases that read
+# the experiment's kind from this tag follow it; later ones (3.17) take it from a per-browser switch instead,
+# which the README's link sets (?workflowType=machine_learning).
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go: ``<folder of the SQLite file>/mlruns`` for a SQLite store (MLflow's
+    default would be ``./mlruns`` of whatever the working directory is), None (the server's choice) otherwise."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    db = tracking_uri[len("sqlite:///"):]
+    if db in ("", ":memory:"):
+        return None
+    return (Path(db).resolve().parent / "mlruns").as_uri()
+
+
+def experiment_id(client: Any, name: str) -> str:
+    """The id of experiment ``name`` in ``client``'s store, created (artifacts beside a SQLite store, marked as a
+    model-training experiment) if it does not exist yet."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri),
+                                        tags=EXPERIMENT_TAGS)
+    except MlflowException:  # another process created it in the meantime
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def run_tags(cfg: DictConfig) -> dict[str, str]:
+    """What a training run is, as MLflow tags (a column each in the UI, and searchable: ``tags.data = 'synthetic'``):
+    the model and data options, the target, the horizon and the evaluation protocol."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    path = cfg.data.get("path")
+    return {"model": str(choices.get("model") or cfg.model.get("_target_", "?").rsplit(".", 1)[-1]),
+            "data": str(choices.get("data") or (Path(str(path)).stem if path else "?")),
+            "target": str(cfg.data.get("target")), "horizon": str(cfg.data.get("horizon")),
+            "evaluation": str(OmegaConf.select(cfg, "evaluation.name", default="holdout"))}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -62,7 +108,7 @@ class MLflowLogger:
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config_resumed.yaml")
             log.info("MLflow run %s resumed at %s", self.run_id, self.tracking_uri)
             return self.run_id
-        mlflow.set_experiment(self.experiment)
+        mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(), self.experiment))
         parent = os.environ.get(ENV_PARENT_RUN)
         # nested: the parent may be this process's active run (walk-forward's folds)
         run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None, nested=bool(parent))

@@ -19,10 +19,10 @@ import torch
 from torch import Tensor, nn
 
 from vforge.data.dataset import Dataset, Split
+from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.losses import Batch, Loss, Quantile
-from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
 
 log = logging.getLogger(__name__)
 
