@@ -7,7 +7,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -31,6 +30,7 @@ def run(monkeypatch, capsys, main, *args: str, comp_line: str | None = None) -> 
 
 
 def test_console_scripts_point_at_the_entry_points():
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     assert {name: target.split(":")[0] for name, target in scripts.items()} == SCRIPTS
     for target in scripts.values():
