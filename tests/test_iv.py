@@ -116,3 +116,20 @@ def test_near_the_bounds_and_shapes():
         assert int(reason) == iv.OK and abs(float(sigma) - vol) < 1e-10 * max(1.0, vol)
     sigma, reason = implied_vol(np.full((2, 3), 10.0), 100.0, 100.0, 1.0, 0.0, True)
     assert sigma.shape == reason.shape == (2, 3)
+
+
+def test_parallel_path_matches_and_initial_guess_keeps_iterations_low():
+    """Inputs of at least _PARALLEL_MIN_ROWS go over all threads in chunks; each row's result is the same as
+    alone. The initial guesses leave at most 4 Householder steps (2-3 typically) on the benchmark's options."""
+    rng = np.random.default_rng(3)
+    n = iv._PARALLEL_MIN_ROWS
+    fwd, rate = 100.0, 0.02
+    strike = fwd * np.exp(rng.uniform(-1.0, 1.0, n))
+    tau, vol, call = rng.uniform(1 / 365, 3.0, n), rng.uniform(0.05, 1.0, n), rng.random(n) < 0.5
+    price = bs_price(fwd, strike, tau, vol, rate, call)
+    sigma, reason, n_iter = iv._implied_vol(price, fwd, strike, tau, rate, call, tol=1e-14, max_iter=60)
+    head, head_reason = implied_vol(price[:1000], fwd, strike[:1000], tau[:1000], rate, call[:1000])
+    np.testing.assert_array_equal(head, sigma[:1000])
+    np.testing.assert_array_equal(head_reason, reason[:1000])
+    ok = reason == iv.OK
+    assert n_iter[ok].max() <= 4 and n_iter[ok].mean() < 2.6, np.bincount(n_iter[ok])

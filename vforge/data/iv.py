@@ -21,8 +21,11 @@ the benchmark is ``scripts/bench_iv.py``.
 
 from __future__ import annotations
 
+import math
+
+import numba
 import numpy as np
-from scipy.special import log_ndtr, ndtr, ndtri
+from scipy.special import log_ndtr, ndtr
 
 # Reason codes returned beside NaN volatilities.
 OK, BELOW_INTRINSIC, ABOVE_UPPER_BOUND, ZERO_TIME, ZERO_PRICE, NO_CONVERGENCE, INVALID_INPUT = range(7)
@@ -96,13 +99,64 @@ def _log_b(x, s):
         return la + np.log1p(-np.exp(np.minimum(lb - la, 0.0)))
 
 
-def _log_u(x, s):
-    """ln(e^{x/2} - b) = ln(e^{x/2} N(-d1) + e^{-x/2} N(d2)): a sum of positives, no cancellation."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d1 = x / s + 0.5 * s
-        return np.logaddexp(0.5 * x + log_ndtr(-d1), -0.5 * x + log_ndtr(d1 - s))
+_SQRT_HALF = math.sqrt(0.5)
+
+# The inverter is scalar code compiled by numba: one pass per row, rows spread over the cores, no
+# temporary arrays, and a row leaves the loop the moment it converges. ``cache=True`` keeps the machine
+# code in __pycache__, so only the first call on a machine pays the compilation.
+_jit = numba.njit(cache=True, nogil=True)
+_CHUNK, _PARALLEL_MIN_ROWS = 4096, 50_000
 
 
+@_jit
+def _log_ndtr1(z):
+    """ln N(z), accurate in both tails (the three regimes of scipy's ``log_ndtr``)."""
+    if z > 6.0:
+        return math.log1p(-0.5 * math.erfc(z * _SQRT_HALF))
+    if z > -20.0:
+        return math.log(0.5 * math.erfc(-z * _SQRT_HALF))
+    # N(z) = phi(z) / |z| (1 - 1/z^2 + 3/z^4 - ...): the asymptotic series converges fast for |z| >= 20.
+    z2 = z * z
+    term, total = 1.0, 1.0
+    for i in range(1, 40):
+        term *= -(2 * i - 1) / z2
+        total += term
+        if abs(term) < 1e-17 * total:
+            break
+    return -0.5 * z2 - math.log(-z) - _LOG_SQRT_2PI + math.log(total)
+
+
+@_jit
+def _log_b1(x, s, e):
+    """Scalar ``_log_b``, given ``e = e^{x/2}``.
+
+    Where neither N(d) is below ~1e-89 the difference is taken directly: its relative error is then
+    eps / (1 - e^{-x} N(d2) / N(d1)), while the difference of logs adds |ln N| eps to that.
+    """
+    d1 = x / s + 0.5 * s
+    d2 = d1 - s
+    if d2 > -20.0:
+        diff = 0.5 * (e * math.erfc(-d1 * _SQRT_HALF) - math.erfc(-d2 * _SQRT_HALF) / e)
+        if diff > 0:
+            return math.log(diff)
+    la = 0.5 * x + _log_ndtr1(d1)
+    lb = -0.5 * x + _log_ndtr1(d2)
+    return la + math.log1p(-math.exp(min(lb - la, 0.0)))
+
+
+@_jit
+def _log_u1(x, s, e):
+    """ln(e^{x/2} - b) = ln(e^{x/2} N(-d1) + e^{-x/2} N(d2)), given ``e = e^{x/2}``: a sum of positives."""
+    d1 = x / s + 0.5 * s
+    d2 = d1 - s
+    if d2 > -20.0:  # then -d1 > d2 too: no underflow
+        return math.log(0.5 * (e * math.erfc(d1 * _SQRT_HALF) + math.erfc(-d2 * _SQRT_HALF) / e))
+    a = 0.5 * x + _log_ndtr1(-d1)
+    b = -0.5 * x + _log_ndtr1(d2)
+    return max(a, b) + math.log1p(math.exp(-abs(a - b)))
+
+
+@_jit
 def _householder_step(x, s, g, r):
     """Third-order step for an objective ``g(s) = ln(+-b(s) or u(s)) - target`` with ``g' = r``.
 
@@ -119,48 +173,97 @@ def _householder_step(x, s, g, r):
     return nu * (1.0 + 0.5 * h2 * nu) / (1.0 + h2 * nu + h3 * nu * nu / 6.0)
 
 
-def _solve(x, log_target_b, log_target_u, *, tol: float, max_iter: int):
-    """Total volatility s with b(x, s) = target, x <= 0. Returns ``(s, converged)``."""
-    n = x.shape[0]
-    s_c = np.sqrt(-2.0 * x)
-    log_b_c = _log_b(x, s_c)
-    log_b_c = np.where(s_c > 0, log_b_c, -np.inf)  # x = 0: everything is in the upper branch
+@_jit
+def _solve(x, log_target_b, log_target_u, tol, max_iter):
+    """Total volatility s with b(x, s) = target, x <= 0. Returns ``(s, iterations)``, iterations -1 if not converged."""
+    s_c = math.sqrt(-2.0 * x)
+    e = math.exp(0.5 * x)
+    # At s_c, d1 = 0 and d2 = -s_c: b_c = e^{x/2} / 2 - e^{-x/2} N(-s_c), one erfc. x = 0: all in the upper branch.
+    b_c = 0.5 * (e - math.erfc(s_c * _SQRT_HALF) / e)
+    log_b_c = math.log(b_c) if b_c > 0 else (_log_b1(x, s_c, e) if s_c > 0 else -math.inf)
     lower = log_target_b < log_b_c
-    lo = np.where(lower, 0.0, s_c)
-    hi = np.where(lower, s_c, np.inf)
-    # Initial guesses from the asymptotics of each branch: ln b ~ -x^2 / (2 s^2) as s -> 0, and
-    # u ~ 2 e^{x/2} N(-s/2) as s -> infinity (exact at x = 0).
-    with np.errstate(divide="ignore", invalid="ignore"):
-        s_low = -x / np.sqrt(np.maximum(-2.0 * log_target_b, 1e-300))
-        s_up = -2.0 * ndtri(np.minimum(0.5 * np.exp(log_target_u - 0.5 * x), 0.5))
-    s = np.where(lower, np.clip(s_low, 0.5 * lo + 1e-300, s_c), np.maximum(s_up, s_c))
-    s = np.where(np.isfinite(s) & (s > 0), s, np.where(lower, 0.5 * s_c, s_c + 1.0))
-    converged = np.zeros(n, dtype=bool)
-    active = np.arange(n)
-    for _ in range(max_iter):
-        xa, sa, low = x[active], s[active], lower[active]
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            log_f = np.where(low, _log_b(xa, sa), _log_u(xa, sa))
-            g = log_f - np.where(low, log_target_b[active], log_target_u[active])
-            log_db = -0.5 * (xa * xa / (sa * sa) + 0.25 * sa * sa) - _LOG_SQRT_2PI
-            r = np.where(low, 1.0, -1.0) * np.exp(log_db - log_f)
-            # g increases in s on the lower branch and decreases on the upper one.
-            too_high = np.where(low, g > 0, g < 0)
-            la, ha = lo[active], hi[active]
-            la = np.where(too_high, la, sa)
-            ha = np.where(too_high, sa, ha)
-            step = _householder_step(xa, sa, g, r)
-            s_new = sa + step
-        done = (g == 0) | (np.abs(step) <= tol * sa) | (ha - la <= tol * sa)
-        bad = ~done & (~np.isfinite(s_new) | (s_new <= la) | (s_new >= ha))
-        fallback = np.where(np.isfinite(ha), 0.5 * (la + ha), 2.0 * sa)
-        s_new = np.where(bad, fallback, np.where(g == 0, sa, s_new))
-        s[active], lo[active], hi[active] = s_new, la, ha
-        converged[active[done]] = True
-        active = active[~done]
-        if active.size == 0:
-            break
-    return s, converged
+    lo, hi = (0.0, s_c) if lower else (s_c, math.inf)
+    # Initial guesses. Lower branch: the larger of two lower bounds of the root (ln b is concave in s there):
+    # the tangent of ln b at s_c, and the root of the small-s asymptote b ~ e^{-x^2/(2 s^2)} s^3 / (x^2 sqrt(2 pi)),
+    # i.e. w + 1.5 ln(2 w) = ln|x| - ln sqrt(2 pi) - ln b for w = x^2 / (2 s^2), by Newton's method.
+    # Upper branch: the tangent of ln u at s_c (above the root: ln u is concave in s there).
+    log_db_c = -0.5 * (x * x / (s_c * s_c) + 0.25 * s_c * s_c) - _LOG_SQRT_2PI if s_c > 0 else -_LOG_SQRT_2PI
+    if lower:
+        slope = math.exp(log_db_c - log_b_c)
+        s_tangent = s_c + (log_target_b - log_b_c) / slope
+        big_l = math.log(-x) - _LOG_SQRT_2PI - log_target_b
+        w = max(big_l, 1e-3)
+        for _ in range(2):
+            w = max(w - (w + 1.5 * math.log(2.0 * w) - big_l) / (1.0 + 1.5 / w), 1e-6)
+        s = min(max(s_tangent, -x / math.sqrt(2.0 * w), 1e-300), s_c)
+    else:
+        log_u_c = math.log(e - max(b_c, 0.0))  # u_c > e^{x/2} / 2: no cancellation
+        s_tangent = s_c + (log_target_u - log_u_c) / -math.exp(log_db_c - log_u_c)
+        s = max(s_tangent, s_c)
+    if not (math.isfinite(s) and s > 0):
+        s = 0.5 * s_c if lower else s_c + 1.0
+    accept = tol ** 0.25
+    for it in range(max_iter):
+        log_f = _log_b1(x, s, e) if lower else _log_u1(x, s, e)
+        g = log_f - (log_target_b if lower else log_target_u)
+        log_db = -0.5 * (x * x / (s * s) + 0.25 * s * s) - _LOG_SQRT_2PI
+        r = math.exp(log_db - log_f) if lower else -math.exp(log_db - log_f)
+        if g == 0:
+            return s, it + 1
+        # g increases in s on the lower branch and decreases on the upper one.
+        if (g > 0) == lower:
+            hi = s
+        else:
+            lo = s
+        step = _householder_step(x, s, g, r)
+        s_new = s + step
+        # The step converges with order 4: once it is below tol^(1/4) relative, the error left after it is
+        # ~tol, so the row stops here instead of paying one more evaluation to see a tiny step.
+        if abs(step) <= accept * s or hi - lo <= tol * s:
+            return s_new, it + 1
+        if not math.isfinite(s_new) or s_new <= lo or s_new >= hi:
+            s_new = 0.5 * (lo + hi) if math.isfinite(hi) else 2.0 * s
+        s = s_new
+    return s, -1
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def _invert(p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter):
+    """Row by row: reason code, then the solve on the OTM-normalized price; writes sigma, reason, n_iter."""
+    for i in numba.prange(p.shape[0]):
+        sigma[i] = math.nan
+        n_iter[i] = 0
+        pi, fi, ki, ti, di = p[i], f[i], k[i], t[i], disc[i]
+        if not (math.isfinite(pi) and math.isfinite(fi) and math.isfinite(ki) and math.isfinite(ti)
+                and math.isfinite(r[i]) and fi > 0 and ki > 0):
+            reason[i] = INVALID_INPUT
+            continue
+        if ti <= 0:
+            reason[i] = ZERO_TIME
+            continue
+        if pi <= 0:
+            reason[i] = ZERO_PRICE
+            continue
+        call = c[i] > 0
+        intrinsic = (max(fi - ki, 0.0) if call else max(ki - fi, 0.0)) * di
+        upper = (fi if call else ki) * di
+        if pi <= intrinsic:
+            reason[i] = BELOW_INTRINSIC
+            continue
+        if pi >= upper:
+            reason[i] = ABOVE_UPPER_BOUND
+            continue
+        # Both targets straight from the price: its distance to intrinsic (the OTM value by parity)
+        # and to the upper bound.
+        norm = di * math.sqrt(fi * ki)
+        s, n = _solve(-abs(math.log(fi / ki)), math.log((pi - intrinsic) / norm), math.log((upper - pi) / norm),
+                      tol, max_iter)
+        n_iter[i] = n
+        if n < 0:
+            reason[i] = NO_CONVERGENCE
+        else:
+            sigma[i] = s / math.sqrt(ti)
+            reason[i] = OK
 
 
 def implied_vol(price, forward_, strike, tau, rate, is_call, *, tol: float = 1e-14, max_iter: int = 60):
@@ -173,37 +276,28 @@ def implied_vol(price, forward_, strike, tau, rate, is_call, *, tol: float = 1e-
     >>> round(float(sigma), 12), int(reason)
     (0.2, 0)
     """
-    p, f, k, t, r, c = _as_arrays(price, forward_, strike, tau, rate, is_call)
-    shape = p.shape
-    p, f, k, t, r, c = (a.ravel() for a in (p, f, k, t, r, c))
-    sigma = np.full(p.shape, np.nan)
-    reason = np.full(p.shape, OK, dtype=np.int8)
+    sigma, reason, _ = _implied_vol(price, forward_, strike, tau, rate, is_call, tol=tol, max_iter=max_iter)
+    return sigma, reason
 
+
+def _implied_vol(price, forward_, strike, tau, rate, is_call, *, tol: float, max_iter: int):
+    """``implied_vol`` plus the number of iterations each row took (0: not attempted, -1: did not converge)."""
+    args = [np.asarray(a, dtype=np.float64) for a in (price, forward_, strike, tau, rate, is_call)]
+    shape = np.broadcast_shapes(*(a.shape for a in args))
+    # One memory layout for the kernel (C-contiguous, writeable, float64) so that numba compiles it once.
+    p, f, k, t, r, c = (np.require(a.reshape(-1) if a.shape == shape else np.broadcast_to(a, shape).reshape(-1),
+                                   np.float64, ["C", "W"]) for a in args)
     with np.errstate(invalid="ignore", over="ignore"):
         disc = np.exp(-r * t)
-        call = c > 0
-        intrinsic = np.where(call, np.maximum(f - k, 0.0), np.maximum(k - f, 0.0)) * disc
-        upper = np.where(call, f, k) * disc
-        finite = (np.isfinite(p) & np.isfinite(f) & np.isfinite(k) & np.isfinite(t) & np.isfinite(r)
-                  & (f > 0) & (k > 0))
-    reason[~finite] = INVALID_INPUT
-    reason[(reason == OK) & (t <= 0)] = ZERO_TIME
-    reason[(reason == OK) & (p <= 0)] = ZERO_PRICE
-    reason[(reason == OK) & (p <= intrinsic)] = BELOW_INTRINSIC
-    reason[(reason == OK) & (p >= upper)] = ABOVE_UPPER_BOUND
-    ok = np.flatnonzero(reason == OK)
-    if ok.size == 0:
-        return sigma.reshape(shape), reason.reshape(shape)
-
-    fo, ko, to, po, do = f[ok], k[ok], t[ok], p[ok], disc[ok]
-    x = -np.abs(np.log(fo / ko))
-    norm = do * np.sqrt(fo * ko)
-    # Both targets straight from the price: its distance to intrinsic (the OTM value by parity)
-    # and to the upper bound.
-    with np.errstate(divide="ignore"):
-        log_b = np.log((po - intrinsic[ok]) / norm)
-        log_u = np.log((upper[ok] - po) / norm)
-    s, converged = _solve(x, log_b, log_u, tol=tol, max_iter=max_iter)
-    sigma[ok] = np.where(converged, s / np.sqrt(to), np.nan)
-    reason[ok[~converged]] = NO_CONVERGENCE
-    return sigma.reshape(shape), reason.reshape(shape)
+    sigma, reason, n_iter = np.empty(p.shape), np.empty(p.shape, dtype=np.int8), np.empty(p.shape, dtype=np.int8)
+    # Small inputs stay on the calling thread: waking the other threads costs more than they save (up to
+    # tens of ms on a loaded machine). Large ones go in dynamic chunks, not one static share per thread, so
+    # that on shared cores a thread that is descheduled holds up only its current chunk.
+    n_threads = numba.get_num_threads()
+    numba.set_num_threads(1 if p.size < _PARALLEL_MIN_ROWS else n_threads)
+    try:
+        with numba.parallel_chunksize(_CHUNK):
+            _invert(p, f, k, t, r, c, disc, float(tol), int(max_iter), sigma, reason, n_iter)
+    finally:
+        numba.set_num_threads(n_threads)
+    return sigma.reshape(shape), reason.reshape(shape), n_iter.reshape(shape)
