@@ -32,6 +32,21 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
+@pytest.fixture(scope="session")
+def postgres():
+    """A real PostgreSQL server for the session (tests/postgres.py); ``postgres.url()`` is a fresh database."""
+    from .postgres import PostgresServer, find_bin_dir
+
+    bin_dir = find_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) not found: run scripts/install_postgres.sh "
+                    "(the Debian package postgresql)")
+    pytest.importorskip("psycopg", reason="the PostgreSQL driver is missing: pip install -e '.[postgres]'")
+    server = PostgresServer(bin_dir).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def make_cfg(tmp_path, cache_dir):
     """``make_cfg(*overrides)`` composes conf/train.yaml with fast, tiny, untracked defaults."""

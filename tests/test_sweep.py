@@ -233,10 +233,12 @@ def test_hydra_discovers_the_sweepers_and_composes_a_search_space():
 # --- real sweeps (subprocesses) ---
 
 
-def run_sweep(tmp_path: Path, name: str, *overrides: str, background: bool = False, model: str = "mlp"):
-    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VFORGE_CACHE_DIR=str(tmp_path / "cache"))
+def run_sweep(tmp_path: Path, name: str, *overrides: str, background: bool = False, model: str = "mlp",
+              storage: str | None = None):
+    # PYTHONPATH: the jobs import this checkout's vforge, not whichever one is pip-installed
+    env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", VFORGE_CACHE_DIR=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "vforge.train", "-m", f"hparams_search={model}", "trainer=fast", *TINY_DATA,
-           f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db", f"hydra.sweep.dir={tmp_path}/{name}",
+           f"hydra.sweeper.storage={storage or f'sqlite:///{tmp_path}/optuna.db'}", f"hydra.sweep.dir={tmp_path}/{name}",
            f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", "logger.experiment=sweep-test",
            "trainer.num_threads=1", *overrides]
     if background:
@@ -278,11 +280,14 @@ def test_sweep_resumes_with_parent_and_child_runs_in_mlflow(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_sweep_processes_share_one_study(tmp_path):
-    procs = [run_sweep(tmp_path, f"worker{i}", "hydra.sweeper.n_trials=6", background=True) for i in range(2)]
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_two_sweep_processes_share_one_study(tmp_path, backend, request):
+    storage = request.getfixturevalue("postgres").url() if backend == "postgres" else f"sqlite:///{tmp_path}/optuna.db"
+    procs = [run_sweep(tmp_path, f"worker{i}", "hydra.sweeper.n_trials=6", background=True, storage=storage)
+             for i in range(2)]
     outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs[0][-2000:] + outs[1][-2000:]
-    study = optuna.load_study(study_name="mlp", storage=f"sqlite:///{tmp_path}/optuna.db")
+    study = optuna.load_study(study_name="mlp", storage=storage)
     ran = [trial_numbers_run(tmp_path / f"worker{i}") for i in range(2)]
     assert len(study.trials) == 6 == len(ran[0]) + len(ran[1])  # the count is the sum of both workers' trials
     assert sorted(ran[0] + ran[1]) == list(range(6))  # no trial ran twice

@@ -67,6 +67,36 @@ def file_lock(target: str | Path | None) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+_PG_LOCK_KEY = 0x7666_6F72_6765  # "vforge": one advisory lock per database, shared by every study in it
+
+
+@contextlib.contextmanager
+def storage_lock(storage: str | None) -> Iterator[None]:
+    """An exclusive lock shared by every process using ``storage``, wherever it runs.
+
+    A file next to a SQLite or journal store (:func:`file_lock`); a session advisory lock
+    (``pg_advisory_lock``) on a PostgreSQL server, so workers on other machines wait too and a
+    worker that dies releases it with its connection; none for other servers.
+    """
+    if storage is None or not storage.startswith("postgresql"):
+        with file_lock(_local_file(storage) if storage else None):
+            yield
+        return
+    import sqlalchemy as sa
+    from sqlalchemy.pool import NullPool
+
+    engine = sa.create_engine(storage, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+            try:
+                yield
+            finally:
+                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
+    finally:
+        engine.dispose()
+
+
 def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
                  grace_period: int | None = None) -> optuna.storages.BaseStorage | None:
     """A storage URL -> an Optuna storage; None stays None (in memory).
@@ -89,7 +119,7 @@ def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
     kwargs: dict[str, Any] = {}
     if storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    with file_lock(path):
+    with storage_lock(storage):  # two processes creating the tables at once would collide
         return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_interval,
                                           grace_period=grace_period, **kwargs)
 
@@ -99,8 +129,7 @@ def create_study(storage_url: str | None, study_name: str | None, directions: li
                  grace_period: int | None = None) -> optuna.Study:
     """Create the study or load it if it exists (a resumed or second sweep), once, under a file lock."""
     storage = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
-    path = _local_file(storage_url) if storage_url else None
-    with file_lock(path):
+    with storage_lock(storage_url):
         study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
                                     sampler=sampler, pruner=pruner, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:

@@ -134,7 +134,7 @@ class StudySweeper(Sweeper):
         pruner, self.pruner_plain = self._pruner()
         study = S.create_study(self.storage_url, study_name, directions, sampler=self._sampler(space), pruner=pruner,
                                heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
-        with S.file_lock(S._local_file(self.storage_url)):  # two workers starting together fail a trial once
+        with S.storage_lock(self.storage_url):  # two workers starting together fail a trial once
             stale = S.fail_stale_trials(study)
         if stale and self.parent is not None:
             for n in stale:
@@ -150,7 +150,7 @@ class StudySweeper(Sweeper):
         uri, experiment = where
         key = f"vforge:mlflow_parent:{uri}:{experiment}"
         # one parent per study: a resumed sweep and a second worker on the same study reuse it
-        with S.file_lock(S._local_file(self.storage_url)):
+        with S.storage_lock(self.storage_url):
             self.parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
                                    tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
             study.set_user_attr(key, self.parent.run_id)
@@ -185,12 +185,11 @@ class StudySweeper(Sweeper):
         """Ask, launch and tell until the study holds ``n_trials`` counted trials (or ``timeout`` s pass)."""
         directions = [d.name.lower() for d in study.directions]
         extender = get_method(custom_search_space) if custom_search_space else None
-        lock_target = S._local_file(self.storage_url)
         start = time.monotonic()
         done: list[tuple[int, TrialState]] = []
         n_failed, last_err = 0, None
         while True:
-            with S.file_lock(lock_target):  # count and ask as one step, so parallel sweeps never overshoot
+            with S.storage_lock(self.storage_url):  # count and ask as one step, so parallel sweeps never overshoot
                 left = n_trials - S.n_counted(study)
                 if left <= 0:
                     break
