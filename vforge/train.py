@@ -21,6 +21,7 @@ from vforge.evaluation.report import evaluate_run
 from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
+from vforge.training.distributed import make_strategy
 from vforge.training.loop import evaluate, fit
 from vforge.training.losses import as_loss
 from vforge.training.optim import param_groups
@@ -49,7 +50,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     torch.use_deterministic_algorithms(tr.deterministic, warn_only=True)
-    device = resolve_device(tr.device)
+    strategy = make_strategy(tr.strategy)  # DDP: rank 0 alone logs, checkpoints and writes files
+    device = strategy.device(resolve_device(tr.device))
 
     data = instantiate(cfg.data, _convert_="all")
     log.info("%s", format_report(data.report))
@@ -61,14 +63,14 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps) if cfg.scheduler else None
     averaging = [instantiate(cfg.averaging)] if cfg.averaging else []
     extra = [instantiate(c) for c in (tr.callbacks or {}).values()]
-    resume_path = find_resume(tr.resume, cfg.output_dir, cfg.run_name, siblings=cfg.get("trial") is None)
+    out_dir = Path(strategy.broadcast(cfg.output_dir))  # each torchrun process resolved its own ${now:}
+    resume_path = strategy.broadcast(find_resume(tr.resume, out_dir, cfg.run_name, siblings=cfg.get("trial") is None))
     resume = torch.load(resume_path, weights_only=False, map_location=device) if resume_path else None
     config = OmegaConf.to_container(cfg, resolve=True)
     if resume:
         check_compatible(resume, config, resume_path)
-    logger = instantiate(cfg.logger) if cfg.logger else None
+    logger = instantiate(cfg.logger) if cfg.logger and strategy.is_main else None
 
-    out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if logger:
         logger.start(cfg, run_name=cfg.run_name, tags=run_tags(cfg),
@@ -77,8 +79,9 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             logger.log_dict(data.report, "data_report.json")
     status = "FAILED"
     try:
-        cbs: list[Callback] = [*averaging, EarlyStopping(patience=tr.patience), EpochLog(logger), Progress(tr.progress)]
-        if tr.checkpoint:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
+        cbs: list[Callback] = [*averaging, EarlyStopping(patience=tr.patience), EpochLog(logger),
+                               Progress(tr.progress and strategy.is_main)]
+        if tr.checkpoint and strategy.is_main:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
             ckpt_dir = resume_path.parent if resume_path else out_dir / "checkpoints"
             cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name, "config": config,
                                                         "mlflow_run_id": logger.run_id if logger else None}))
@@ -90,11 +93,15 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, max_epochs=tr.max_epochs,
             batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size, grad_clip=tr.grad_clip,
             accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile, callbacks=[*cbs, *extra, *callbacks],
-            generator=torch.Generator().manual_seed(cfg.seed), resume=resume,
+            generator=torch.Generator().manual_seed(cfg.seed), resume=resume, strategy=strategy,
         )
         metrics, predictions = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
                     "n_params": sum(p.numel() for p in model.parameters())}
+        strategy.check_agree(metrics)
+        if not strategy.is_main:  # the other ranks hold the same model: rank 0 alone evaluates, saves and logs
+            status = "FINISHED"
+            return metrics
         report = evaluate_run(data, predictions, out_dir, cfg.evaluation, logger=logger, history=result.history)
         metrics |= report.metrics
         log.info("%s\nevaluation took %.2f s", report.text, report.seconds)
@@ -119,6 +126,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     finally:
         if logger:
             logger.end(status)
+        strategy.close()
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")

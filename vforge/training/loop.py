@@ -22,6 +22,7 @@ from vforge.data.dataset import Dataset, Split
 from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
+from vforge.training.distributed import Single
 from vforge.training.losses import Batch, Loss, Quantile
 
 log = logging.getLogger(__name__)
@@ -150,19 +151,24 @@ def diagnose(loss_log: Tensor, step: int, x: Tensor, y: Tensor, loss_fn: Loss, l
 def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.optim.Optimizer, scheduler: Any = None,
         max_epochs: int, batch_size: int, eval_batch_size: int = 8192, grad_clip: float | None = None,
         accumulate: int = 1, precision: str = "fp32", compile: bool = False, callbacks: Sequence[Callback] = (),
-        generator: torch.Generator | None = None, resume: dict[str, Any] | None = None) -> FitResult:
+        generator: torch.Generator | None = None, resume: dict[str, Any] | None = None,
+        strategy: Single | None = None) -> FitResult:
     """Train ``model`` in place; return the evaluated model (averaged when averaging is on) in the result.
 
     ``scheduler`` is stepped every optimizer step, except ``ReduceLROnPlateau``: every epoch on val RMSE.
-    ``resume`` is a ``last.pt`` dict: the fit continues after its epoch, bit for bit.
+    ``resume`` is a ``last.pt`` dict: the fit continues after its epoch, bit for bit. ``strategy``
+    (vforge/training/distributed.py) gives each DDP rank its share of every batch of ``batch_size`` rows.
     """
+    strategy = strategy or Single()
     device = next(model.parameters()).device
     train, n = data.train, len(data.train)
     x_num, y = train.x_num.to(device), train.y.to(device)
     x_cat = None if train.x_cat is None else train.x_cat.to(device)
     # per-row context only for losses that use it: slicing it every step is not free
     aux = {k: v.to(device) for k, v in split_aux(data, train).items()} if getattr(loss_fn, "needs_levels", 0) else {}
-    batches_per_epoch = math.ceil(n / batch_size) - (1 if n % batch_size == 1 and n > 1 else 0)
+    # drop a straggler batch too small to give every rank two rows (one row breaks BatchNorm)
+    batches_per_epoch = math.ceil(n / batch_size) - (1 if 0 < n % batch_size < 2 * strategy.world_size
+                                                     and n > batch_size else 0)
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" and device.type == "cuda" else None
     state = FitState(model, data, optimizer, scheduler, max_epochs, batch_size,
@@ -173,7 +179,8 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         cb.on_fit_start(state)
     if resume is not None:
         restore(state, callbacks, resume)
-    forward = torch.compile(model) if compile else model
+    forward = strategy.wrap(model)  # DDP all-reduces the gradients in backward
+    forward = torch.compile(forward) if compile else forward
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
     output = getattr(loss_fn, "median", 0)
@@ -184,7 +191,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         state.epoch = epoch
         model.train()
         perm = torch.randperm(n, generator=generator).to(device)
-        batches = perm.split(batch_size)[:batches_per_epoch]  # drops a straggler of one row (breaks BatchNorm)
+        batches = [strategy.shard(b) for b in perm.split(batch_size)[:batches_per_epoch]]  # this rank's rows
         losses = []  # per-step losses, checked once an epoch: no per-step sync
         for i, idx in enumerate(batches):
             batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change) if aux else plain
@@ -217,14 +224,16 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
                 cb.on_step_end(state)
         loss_log = torch.stack(losses)
         bad = (~torch.isfinite(loss_log)).nonzero()
-        if len(bad):  # stop before any callback can checkpoint the broken weights
+        if strategy.mean(float(len(bad) > 0)):  # stop (every rank) before any callback can checkpoint broken weights
+            if not len(bad):
+                raise NonFiniteLossError(f"the loss became non-finite on another DDP rank in epoch {state.epoch}")
             step = int(bad[0])
             raise NonFiniteLossError(diagnose(loss_log.cpu(), step, x_num[batches[step]], y[batches[step]], loss_fn,
                                               optimizer.param_groups[0]["lr"], state.epoch))
         for cb in callbacks:
             cb.on_train_epoch_end(state)
         sizes = torch.tensor([len(b) for b in batches], dtype=loss_log.dtype, device=device)
-        state.metrics = {"train/loss": float((loss_log * sizes).sum() / sizes.sum()),
+        state.metrics = {"train/loss": strategy.mean(float((loss_log * sizes).sum() / sizes.sum())),
                          "val/rmse_epoch": val_rmse(state.eval_model, data, eval_batch_size, output),
                          "lr": optimizer.param_groups[0]["lr"]}
         state.metrics |= {f"train/{k}_penalty": float(v) for k, v in getattr(loss_fn, "last", {}).items()}
