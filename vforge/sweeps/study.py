@@ -68,6 +68,8 @@ def file_lock(target: str | Path | None) -> Iterator[None]:
 
 
 _PG_LOCK_KEY = 0x7666_6F72_6765  # "vforge": one advisory lock per database, shared by every study in it
+_LOCK_ENGINES: dict[str, Any] = {}
+_SERVER_STORAGES: dict[tuple, optuna.storages.RDBStorage] = {}
 
 
 @contextlib.contextmanager
@@ -83,18 +85,15 @@ def storage_lock(storage: str | None) -> Iterator[None]:
             yield
         return
     import sqlalchemy as sa
-    from sqlalchemy.pool import NullPool
 
-    engine = sa.create_engine(storage, poolclass=NullPool)
-    try:
-        with engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
-            try:
-                yield
-            finally:
-                conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
-    finally:
-        engine.dispose()
+    if storage not in _LOCK_ENGINES:  # one small pool per server: a lock is then a round trip, not a connect
+        _LOCK_ENGINES[storage] = sa.create_engine(storage, pool_size=1, pool_pre_ping=True)
+    with _LOCK_ENGINES[storage].connect() as conn:
+        conn.execute(sa.text("SELECT pg_advisory_lock(:k)"), {"k": _PG_LOCK_KEY})
+        try:
+            yield
+        finally:
+            conn.execute(sa.text("SELECT pg_advisory_unlock(:k)"), {"k": _PG_LOCK_KEY})
 
 
 def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
@@ -119,9 +118,15 @@ def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
     kwargs: dict[str, Any] = {}
     if storage.startswith("sqlite"):
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    key = (storage, heartbeat_interval, grace_period)
+    if key in _SERVER_STORAGES:  # a server's schema check costs dozens of round trips: once per process
+        return _SERVER_STORAGES[key]
     with storage_lock(storage):  # two processes creating the tables at once would collide
-        return optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_interval,
-                                          grace_period=grace_period, **kwargs)
+        rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
+                                         **kwargs)
+    if storage.startswith("postgresql"):
+        _SERVER_STORAGES[key] = rdb
+    return rdb
 
 
 def create_study(storage_url: str | None, study_name: str | None, directions: list[str], *, sampler=None,
