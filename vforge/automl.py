@@ -18,10 +18,12 @@ from vforge import CONF_DIR
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def job(cfg: DictConfig) -> float:
     """One AutoML trial: exactly what ``vforge.train``'s main does."""
-    from vforge.sweeps.pruning import sweep_callbacks
+    from vforge.sweeps.pruning import raise_if_budget_spent, sweep_callbacks
     from vforge.train import train
 
-    metrics = train(cfg, callbacks=sweep_callbacks(cfg))
+    callbacks = sweep_callbacks(cfg)
+    metrics = train(cfg, callbacks=callbacks)
+    raise_if_budget_spent(callbacks)
     return metrics[cfg.optimized_metric]
 
 

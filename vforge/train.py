@@ -18,6 +18,7 @@ from vforge import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import format_report
 from vforge.evaluation.report import evaluate_run
+from vforge.sweeps.console import ONCE_PER_SWEEP
 from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
@@ -54,7 +55,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     device = strategy.device(resolve_device(tr.device))
 
     data = instantiate(cfg.data, _convert_="all")
-    log.info("%s", format_report(data.report))
+    log.info("%s", format_report(data.report), extra={ONCE_PER_SWEEP: True})
     loss_fn = as_loss(instantiate(cfg.loss, _convert_="all")).to(device)
     model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities,
                         d_out=loss_fn.d_out).to(device)
@@ -131,9 +132,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
 def main(cfg: DictConfig) -> float:
-    from vforge.sweeps.pruning import sweep_callbacks  # reports to the Optuna trial when a sweep runs this job
+    # report to the Optuna trial when a sweep runs this job; a trial its time budget cut short ends pruned
+    from vforge.sweeps.pruning import raise_if_budget_spent, sweep_callbacks
 
-    metrics = train(cfg, callbacks=sweep_callbacks(cfg))
+    callbacks = sweep_callbacks(cfg)
+    metrics = train(cfg, callbacks=callbacks)
+    raise_if_budget_spent(callbacks)
     return metrics[cfg.optimized_metric]
 
 

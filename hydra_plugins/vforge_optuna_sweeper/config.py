@@ -163,7 +163,7 @@ class OptunaSweeperConf:
     n_trials: int = 20
     n_jobs: int = 1
     max_failure_rate: float = 0.0
-    timeout: float | None = None          # seconds; no new trial is asked for after it
+    timeout: float | None = None          # seconds; the running trial stops (pruned) and no new one starts
     # RDB storages: a trial whose job sent no heartbeat (one per epoch) for grace_period seconds is failed as stale
     # by the next sweep on the study and retried; grace_period must exceed the longest epoch
     heartbeat_interval: int | None = None
@@ -185,7 +185,7 @@ class AutoMLSweeperConf:
     pruner: Any = None
     models: list[str] = field(default_factory=lambda: ["mlp", "resnet"])
     n_trials: int = 4                      # per model
-    minutes: float | None = None           # per model; no new trial is asked for after it
+    minutes: float | None = None           # in all, shared by the models; the running trial stops when spent
     n_jobs: int = 1
     storage: Any = None                    # null: sqlite file in the sweep dir
     study_name: str = "automl"

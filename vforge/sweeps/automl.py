@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from optuna.trial import TrialState
 
 from vforge.evaluation import leaderboard as L
 from vforge.sweeps import study as S
+from vforge.sweeps.pruning import ATTR_PRUNED_REASON, BUDGET_SPENT
 from vforge.sweeps.search_space import parse_params
-from vforge.sweeps.sweeper import StudySweeper
+from vforge.sweeps.sweeper import BEAT_MARGIN, StudySweeper, finished_value
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,11 @@ def _metric_name(name: str) -> str:
     return re.sub(r"[^0-9A-Za-z_\-. /]", "_", name)
 
 
+def budget_cut(trial: optuna.trial.FrozenTrial) -> bool:
+    """A trial the time budget stopped after an epoch: pruned for Optuna, but its run finished and was saved."""
+    return trial.state == TrialState.PRUNED and trial.user_attrs.get(ATTR_PRUNED_REASON) == BUDGET_SPENT
+
+
 class AutoMLSweeperImpl(StudySweeper):
     def __init__(self, *, sampler: Any, pruner: Any, models: list[str], n_trials: int, minutes: float | None,
                  n_jobs: int, storage: str | None, study_name: str, max_failure_rate: float, ensemble_size: int,
@@ -86,13 +93,17 @@ class AutoMLSweeperImpl(StudySweeper):
             raise ValueError("choose the models with hydra.sweeper.models=[mlp,resnet], not model=...")
         fixed = [f"{k}={v}" for k, v in fixed_cli.items()] + other
         spaces = {m: parse_params(model_search_params(m, self.config))[0] for m in self.models}
-        budget = f"{self.n_trials} trials" if self.n_trials < 10**9 else ""
-        budget += (" or " if budget else "") + (f"{self.minutes:g} min" if self.minutes else "")
-        log.info("AutoML over %s: %s per model", ", ".join(self.models), budget)
+        budget = f"{self.n_trials} trials per model" if self.n_trials < 10**9 else ""
+        budget += (" or " if budget else "") + (f"{self.minutes:g} min in all" if self.minutes else "")
+        log.info("AutoML over %s: %s", ", ".join(self.models), budget)
+        # minutes is the whole search's budget: each model gets an equal share of what is left when its turn comes
+        # (a model that stops early leaves its time to the next); the running trial stops when its share is spent
+        deadline = time.monotonic() + self.minutes * 60 if self.minutes else None
         status = "FAILED"
         studies: dict[str, optuna.Study] = {}
         try:
-            for model in self.models:
+            for i, model in enumerate(self.models):
+                share = max(deadline - time.monotonic(), 0) / (len(self.models) - i) if deadline else None
                 study = self._open_study(self.storage, f"{self.study_name}-{model}", ["minimize"], spaces[model])
                 studies[model] = study
                 if self.parent is None and self.use_mlflow:
@@ -101,8 +112,7 @@ class AutoMLSweeperImpl(StudySweeper):
                         "minutes_per_model": self.minutes, "storage": self.storage_url})
                 try:
                     self.run_study(study, space=spaces[model], fixed=[f"model={model}", *fixed],
-                                   n_trials=self.n_trials, timeout=self.minutes * 60 if self.minutes else None,
-                                   label=f"[{model}] ")
+                                   n_trials=self.n_trials, timeout=share, label=f"[{model}] ")
                 except RuntimeError as e:  # too many failures for this model: the others still run
                     log.error("%s", e)
             rows = self.leaderboard(studies)
@@ -115,12 +125,30 @@ class AutoMLSweeperImpl(StudySweeper):
             if self.parent is not None:
                 self.parent.end(status)
 
+    def compare_with_persistence(self, models: list[L.Entry], persistence: L.Entry) -> None:
+        """Say whether the best model beats persistence on validation (the rows a desk's own number covers)."""
+        if not models:
+            return
+        best, bench = models[0], persistence.val["rmse"]
+        gain = 1 - best.val["rmse"] / bench if bench > 0 else float("nan")
+        text = (f"best model {best.name}: val RMSE {best.val['rmse']:.4f} vs {bench:.4f} for persistence "
+                f"({gain:+.1%})")
+        if gain >= BEAT_MARGIN:
+            log.info("%s", text)
+        else:
+            log.warning("%s: it does not beat persistence (by %.0f%% or more); more trials or minutes, or persistence "
+                        "itself", text, BEAT_MARGIN * 100)
+
     def leaderboard(self, studies: dict[str, optuna.Study]) -> list[dict[str, Any]]:
         entries: list[L.Entry] = []
         data = None
         for model, study in studies.items():
             trials = study.get_trials(deepcopy=False)
-            done = [t for t in trials if t.state == TrialState.COMPLETE and "output_dir" in t.user_attrs]
+            # a trial the time budget cut short is pruned for Optuna but finished and saved: it competes too
+            done = {t.number: (t.value, "") for t in trials if t.state == TrialState.COMPLETE and "output_dir" in
+                    t.user_attrs}
+            done |= {t.number: (v, "; stopped by the time budget") for t in trials if budget_cut(t)
+                     for v in [finished_value(t)] if v is not None}
             counts = {s: sum(t.state == s and S.counted(t) for t in trials)
                       for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
             minutes = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials
@@ -129,17 +157,18 @@ class AutoMLSweeperImpl(StudySweeper):
             if not done:
                 log.warning("[%s] no complete trial: not on the leaderboard", model)
                 continue
-            best = min(done, key=lambda t: t.value)
+            number = min(done, key=lambda n: done[n][0])
+            best, (value, note) = next(t for t in trials if t.number == number), done[number]
             try:
                 entry, data = L.model_entry(model, best.user_attrs["output_dir"], data, self.latency_rows,
                                             info | {"trial": best.number, "params": best.params,
-                                                    "notes": f"trial {best.number}"})
+                                                    "notes": f"trial {best.number}{note}"})
             except Exception as e:  # noqa: BLE001 - a missing checkpoint should not sink the whole board
                 log.error("[%s] could not re-evaluate trial %d: %s", model, best.number, e)
                 continue
-            if not math.isclose(entry.val["rmse"], best.value, rel_tol=1e-3, abs_tol=1e-4):
+            if not math.isclose(entry.val["rmse"], value, rel_tol=1e-3, abs_tol=1e-4):
                 log.warning("[%s] re-evaluated val RMSE %.4f differs from the trial's %.4f", model, entry.val["rmse"],
-                            best.value)
+                            value)
             entries.append(entry)
         if data is None:
             raise RuntimeError("AutoML: no model finished a trial; nothing to rank (see the errors above)")
@@ -161,6 +190,7 @@ class AutoMLSweeperImpl(StudySweeper):
             {"weights_fit_on": "val", "weights": weights,
              "members": {e.name: e.info.get("output_dir") for e in members}}, indent=1))
         log.info("leaderboard (%s)\n%s", md, md.read_text())
+        self.compare_with_persistence(models, refs[0])
         if self.parent is not None:
             for path in (md, csv, self.sweep_dir / "ensemble.json"):
                 self.parent.log_artifact(path)

@@ -9,6 +9,7 @@ pruner says so; that exception comes back in the job's return and the trial is t
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -28,10 +29,18 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import TrialState
 
 from vforge.sweeps import study as S
+from vforge.sweeps.console import SweepProgress, format_duration, trial_line
+from vforge.sweeps.pruning import ATTR_PRUNED_EPOCH, ATTR_PRUNED_REASON, BUDGET_SPENT, ENV_DEADLINE
 from vforge.sweeps.search_space import format_value, grid_search_space, parse_params, quote, suggest
 from vforge.tracking.mlflow import ENV_PARENT_RUN
 
 log = logging.getLogger(__name__)
+# Hydra's launchers log every job's full override list; the sweeper's one line per trial says it shorter
+LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core")
+# What a sweep's best val metric is compared with at the end, on the same rows (metrics.json of its run)
+BENCHMARKS = {"val/rmse": ("val/baseline_rmse", "persistence (else the previous surface)"),
+              "val/prev_quoted_rmse": ("val/persistence_rmse", "persistence")}
+BEAT_MARGIN = 0.01  # a best trial less than 1% better than its benchmark is reported as not beating it
 # our jobs send the heartbeats (one per epoch, vforge/sweeps/pruning.py), so ask/tell with a heartbeat is intended
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
@@ -69,6 +78,14 @@ def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, 
             raise
 
 
+def finished_value(trial: optuna.trial.FrozenTrial) -> float | None:
+    """The val RMSE a finished run wrote to its metrics.json (None when it wrote none)."""
+    try:
+        return float(json.loads((Path(trial.user_attrs["output_dir"]) / "metrics.json").read_text())["val/rmse"])
+    except (KeyError, OSError, ValueError):
+        return None
+
+
 class StudySweeper(Sweeper):
     """What the Optuna and AutoML sweepers share: setup, the study, the ask/tell loop, MLflow."""
 
@@ -88,6 +105,7 @@ class StudySweeper(Sweeper):
         self.job_idx = 0
         self.config: DictConfig | None = None
         self.parent = None
+        self.deadline: float | None = None  # unix time: the running trial stops then (hydra.sweeper.minutes/timeout)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
@@ -100,6 +118,8 @@ class StudySweeper(Sweeper):
         node = config.hydra.sweeper
         self.sampler_cfg = node.get("sampler", self.sampler_cfg)
         self.pruner_cfg = node.get("pruner", self.pruner_cfg)
+        for name in LAUNCHER_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
 
     # --- building blocks ---
 
@@ -160,6 +180,8 @@ class StudySweeper(Sweeper):
         env = S.job_env(self.storage_url, study.study_name, trial, self.pruner_plain)
         if self.parent is not None:
             env[ENV_PARENT_RUN] = self.parent.run_id
+        if self.deadline is not None:
+            env[ENV_DEADLINE] = f"{self.deadline:.3f}"
         out = [f"{k}={format_value(v)}" for k, v in trial.params.items()]
         out += fixed_overrides
         if self.config is not None and "trial" in self.config:
@@ -182,19 +204,33 @@ class StudySweeper(Sweeper):
     def run_study(self, study: optuna.Study, *, space: dict[str, BaseDistribution], fixed: list[str],
                   n_trials: int, timeout: float | None, custom_search_space: str | None = None,
                   label: str = "") -> list[tuple[int, TrialState]]:
-        """Ask, launch and tell until the study holds ``n_trials`` counted trials (or ``timeout`` s pass)."""
-        directions = [d.name.lower() for d in study.directions]
+        """Ask, launch and tell until the study holds ``n_trials`` counted trials, or ``timeout`` s pass: then the
+        running trial stops too (recorded as pruned)."""
         extender = get_method(custom_search_space) if custom_search_space else None
-        start = time.monotonic()
+        self.deadline = time.time() + timeout if timeout is not None else None
+        n_before = S.n_counted(study)
+        progress = SweepProgress(n_trials - n_before if n_trials < 10**9 else None, label=label, seconds=timeout)
         done: list[tuple[int, TrialState]] = []
+        try:
+            self._ask_launch_tell(study, space, fixed, n_trials, extender, progress, done, label)
+        finally:
+            progress.close()
+            self.deadline = None
+        return done
+
+    def _ask_launch_tell(self, study: optuna.Study, space: dict[str, BaseDistribution], fixed: list[str],
+                         n_trials: int, extender: Any, progress: SweepProgress, done: list[tuple[int, TrialState]],
+                         label: str) -> None:
+        n_objectives = len(study.directions)
         n_failed, last_err = 0, None
         while True:
             with S.storage_lock(self.storage_url):  # count and ask as one step, so parallel sweeps never overshoot
                 left = n_trials - S.n_counted(study)
                 if left <= 0:
                     break
-                if timeout is not None and time.monotonic() - start > timeout:
-                    log.info("%stimeout of %.0f s reached with %d trials to go", label, timeout, left)
+                if self.deadline is not None and time.time() > self.deadline:
+                    log.info("%stime budget of %s spent with %d trials to go", label,
+                             format_duration(progress.budget or 0), left)
                     break
                 trials = [study.ask() for _ in range(min(left, self.n_jobs))]
                 for t in trials:
@@ -213,17 +249,22 @@ class StudySweeper(Sweeper):
                     trial.set_user_attr(S.ATTR_ERROR, f"{type(e).__name__}: {e}"[:2000])
                     study.tell(trial, state=TrialState.FAIL)
                 raise
+            launched = time.monotonic()
             returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+            per_trial = (time.monotonic() - launched) / max(len(returns), 1)  # n_jobs at once share the wall time
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns):
-                state, values, err = self._outcome(ret, len(directions))
+                state, values, err = self._outcome(ret, n_objectives)
                 if err is not None:
                     trial.set_user_attr(S.ATTR_ERROR, f"{type(err).__name__}: {err}"[:2000])
                 _tell(study, trial, values, state)
                 done.append((trial.number, state))
                 if self.parent is not None:
                     self.parent.mark_child(trial.number, state.name, err, values[0] if values else None)
-                self._log_trial(study, trial, state, values, err, label)
+                with S.storage_lock(self.storage_url):
+                    left = max(n_trials - S.n_counted(study), 0) if n_trials < 10**9 else 10**9  # 10**9: no cap
+                eta = progress.trial_done(per_trial, left + sum(1 for t in trials if t.number > trial.number))
+                self._log_trial(study, trial, state, values, err, label, progress, eta)
                 if state == TrialState.FAIL:
                     n_failed, last_err = n_failed + 1, err
             if n_failed > self.max_failure_rate * n_trials:  # after the whole batch is told: no trial left RUNNING
@@ -231,25 +272,58 @@ class StudySweeper(Sweeper):
                     f"{label}{n_failed} trial(s) failed, more than max_failure_rate={self.max_failure_rate} "
                     f"x n_trials={n_trials}; last error: {type(last_err).__name__}: {last_err}. Raise "
                     "hydra.sweeper.max_failure_rate to let the study go on") from last_err
-        return done
 
-    def _log_trial(self, study, trial, state, values, err, label: str) -> None:
+    def _log_trial(self, study: optuna.Study, trial: optuna.Trial, state: TrialState, values: list[float] | None,
+                   err: BaseException | None, label: str, progress: SweepProgress, eta: float | None) -> None:
+        """One line: the trial, its params, its val metric (or where it was pruned, or its error), the best so far,
+        and the sweep's progress with an ETA."""
         frozen = study._storage.get_trial(trial._trial_id)
-        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+        value, epoch, reason = (values[0] if values else None), None, ""
         if state == TrialState.PRUNED:
-            step = frozen.last_step
-            last = frozen.intermediate_values.get(step) if step is not None else None
-            log.info("%strial %d PRUNED at epoch %s (val RMSE %s) [%s]", label, trial.number, step,
-                     f"{last:.4f}" if last is not None else "?", params)
+            epoch = frozen.user_attrs.get(ATTR_PRUNED_EPOCH, frozen.last_step)
+            last = frozen.last_step
+            value = frozen.intermediate_values.get(last) if last is not None else None
+            reason = str(frozen.user_attrs.get(ATTR_PRUNED_REASON, ""))
+            if reason == BUDGET_SPENT:  # its run finished (best epoch restored): what it scored
+                value = finished_value(frozen) or value
         elif state == TrialState.FAIL:
-            log.warning("%strial %d FAILED: %s: %s [%s]", label, trial.number, type(err).__name__, err, params)
-        else:
+            reason = f"{type(err).__name__}: {err}"
+        best = None
+        if len(study.directions) == 1:
             try:
-                best = f"; best is trial {study.best_trial.number} with {study.best_value:.4f}" if len(
-                    study.directions) == 1 else ""
-            except ValueError:
-                best = ""
-            log.info("%strial %d finished: %s [%s]%s", label, trial.number, values, params, best)
+                best = (study.best_trial.number, float(study.best_value))
+            except ValueError:  # no complete trial yet
+                best = None
+        metric = str(self.config.get("optimized_metric", "val/rmse")) if self.config is not None else "val/rmse"
+        line = trial_line(trial.number, state.name, trial.params, value, epoch=epoch, reason=reason, best=best,
+                          metric="val RMSE" if metric == "val/rmse" else metric,
+                          done=len(progress.durations), total=progress.total, elapsed=progress.elapsed, eta=eta)
+        progress.write(log, logging.WARNING if state == TrialState.FAIL else logging.INFO, label + line)
+
+    def compare_with_benchmark(self, study: optuna.Study) -> tuple[str, bool] | None:
+        """Whether the best trial beats what a desk has without a model on the same validation rows, by
+        ``BEAT_MARGIN``: ``(a line that says so, whether it does)``; None when that cannot be said (no complete
+        trial, no metrics.json, an objective with no benchmark)."""
+        metric = str(self.config.get("optimized_metric", "")) if self.config is not None else ""
+        if metric not in BENCHMARKS or len(study.directions) != 1:
+            return None
+        try:
+            best = study.best_trial
+        except ValueError:
+            return None
+        key, name = BENCHMARKS[metric]
+        try:
+            metrics = json.loads((Path(best.user_attrs["output_dir"]) / "metrics.json").read_text())
+            bench = float(metrics[key])
+        except (KeyError, OSError, ValueError):
+            return None
+        value = float(best.value)
+        gain = 1 - value / bench if bench > 0 else float("nan")
+        text = f"best {metric} {value:.4f} vs {bench:.4f} for {name} on the same rows ({gain:+.1%})"
+        if not gain >= BEAT_MARGIN:
+            text += (f": the best trial does not beat it by {BEAT_MARGIN:.0%}; more trials or epochs, a wider space, "
+                     "or keep persistence")
+        return text, gain >= BEAT_MARGIN
 
 
 class OptunaSweeperImpl(StudySweeper):
@@ -314,6 +388,9 @@ class OptunaSweeperImpl(StudySweeper):
         if complete and len(self.directions) == 1:
             summary |= {"best_trial": study.best_trial.number, "best_value": study.best_value,
                         "best_params": study.best_params}
+            verdict = self.compare_with_benchmark(study)
+            if verdict is not None:
+                summary["benchmark"] = verdict[0]
         elif complete:
             summary["best_trials"] = [{"number": t.number, "values": t.values, "params": t.params}
                                       for t in study.best_trials]
@@ -323,6 +400,8 @@ class OptunaSweeperImpl(StudySweeper):
         if "best_value" in summary:
             log.info("best trial %d: %s=%.4f with %s", summary["best_trial"], self.directions[0],
                      summary["best_value"], summary["best_params"])
+        if "benchmark" in summary:
+            log.log(logging.INFO if verdict[1] else logging.WARNING, "%s", verdict[0])
         if self.parent is not None:
             self.parent.log_study(study, self.directions)
             self.parent.log_artifact(self.sweep_dir / "optimization_results.yaml")

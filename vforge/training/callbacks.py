@@ -114,11 +114,14 @@ class EpochLog(Callback):
 
 
 class Progress(Callback):
-    """A tqdm bar over the batches of each epoch (``enabled="auto"``: only on a terminal)."""
+    """A tqdm bar over the whole run's steps (``enabled="auto"``: only on a terminal): the epoch, the last val RMSE
+    and tqdm's ETA to ``max_epochs`` (early stopping may end sooner). The bar lives during an epoch's steps only,
+    so the epoch's log line never lands inside it."""
 
     def __init__(self, enabled: str | bool = "auto") -> None:
         self.show = sys.stderr.isatty() if enabled == "auto" else bool(enabled)
-        self.bar = None
+        self.bar: Any = None
+        self.last = ""
 
     def on_step_end(self, state: FitState) -> None:
         if not self.show:
@@ -126,10 +129,16 @@ class Progress(Callback):
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=state.steps_per_epoch, desc=f"epoch {state.epoch}", leave=False, unit="step")
+            total = state.max_epochs * state.steps_per_epoch
+            self.bar = tqdm(total=total, initial=state.epoch * state.steps_per_epoch, leave=False, unit="step",
+                            desc=f"epoch {state.epoch + 1}/{state.max_epochs}{self.last}")
         self.bar.update()
 
     def on_train_epoch_end(self, state: FitState) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def on_epoch_end(self, state: FitState) -> None:
+        if "val/rmse_epoch" in state.metrics:
+            self.last = f" (val RMSE {state.metrics['val/rmse_epoch']:.3f})"
