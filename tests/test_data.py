@@ -124,7 +124,7 @@ def test_unusable_quotes_are_dropped_and_counted(make_cfg, tmp_path):
     df.loc[deep, ["bid", "ask"]] = 0.5            # a call far below intrinsic
     df.loc[20:21, ["bid", "ask"]] = [500.0, 500.2]  # above the upper bound
     df = pd.concat([df, df.iloc[[30]]])          # a duplicate
-    ds = load(make_cfg, write(df, tmp_path / "c.csv"), "data.duplicates=drop")
+    ds = load(make_cfg, write(df, tmp_path / "c.csv"), "data.duplicates=drop", "data.itm_from_otm=false")
     dropped = ds.report["dropped"]
     assert dropped["drop_zero_bid"] == 5
     assert dropped["drop_iv_price_at_or_below_intrinsic_value"] == 3
@@ -236,7 +236,7 @@ def test_itm_rows_take_the_otm_iv_of_their_strike(make_cfg, tmp_path):
     stale = df.index[first & (df["option_type"] == "C") & (df["strike"] == 80.0)]  # deep ITM call
     df.loc[stale, ["bid", "ask"]] = 1.0  # far below intrinsic (~20): not invertible on its own
     path = write(df, tmp_path / "c.csv")
-    plain = load(make_cfg, path)
+    plain = load(make_cfg, path, "data.itm_from_otm=false")
     assert plain.report["dropped"]["drop_iv_price_at_or_below_intrinsic_value"] == len(stale)
     fixed = load(make_cfg, path, "data.itm_from_otm=true")
     assert fixed.report["dropped"].get("drop_iv_price_at_or_below_intrinsic_value", 0) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
 from vforge.training.distributed import make_strategy
-from vforge.training.loop import evaluate, fit
+from vforge.training.gating import gate
+from vforge.training.loop import FitResult, evaluate, fit, val_rmse
 from vforge.training.losses import as_loss
 from vforge.training.optim import param_groups
 from vforge.training.speed import GradCheckpointing, resolve_device
@@ -90,24 +92,44 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             log.info("resuming from %s after epoch %d", resume_path, resume["epoch"])
         if tr.grad_checkpointing:  # after averaging's deepcopy of the model (see enable_grad_checkpointing)
             cbs.insert(len(averaging), GradCheckpointing())
-        result = fit(
-            model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, max_epochs=tr.max_epochs,
-            batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size, grad_clip=tr.grad_clip,
-            accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile, callbacks=[*cbs, *extra, *callbacks],
-            generator=torch.Generator().manual_seed(cfg.seed), resume=resume, strategy=strategy,
-        )
-        metrics, predictions = evaluate(result.model, model, data, loss_fn, tr.eval_batch_size)
+        closed_form = getattr(model, "fit_closed_form", None)  # model=linear: solved, not trained
+        if closed_form is not None:
+            start = time.perf_counter()
+            info = closed_form(data.train.x_num, data.train.x_cat, data.train.y, data.train.aux["quote_date_idx"].numpy())
+            log.info("linear: penalty %s chosen on %d walk-forward fold dates inside train (%s); robust scores %s",
+                     info["alpha"], info["fold_dates"], info["why"], info["scores"])
+            result = FitResult(0, val_rmse(model, data, tr.eval_batch_size), 0, time.perf_counter() - start, [], model)
+        else:
+            result = fit(
+                model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, max_epochs=tr.max_epochs,
+                batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size, grad_clip=tr.grad_clip,
+                accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile,
+                callbacks=[*cbs, *extra, *callbacks], generator=torch.Generator().manual_seed(cfg.seed), resume=resume,
+                strategy=strategy,
+            )
+        final, gate_note = result.model, ""
+        dnh = cfg.get("do_no_harm")
+        if dnh and dnh.enabled and data.target == "change" and loss_fn.d_out == 1 and len(data.val):
+            final, blend_cfg, choice = gate(result.model, data, model_cfg=config["model"], model_name=cfg.run_name,
+                                            weights=list(dnh.weights), trim=dnh.trim, tolerance=dnh.tolerance,
+                                            batch_size=tr.eval_batch_size)
+            gate_note = "\n" + choice["note"]
+            if blend_cfg is not None:
+                config = {**config, "model": blend_cfg}
+        metrics, predictions = evaluate(final, model, data, loss_fn, tr.eval_batch_size)
+        if gate_note:
+            metrics |= {"do_no_harm/w_model": choice["w_model"], "do_no_harm/w_linear": choice["w_linear"]}
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
-                    "n_params": sum(p.numel() for p in model.parameters())}
+                    "n_params": sum(p.numel() for p in final.parameters())}  # the saved predictor
         strategy.check_agree(metrics)
         if not strategy.is_main:  # the other ranks hold the same model: rank 0 alone evaluates, saves and logs
             status = "FINISHED"
             return metrics
         report = evaluate_run(data, predictions, out_dir, cfg.evaluation, logger=logger, history=result.history)
         metrics |= report.metrics
-        log.info("%s\nevaluation took %.2f s", report.text, report.seconds)
+        log.info("%s%s\nevaluation took %.2f s", report.text, gate_note, report.seconds)
         checkpoint = out_dir / "model.pt"
-        atomic_save({"state_dict": result.model.state_dict(), "config": config,
+        atomic_save({"state_dict": final.state_dict(), "config": config,
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
                      "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target,
                      "d_out": loss_fn.d_out, "output_index": getattr(loss_fn, "median", 0),

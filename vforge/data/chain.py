@@ -36,7 +36,10 @@ D.DROP_REASONS.update({
     "drop_missing_iv": "implied_volatility missing or not positive",
     "drop_no_parity_forward": "no call/put pair on the same expiry to take a parity forward from",
     "drop_min_price": "price below data.min_price (a minimum-tick price does not identify IV)",
+    "drop_short_expiry": "fewer than data.min_days calendar days to expiry",
+    "drop_iv_range": "IV outside the plausible range data.iv_range",
     "drop_wide_spread": "bid/ask spread wider than data.max_spread_vol in volatility",
+    "drop_iv_outside_quote": "given IV outside its own bid/ask IV band by more than data.max_iv_outside_quote",
     "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
 })
 for _code, _text in REASONS.items():
@@ -118,11 +121,15 @@ def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
 def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
               report: dict, forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
               max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
-              end_date: str | None = None, min_price: float | None = None, itm_from_otm: bool = False) -> pd.DataFrame:
-    """Rename, type and check a raw table; fill IV by inversion where it is missing.
+              end_date: str | None = None, min_price: float | None = None, itm_from_otm: bool = False,
+              min_days: int | None = None, iv_range: tuple[float, float] | None = None,
+              max_iv_outside_quote: float | None = None) -> pd.DataFrame:
+    """Rename, type and check a raw table; fill IV by inversion where it is missing; apply the quote filters.
 
     Unusable rows are dropped and counted in ``report['dropped']`` by reason; impossible values
-    raise ``ValueError`` naming the rule and the rows.
+    raise ``ValueError`` naming the rule and the rows. Quote filters (None turns one off): ``min_days`` calendar
+    days to expiry, ``iv_range`` (lo, hi) plausible IVs, ``max_spread_vol`` the bid/ask spread in vol,
+    ``max_iv_outside_quote`` how far (vol) a given IV may lie outside its own bid/ask band (``iv_outside_quote``).
     """
     if iv_unit not in IV_RANGE:
         raise ValueError(f"data.iv_unit must be 'decimal' or 'percent', got {iv_unit!r}")
@@ -213,6 +220,10 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
     for col, default in (("rate", rate), ("dividend_yield", dividend_yield)):
         if col not in df.columns:
             df[col] = float(default)
+            report.setdefault("assumed", {})[col] = f"{float(default):g} used (data.{col}): the table has no {col} column"
+        elif df[col].isna().any():
+            report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
+                                                     f"{int(df[col].isna().sum()):,} rows where {col} is missing")
         df[col] = df[col].fillna(float(default))
 
     key = ["quote_date", "expiry", "strike"] + ([] if option_type else ["option_type"])
@@ -268,6 +279,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
     elif "price" in df.columns:
         price = df["price"]
     need_iv = df["implied_volatility"].isna() | (df["implied_volatility"] <= 0)
+    df["_iv_given"] = ~need_iv
     if price is not None:
         for reason in ("drop_zero_bid", "drop_missing_price"):
             if reason == "drop_zero_bid":
@@ -328,6 +340,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         counterpart = df[key].merge(otm, on=key, how="left")
         take = itm & counterpart["_iv"].notna().to_numpy()
         df.loc[take, "implied_volatility"] = counterpart.loc[take, "_iv"].to_numpy()
+        df.loc[take, "_iv_given"] = False
         width = width.where(~take, counterpart["_w"])
         report["itm_iv_from_otm"] = report.get("itm_iv_from_otm", 0) + int(take.sum())
     bad_iv = ~(np.isfinite(df["implied_volatility"]) & (df["implied_volatility"] > 0))
@@ -342,17 +355,53 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
     if price is not None:
         price = price[keep].reset_index(drop=True)
 
-    if max_spread_vol is not None:
-        wide = width > max_spread_vol
-        dropped["drop_wide_spread"] = int(wide.sum())
-        df, tau = df[~wide].reset_index(drop=True), tau[~wide.to_numpy()]
+    # Quote filters a quant applies before fitting anything, each counted under its own reason, in this order.
+    filters = {
+        "drop_short_expiry": None if not min_days else
+        lambda: ((df["expiry"] - df["quote_date"]).dt.days < min_days).to_numpy(),
+        "drop_iv_range": None if not iv_range else lambda: ~df["implied_volatility"].between(*iv_range).to_numpy(),
+        "drop_wide_spread": None if max_spread_vol is None else lambda: (width > max_spread_vol).to_numpy(),
+        "drop_iv_outside_quote": None if max_iv_outside_quote is None else
+        lambda: iv_outside_quote(df, tau) > max_iv_outside_quote,
+    }
+    for reason, rule in filters.items():
+        if rule is not None:
+            bad = rule()
+            dropped[reason] = int(bad.sum())
+            df, tau, width = df[~bad].reset_index(drop=True), tau[~bad], width[~bad].reset_index(drop=True)
     if otm_only:
         itm = np.where(df["option_type"] == "C", df["strike"] < df["forward"], df["strike"] > df["forward"])
         dropped["drop_in_the_money"] = int(itm.sum())
         df, tau = df[~itm].reset_index(drop=True), tau[~itm]
     if "time_to_expiry" in df.columns:
         df["time_to_expiry"] = tau
-    return df.drop(columns=["_file"])
+    return df.drop(columns=["_file", "_iv_given"])
+
+
+def iv_outside_quote(df: pd.DataFrame, tau: np.ndarray) -> np.ndarray:
+    """For rows whose IV was given (not inverted here) and that carry a bid and an ask: how far (in vol) the given
+    IV lies outside the band of IVs of its own bid and ask, after removing each (quote date, expiry, type)'s median
+    offset between given and mid IVs (a dividend or rate the table does not carry moves the whole expiry, not one
+    quote). 0 inside the band and where the check does not apply."""
+    out = np.zeros(len(df))
+    if not {"bid", "ask"} <= set(df.columns):
+        return out
+    m = (df["_iv_given"] & (df["ask"] > 0)).to_numpy()
+    if not m.any():
+        return out
+    g = df[m]
+    args = (g["forward"].to_numpy(), g["strike"].to_numpy(), tau[m], g["rate"].to_numpy(),
+            (g["option_type"] == "C").to_numpy())
+    lo = np.where(g["bid"] > 0, implied_vol(g["bid"].to_numpy(), *args)[0], 0.0)
+    hi = implied_vol(g["ask"].to_numpy(), *args)[0]
+    lo, hi = np.nan_to_num(lo, nan=0.0), np.nan_to_num(hi, nan=np.inf)
+    given = g["implied_volatility"].to_numpy()
+    mid = np.where(np.isfinite(hi), 0.5 * (lo + hi), given)
+    offset = pd.Series(given - mid).groupby([g["quote_date"].to_numpy(), g["expiry"].to_numpy(),
+                                             g["option_type"].to_numpy()]).transform("median").to_numpy()
+    shifted = given - offset
+    out[m] = np.maximum(lo - shifted, 0.0) + np.maximum(shifted - hi, 0.0)
+    return out
 
 
 def spread_vol(df: pd.DataFrame, tau: np.ndarray) -> pd.Series:
@@ -387,7 +436,9 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
          forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
          max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
          end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
-         min_price: float | None = None, itm_from_otm: bool = False,
+         min_price: float | None = None, itm_from_otm: bool = False, min_days: int | None = None,
+         iv_range: tuple[float, float] | None = None, max_iv_outside_quote: float | None = None,
+         winsorize: float | None = None,
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
          train_dates: int | None = None) -> D.Dataset:
     """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
@@ -396,10 +447,11 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
     chain = normalize(raw, columns=dict(columns), iv_unit=iv_unit, rate=rate, dividend_yield=dividend_yield,
                       report=report, forward=forward, option_type=option_type, duplicates=duplicates,
                       max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date,
-                      min_price=min_price, itm_from_otm=itm_from_otm)
+                      min_price=min_price, itm_from_otm=itm_from_otm, min_days=min_days, iv_range=iv_range,
+                      max_iv_outside_quote=max_iv_outside_quote)
     ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                    test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
-                   fold=fold, fallback=fallback, train_dates=train_dates)
+                   fold=fold, fallback=fallback, train_dates=train_dates, winsorize=winsorize)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

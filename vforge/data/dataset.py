@@ -209,6 +209,10 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     rows["prev_iv"] = rows["persistence"].fillna(rows["prev_surface_iv"])
     rows["prev_iv_resid"] = rows["prev_iv"] - rows["prev_surface_iv"]
     rows["base"] = rows["prev_iv"]
+    rows = rows.join(F.smile_features(rows, nodes))
+    rows["sticky_moneyness_change"] = rows["prev_smile_iv"] - rows["prev_iv"]
+    rows["moneyness_std"] = rows["log_moneyness"] / (rows["prev_iv"] * rows["sqrt_tau"])
+    rows["spot_ret_gap_z"] = rows["spot_ret_1d"] / (rows["prev_atm_iv"] * np.sqrt(rows["gap_days"] / 365.0))
     rows["delta"] = bs_delta(rows["forward"], rows["strike"], rows["tau"], rows["prev_iv"], rows["rate"],
                              rows["dividend_yield"], rows["is_call"])
     no_base = ~np.isfinite(rows["base"])
@@ -287,8 +291,13 @@ def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
 
 def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
             test_fraction: float, source: str = "chain", cat_features: list[str] | None = None,
-            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness", train_dates: int | None = None) -> Dataset:
-    """Canonical chain (IV filled) -> ``Dataset``. No feature of a row uses data after its info date."""
+            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness", train_dates: int | None = None,
+            winsorize: float | None = None) -> Dataset:
+    """Canonical chain (IV filled) -> ``Dataset``. No feature of a row uses data after its info date.
+
+    ``winsorize``: clip the training targets (the change, or the level) to their ``winsorize`` and
+    ``1 - winsorize`` quantiles on train; validation and test targets are never touched.
+    """
     cat_features = list(cat_features or [])
     F.validate_names(features, cat_features)
     if target not in ("level", "change"):
@@ -311,17 +320,29 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
 
     # Scaling and categorical vocabularies from the train part only.
     train = parts["train"]
-    x_mean = train[features].mean().to_numpy()
-    x_std = train[features].std().replace(0, 1).fillna(1).to_numpy()
+    uncentered = np.array([f in F.UNCENTERED for f in features], dtype=bool)
+    x_mean = np.where(uncentered, 0.0, train[features].mean().to_numpy())
+    rms = np.sqrt((train[features] ** 2).mean().to_numpy())
+    x_std = np.where(uncentered, rms, train[features].std().to_numpy())
+    x_std = np.where(np.isfinite(x_std) & (x_std > 0), x_std, 1.0)
+    raw_y = train["iv"] - (train["base"] if target == "change" else 0.0)
+    clip = (-np.inf, np.inf)
+    if winsorize:
+        if not 0 < winsorize < 0.5:
+            raise ValueError(f"data.winsorize must be in (0, 0.5) or null, got {winsorize}")
+        clip = tuple(float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
+        n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
+        report["winsorized"] = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
+                                f"quantiles [{clip[0] * 100:+.2f}, {clip[1] * 100:+.2f}] vol pts (train only)")
     if target == "change":
-        center, scale = 0.0, float((train["iv"] - train["base"]).std() or 1.0)
+        center, scale = 0.0, float(raw_y.clip(*clip).std() or 1.0)
     else:
         center, scale = float(train["iv"].mean()), float(train["iv"].std() or 1.0)
     vocab = {c: sorted(categorical_values(train, c).unique()) for c in cat_features}
 
-    def make(df: pd.DataFrame) -> Split:
+    def make(df: pd.DataFrame, clip: tuple[float, float] = (-np.inf, np.inf)) -> Split:
         x = (df[features].to_numpy() - x_mean) / x_std
-        y = (df["iv"] - (df["base"] if target == "change" else 0.0) - center) / scale
+        y = ((df["iv"] - (df["base"] if target == "change" else 0.0)).clip(*clip) - center) / scale
         x_cat = None
         if cat_features:  # 0 = a category unseen in train
             x_cat = torch.tensor(np.column_stack([
@@ -335,7 +356,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
             rows=df[row_columns].reset_index(drop=True), aux=make_aux(df),
         )
 
-    splits = {k: make(v) for k, v in parts.items()}
+    splits = {k: make(v, clip if k == "train" else (-np.inf, np.inf)) for k, v in parts.items()}
     # The baseline on every row: persistence, with the previous surface where the contract is new.
     base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * 100) if len(v) else float("nan")  # noqa: E731
     report["splits"] = {
@@ -366,6 +387,10 @@ def format_report(report: dict) -> str:
         lines.append(f"  rows for the model     {report['rows']:>10,} (target {report.get('target')}, horizon "
                      f"{report.get('horizon')}; {report.get('rows_without_previous_quote', 0):,} without a previous "
                      "quote of the contract, based on the previous surface)")
+    for col, note in report.get("assumed", {}).items():
+        lines.append(f"  {col:<22} {note}")
+    if "winsorized" in report:
+        lines.append(f"  winsorized             {report['winsorized']}")
     for k, v in report.get("splits", {}).items():
         lines.append(f"    {k:<6}{v['rows']:>10,}  {v['dates']} ({v.get('n_dates', '?')} dates)  baseline RMSE "
                      f"{v.get('baseline_rmse', float('nan')):.3f} vol pts (persistence, else the previous surface)")

@@ -41,7 +41,26 @@ FEATURES: dict[str, str] = {
     "prev_skew": "the info date's 30-day skew: (IV at k = -0.05 - IV at k = +0.05) / 0.1",
     "prev_term_slope": "the info date's ATM IV at 91 days minus at 30 days",
     "gap_days": "calendar days from the info date to the target date",
+    # transferable across regimes (the previous surface with one IV per strike and expiry: see one_iv_nodes)
+    "spot_ret_gap_z": "spot_ret_1d / (prev_atm_iv * sqrt(gap_days / 365)): the move over the gap in standard deviations",
+    "moneyness_std": "log_moneyness / (prev_iv * sqrt(tau)): moneyness in standard deviations, the same for a call "
+                     "and a put (unlike delta)",
+    "prev_smile_iv": "the info date's surface (one IV per strike and expiry) at the row's own log-moneyness and tau "
+                     "(sticky moneyness)",
+    "sticky_moneyness_change": "prev_smile_iv - prev_iv: what sticky moneyness says the spot move did to this "
+                               "contract's IV (prev_iv itself is sticky strike)",
+    "prev_smile_slope": "d IV / d log-moneyness of the info date's smile at the row's log-moneyness and tau, times "
+                        "sqrt(tau) (per standard deviation of moneyness)",
+    "prev_smile_curvature": "d2 IV / d log-moneyness2 of the info date's smile there, times tau",
 }
+
+# Features with a natural zero (moves, residuals): scaled by their train RMS, never centred on the train mean, so a
+# model cannot learn the training period's average move as a constant drift.
+UNCENTERED = {"spot_ret_1d", "spot_ret_5d", "spot_ret_21d", "spot_ret_1d_vol", "spot_ret_5d_vol", "spot_ret_gap_z",
+              "prev_iv_resid", "sticky_moneyness_change", "prev_smile_slope"}
+# Finite-difference step in log-moneyness for the smile's slope and curvature: 0.1 sqrt(tau) within [0.03, 0.1], at
+# least a strike spacing on listed grids (a smaller step across a linear interpolation's kink measures the kink).
+SMILE_DK = (0.1, 0.03, 0.1)
 
 # Categorical features for ``data.cat_features`` (index 0 is "unseen in train").
 CAT_FEATURES: dict[str, str] = {
@@ -196,3 +215,39 @@ def surface_states(chain: pd.DataFrame) -> pd.DataFrame:
         out[i] = surface_at_arrays(arrays[0][sel], arrays[1][sel], arrays[2][sel], qk, qt)
     return pd.DataFrame({"prev_atm_iv": out[:, 0], "prev_skew": (out[:, 1] - out[:, 2]) / (2 * SKEW_K),
                          "prev_term_slope": out[:, 3] - out[:, 0]}, index=dates)
+
+
+def one_iv_nodes(nodes: pd.DataFrame) -> pd.DataFrame:
+    """One IV per (date, expiry, strike): the out-of-the-money quote where a call and a put are both quoted, else
+    whichever is. Under put-call parity both have one IV; the OTM one is the better measured (smaller premium,
+    tighter spread in vol). Calls-only or puts-only chains keep every quote."""
+    otm = np.where(nodes["option_type"] == "C", nodes["log_moneyness"] >= 0, nodes["log_moneyness"] < 0)
+    key = ["date_idx", "expiry", "strike"]
+    ranked = nodes.assign(_otm=otm).sort_values([*key, "_otm"], ascending=[True, True, True, False])
+    return ranked.drop_duplicates(key).drop(columns="_otm")
+
+
+def smile_features(rows: pd.DataFrame, nodes: pd.DataFrame) -> pd.DataFrame:
+    """``prev_smile_iv``, ``prev_smile_slope``, ``prev_smile_curvature`` of each row (see ``FEATURES``).
+
+    Uses only the info date's quotes (``one_iv_nodes`` of them). Expects ``rows`` with ``info_idx, log_moneyness,
+    tau`` and ``nodes`` with ``date_idx, expiry, strike, option_type, tau, log_moneyness, iv``.
+    """
+    nodes = one_iv_nodes(nodes)
+    out = np.full((len(rows), 3), np.nan)
+    cols = [nodes[c].to_numpy(np.float64) for c in ("tau", "log_moneyness", "iv")]
+    groups = nodes.groupby("date_idx", sort=False).indices
+    k_all, tau_all = rows["log_moneyness"].to_numpy(np.float64), np.maximum(rows["tau"].to_numpy(np.float64), 1e-6)
+    scale, lo, hi = SMILE_DK
+    h_all = np.clip(scale * np.sqrt(tau_all), lo, hi)
+    for info, pos in rows.groupby("info_idx", sort=False).indices.items():
+        sel = groups.get(info)
+        if sel is None:
+            continue
+        k, tau, h = k_all[pos], tau_all[pos], h_all[pos]
+        v = surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], np.concatenate([k - h, k, k + h]),
+                              np.tile(tau, 3)).reshape(3, -1)
+        out[pos, 0] = v[1]
+        out[pos, 1] = (v[2] - v[0]) / (2 * h) * np.sqrt(tau)
+        out[pos, 2] = (v[2] - 2 * v[1] + v[0]) / (h * h) * tau
+    return pd.DataFrame(out, columns=["prev_smile_iv", "prev_smile_slope", "prev_smile_curvature"], index=rows.index)

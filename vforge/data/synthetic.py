@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +25,17 @@ START_DATE = "2024-01-02"
 
 
 def simulate_path(*, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
-                  rng: np.random.Generator, substeps: int = 8) -> tuple[np.ndarray, np.ndarray]:
+                  rng: np.random.Generator, substeps: int = 8, drift: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Daily spot and variance of a Heston (+ Merton jumps) path, full-truncation Euler.
 
+    ``drift``: the spot's real-world drift (annual, of the price); ``rate - dividend_yield`` (risk neutral) by default.
     Returns ``spot, variance``, each of shape (n_days,); index 0 is the start.
     """
     kappa, theta, sigma, rho, v0 = (heston[k] for k in ("kappa", "theta", "sigma", "rho", "v0"))
     lam, mu_j, sd_j = jumps["intensity"], jumps["mean"], jumps["std"]
     dt = 1.0 / TRADING_DAYS / substeps
     jump_comp = np.exp(mu_j + 0.5 * sd_j**2) - 1.0
+    mu = rate - dividend_yield if drift is None else drift
     log_s, v = np.log(spot0), v0
     spot, var = np.empty(n_days), np.empty(n_days)
     spot[0], var[0] = spot0, v0
@@ -43,7 +46,7 @@ def simulate_path(*, n_days: int, spot0: float, rate: float, dividend_yield: flo
             vp = max(v, 0.0)
             z1 = z[day, j, 0]
             z2 = rho * z1 + np.sqrt(1 - rho * rho) * z[day, j, 1]
-            log_s += (rate - dividend_yield - lam * jump_comp - 0.5 * vp) * dt + np.sqrt(vp * dt) * z1
+            log_s += (mu - lam * jump_comp - 0.5 * vp) * dt + np.sqrt(vp * dt) * z1
             v += kappa * (theta - vp) * dt + sigma * np.sqrt(vp * dt) * z2
         if n_jumps[day]:
             log_s += rng.normal(mu_j * n_jumps[day], sd_j * np.sqrt(n_jumps[day]))
@@ -66,7 +69,21 @@ def generate_chain(*, seed: int, n_days: int, spot0: float, rate: float, dividen
     spot, var = simulate_path(n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                               heston=heston, jumps=jumps, rng=rng)
     dates = pd.bdate_range(START_DATE, periods=n_days)
-    expiries = listed_expiries(dates, listing["n_monthlies"], listing["n_weeklies"])
+    chain = quote_chain(dates, spot, var, rate=rate, dividend_yield=dividend_yield, heston=heston, jumps=jumps,
+                        listing=listing, quotes=quotes)
+    present = rng.random(len(chain)) >= quotes["missing_fraction"]
+    return chain[present].reset_index(drop=True)
+
+
+def quote_chain(dates: pd.DatetimeIndex, spot: np.ndarray, var: np.ndarray, *, rate: float, dividend_yield: float,
+                heston: dict, jumps: dict, listing: dict, quotes: dict,
+                expiries: pd.DatetimeIndex | None = None) -> pd.DataFrame:
+    """Listed options of every date priced under Heston/Bates at that date's spot and variance, with bid/ask quotes.
+
+    ``expiries``: the listed expiry calendar (by default the one covering ``dates``); ``quotes.wing_spread``
+    (default 1) scales how fast the spread widens away from the money.
+    """
+    expiries = listed_expiries(dates, listing["n_monthlies"], listing["n_weeklies"]) if expiries is None else expiries
     third_friday = (expiries.day >= 15) & (expiries.day <= 21)
     step = listing["strike_step"]
     lo_m, hi_m = listing["moneyness_range"]
@@ -93,19 +110,17 @@ def generate_chain(*, seed: int, n_days: int, spot0: float, rate: float, dividen
     # Quotes: a half-spread in vol that widens for short expiries and far from the money,
     # bid/ask priced from it and rounded to a one-cent tick.
     log_m = np.abs(np.log(k / fwd)) / np.sqrt(np.maximum(tau, 1 / 365))
-    half = quotes["half_spread_vol"] * (1.0 + 0.5 / np.sqrt(tau * 52.0)) * (1.0 + log_m**2)
+    half = quotes["half_spread_vol"] * (1.0 + 0.5 / np.sqrt(tau * 52.0)) * (1.0 + quotes.get("wing_spread", 1.0) * log_m**2)
     bid = np.floor(bs_price(fwd, k, tau, np.maximum(model_iv - half, 1e-4), rate, call) * 100) / 100
     ask = np.ceil(bs_price(fwd, k, tau, model_iv + half, rate, call) * 100) / 100
     bid = np.maximum(bid, 0.0)
 
     # Every listed quote is published, zero bids and all: the loader's checks drop and count the
     # unusable ones, as they do on real chains. IVs are inverted from the mid there.
-    chain = chain.drop(columns="_var").assign(
+    return chain.drop(columns="_var").assign(
         option_type=np.where(call, "C", "P"), bid=bid, ask=ask, model_iv=model_iv,
         rate=rate, dividend_yield=dividend_yield,
     ).drop(columns="is_call")
-    present = rng.random(len(chain)) >= quotes["missing_fraction"]
-    return chain[present].reset_index(drop=True)
 
 
 def _heston_args(heston: dict, jumps: dict) -> dict:
@@ -113,18 +128,34 @@ def _heston_args(heston: dict, jumps: dict) -> dict:
                 jump_intensity=jumps["intensity"], jump_mean=jumps["mean"], jump_std=jumps["std"])
 
 
-def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
-    """``generate_chain(**params)``, cached as Parquet under ``cache_dir`` by a hash of the parameters."""
+def generator_digest(*modules) -> str:
+    """A hash of the generator's source (this module, the pricer, the IV inverter and ``modules``): part of the
+    cache key, so a changed generator never reads a file its previous version wrote."""
+    import inspect
+    import sys
+
+    from vforge.data import heston, iv
+
+    names = sorted({__name__, heston.__name__, iv.__name__, *(m.__name__ for m in modules)})
+    return hashlib.sha256("".join(inspect.getsource(sys.modules[n]) for n in names).encode()).hexdigest()[:16]
+
+
+def cached_chain(cache_dir: str | Path | None, *, generate=None, name: str = "synthetic", modules: tuple = (),
+                 **params) -> pd.DataFrame:
+    """``generate(**params)`` (default ``generate_chain``), cached as Parquet under ``cache_dir`` by a hash of the
+    parameters, ``GENERATOR_VERSION`` and the generator's source (``generator_digest(*modules)``)."""
+    generate = generate or generate_chain
     if cache_dir is None:
-        return generate_chain(**params)
-    blob = json.dumps({**params, "version": GENERATOR_VERSION}, sort_keys=True, default=str)
+        return generate(**params)
+    blob = json.dumps({**params, "version": GENERATOR_VERSION, "source": generator_digest(*modules)},
+                      sort_keys=True, default=str)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"synthetic-{key}.parquet"
+    path = Path(cache_dir) / f"{name}-{key}.parquet"
     if path.exists():
         return pd.read_parquet(path)
-    chain = generate_chain(**params)
+    chain = generate(**params)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{uuid.uuid4().hex}.tmp")
     chain.to_parquet(tmp, index=False)
     tmp.replace(path)  # atomic: a concurrent reader never sees half a file
     return chain
@@ -133,7 +164,8 @@ def cached_chain(cache_dir: str | Path | None, **params) -> pd.DataFrame:
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
          listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
          val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
-         itm_from_otm: bool = False,
+         itm_from_otm: bool = False, min_days: int | None = None, iv_range: tuple[float, float] | None = None,
+         max_iv_outside_quote: float | None = None, winsorize: float | None = None,
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
          train_dates: int | None = None) -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
@@ -142,10 +174,11 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
     raw = cached_chain(cache_dir, **params)
     report: dict = {}
     chain = normalize(raw, columns={}, iv_unit="decimal", rate=rate, dividend_yield=dividend_yield, report=report,
-                      max_spread_vol=max_spread_vol, otm_only=otm_only, itm_from_otm=itm_from_otm)
+                      max_spread_vol=max_spread_vol, otm_only=otm_only, itm_from_otm=itm_from_otm, min_days=min_days,
+                      iv_range=iv_range, max_iv_outside_quote=max_iv_outside_quote)
     ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                  test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
-                 fold=fold, fallback=fallback, train_dates=train_dates)
+                 fold=fold, fallback=fallback, train_dates=train_dates, winsorize=winsorize)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

@@ -1,0 +1,137 @@
+"""Issue 10: the ridge in closed form, the do-no-harm blend and its robust rule, quote filters, winsorizing, the
+messy synthetic market."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from tests.test_data import load, make_chain, write
+from vforge.data import features as F
+from vforge.data import messy, synthetic
+from vforge.data.dataset import format_report
+from vforge.models.linear import Blend, Ridge
+from vforge.training.gating import choose_blend, per_date_ratio, robust_score
+
+
+def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():
+    g = np.random.default_rng(0)
+    n, dates = 4000, np.repeat(np.arange(40), 100)
+    x = g.standard_normal((n, 3))
+    y = 0.5 * x[:, 0] - 0.3 * x[:, 1] * x[:, 2] + 0.01 * g.standard_normal(n)
+    ridge = Ridge(n_num=3, cat_cardinalities=[], d_out=1, tolerance=0.0)
+    info = ridge.fit_closed_form(torch.tensor(x), None, torch.tensor(y), dates)
+    pred = ridge(torch.tensor(x, dtype=torch.float32), None)[:, 0].detach().numpy()
+    assert np.sqrt(np.mean((pred - y) ** 2)) < 0.02 and info["alpha"] < math.inf
+    # Pure noise: no penalty beats predicting no change on the folds, so it is persistence (all weights 0).
+    noise = Ridge(n_num=3, cat_cardinalities=[], d_out=1, tolerance=0.05)
+    info = noise.fit_closed_form(torch.tensor(x), None, torch.tensor(g.standard_normal(n)), dates)
+    assert info["alpha"] == math.inf and "persistence" in info["why"]
+    assert torch.count_nonzero(noise.weight) == 0
+
+
+def test_per_date_ratio_and_trimmed_score_by_hand():
+    pred, true = np.array([1.0, 1.0, 0.0, 2.0]), np.array([2.0, 0.0, 1.0, 2.0])
+    dates = np.array([5, 5, 7, 7])
+    # date 5: model (1 + 1) / persistence (4 + 0) = 0.5; date 7: (1 + 0) / (1 + 4) = 0.2
+    np.testing.assert_allclose(per_date_ratio(pred, true, dates), [0.5, 0.2])
+    assert robust_score(np.array([0.1, 0.5, 0.6, 0.7, 50.0]), trim=0.2) == pytest.approx(0.6)
+    assert robust_score(np.array([0.1, 0.5, 9.0]), trim=0.5) == 0.5
+
+
+def test_one_jump_does_not_decide_and_a_useless_model_falls_back_to_persistence():
+    g = np.random.default_rng(1)
+    dates = np.repeat(np.arange(20), 50)
+    true = g.standard_normal(1000)
+    good = true * 0.8  # explains most of every date's change...
+    good[dates == 3] -= 40.0  # ...but misses one jump date badly: on plain MSE it would lose to persistence
+    assert np.mean((good - true) ** 2) > np.mean(true**2)
+    choice = choose_blend(good, None, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0)
+    assert choice["w_model"] == 1.0
+    bad = -true
+    choice = choose_blend(bad, None, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0)
+    assert (choice["w_model"], choice["w_linear"]) == (0.0, 0.0) and "persistence" in choice["why"]
+    # Equal evidence: the simpler candidate (the linear model alone) beats a blend that scores the same.
+    choice = choose_blend(true * 0.5, true * 0.5, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.3)
+    assert choice["w_model"] == 0.0 and choice["w_linear"] > 0
+
+
+def test_blend_rebuilds_from_its_config_and_mixes_outputs():
+    cfg = {"_target_": "vforge.models.linear.Ridge", "interactions": False}
+    blend = Blend(n_num=2, cat_cardinalities=[], d_out=1, model=cfg, linear=cfg, w_model=0.25, w_linear=0.5)
+    x = torch.randn(8, 2)
+    expect = 0.25 * blend.model(x, None) + 0.5 * blend.linear(x, None)
+    torch.testing.assert_close(blend(x, None), expect)
+
+
+def test_quote_filters_are_named_and_counted_and_assumed_rates_reported(make_cfg, tmp_path):
+    df = make_chain().drop(columns=[]).assign(implied_volatility=lambda d: d["true_iv"])
+    df = df.drop(columns="true_iv")
+    df.loc[df.index[:7], "implied_volatility"] = 2.5       # implausible IVs
+    off = df.index[(df["strike"] == 100.0) & (df["option_type"] == "C")][:3]
+    df.loc[off, "implied_volatility"] += 0.08               # outside its own bid/ask band
+    short = pd.concat([df.iloc[:4].assign(expiry=lambda d: d["quote_date"] + pd.Timedelta(days=2))])
+    df = pd.concat([df, short], ignore_index=True)
+    ds = load(make_cfg, write(df, tmp_path / "c.csv"), "data.max_spread_vol=null", "data.itm_from_otm=false")
+    dropped = ds.report["dropped"]
+    assert dropped["drop_short_expiry"] == 4
+    assert dropped["drop_iv_range"] == 7
+    assert dropped["drop_iv_outside_quote"] == 3
+    text = format_report(ds.report)
+    assert "fewer than data.min_days" in text and "given IV outside its own bid/ask" in text
+    assert "0.02 used (data.rate): the table has no rate column" in text
+
+
+def test_winsorizing_clips_train_targets_only_and_moves_are_scaled_not_centred(make_cfg):
+    ds = instantiate(make_cfg("data.winsorize=0.05").data, _convert_="all")
+    raw = lambda s: s.iv - s.base  # noqa: E731
+    y_train = ds.train.y.numpy() * ds.y_scale
+    lo, hi = np.quantile(raw(ds.train), [0.05, 0.95])
+    assert y_train.min() >= lo - 1e-6 and y_train.max() <= hi + 1e-6 and "train only" in ds.report["winsorized"]
+    np.testing.assert_allclose(ds.val.y.numpy() * ds.y_scale, raw(ds.val), atol=1e-6)  # untouched
+    for i, name in enumerate(ds.feature_names):
+        if name in F.UNCENTERED:
+            assert ds.x_mean[i] == 0.0
+            assert np.sqrt(np.mean(ds.train.x_num[:, i].numpy() ** 2)) == pytest.approx(1.0, rel=1e-3)
+
+
+def test_one_iv_nodes_keep_the_otm_quote_and_smile_features_of_a_parabola():
+    nodes = pd.DataFrame({"date_idx": 0, "expiry": pd.Timestamp("2024-06-21"), "tau": 0.25,
+                          "strike": [90.0, 90.0, 110.0, 110.0], "option_type": ["C", "P", "C", "P"],
+                          "log_moneyness": np.log([0.9, 0.9, 1.1, 1.1]), "iv": [0.30, 0.25, 0.18, 0.22]})
+    one = F.one_iv_nodes(nodes)
+    assert sorted(zip(one["strike"], one["option_type"])) == [(90.0, "P"), (110.0, "C")]
+    k = np.linspace(-0.3, 0.3, 13)
+    smile = pd.DataFrame({"date_idx": 0, "expiry": pd.Timestamp("2024-06-21"), "tau": 0.25, "strike": 100 * np.exp(k),
+                          "option_type": "C", "log_moneyness": k, "iv": 0.2 - 0.1 * k + 0.5 * k**2})
+    rows = pd.DataFrame({"info_idx": [0], "log_moneyness": [0.05], "tau": [0.25]})
+    out = F.smile_features(rows, smile).iloc[0]
+    assert out["prev_smile_iv"] == pytest.approx(0.2 - 0.005 + 0.00125, abs=2e-3)
+    assert out["prev_smile_slope"] == pytest.approx((-0.1 + 1.0 * 0.05) * 0.5, abs=3e-3)
+    assert out["prev_smile_curvature"] == pytest.approx(1.0 * 0.25, rel=0.2)
+
+
+def test_messy_market_has_gaps_jumps_junk_and_a_calls_only_variant(make_cfg):
+    tiny = ["data.n_days=60", "data.listing.n_monthlies=3", "data.listing.n_weeklies=1"]
+    cfg = make_cfg("data=synthetic_messy", *tiny, tiny=False)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    raw = messy.generate_messy_chain(**{k: data[k] for k in inspect.signature(messy.generate_messy_chain).parameters})
+    gaps = np.diff(np.unique(raw["quote_date"])).astype("timedelta64[D]").astype(int)
+    assert gaps.max() >= 7 + 3  # a missing week (plus its weekends)
+    assert (raw["bid"] == 0).mean() > 0.02 and "rate" not in raw.columns
+    assert raw.groupby("regime")["quote_date"].nunique().size == 3
+    ds = instantiate(make_cfg("data=synthetic_messy", *tiny, "data.calls_only=true", tiny=False).data, _convert_="all")
+    assert set(ds.train.rows["option_type"]) == {"C"} and "calls only" in ds.report["source"]
+
+
+def test_cache_key_follows_the_generator_source(tmp_path):
+    a = synthetic.generator_digest()
+    b = synthetic.generator_digest(messy)
+    assert a != b and len(a) == 16

@@ -1,0 +1,146 @@
+"""Ridge regression on the features and their pairwise products, fit in closed form; the reference to beat.
+
+On thin or regime-changing real chains a ridge on the change over persistence, with spot-return x moneyness and
+spot-return / sqrt(tau) interactions, was the only model of those tried to beat persistence out of sample (issue 10).
+Here every pairwise product of the (scaled) inputs is a column, which holds those interactions whatever the feature
+set, and the penalty is chosen on walk-forward folds inside the training dates (``fit_closed_form``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from vforge.training.gating import per_date_ratio, robust_score
+
+
+class Ridge(nn.Module):
+    """``y = w . z(x)`` with ``z`` the inputs, their pairwise products, one-hot categories and a constant, each column
+    scaled to unit RMS on the training rows.
+
+    Trains like any model through ``forward`` (the model contract), but ``fit_closed_form`` is what the training
+    entry point calls: it solves the ridge normal equations for each penalty in ``alphas`` on expanding walk-forward
+    folds over the training dates, picks one with a rule that one jump cannot dominate (``robust_score``; the
+    largest penalty within ``tolerance`` of the best: thin evidence prefers the simpler fit; an infinite penalty, i.e.
+    persistence, when none beats predicting no change) and refits on every training row.
+
+    Shape:
+        x_num: (batch, n_num); x_cat: (batch, n_cat) or None
+        returns: (batch, d_out)
+
+    Args:
+        alphas: penalties per training row (the normal equations are ``(Z'Z / n + alpha I) w = Z'y / n``).
+        n_folds: walk-forward folds inside the training dates; they cover its last ``fold_fraction``.
+        trim: share of fold dates trimmed at each end of the per-date loss ratios.
+        tolerance: how much worse (in units of persistence's per-date loss) a larger penalty may score and still win.
+    """
+
+    def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, interactions: bool = True,
+                 alphas: list[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
+                 fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01) -> None:
+        super().__init__()
+        if not alphas or any(a <= 0 for a in alphas):
+            raise ValueError(f"alphas must be a non-empty list of positive penalties, got {list(alphas)}")
+        if n_folds < 1 or not 0 < fold_fraction < 1:
+            raise ValueError(f"need n_folds >= 1 and 0 < fold_fraction < 1, got {n_folds=}, {fold_fraction=}")
+        self.n_num, self.cat_cardinalities, self.interactions = n_num, list(cat_cardinalities), interactions
+        self.alphas, self.n_folds, self.fold_fraction = sorted(float(a) for a in alphas), n_folds, fold_fraction
+        self.trim, self.tolerance = trim, tolerance
+        pairs = torch.triu_indices(n_num, n_num) if interactions else torch.empty(2, 0, dtype=torch.long)
+        self.register_buffer("pairs", pairs, persistent=False)
+        d_in = 1 + n_num + pairs.shape[1] + sum(cat_cardinalities)
+        self.register_buffer("scale", torch.ones(d_in))
+        # A plain parameter, not an nn.Linear: int8 dynamic quantization (export) leaves it alone; products of inputs
+        # span too wide a range for one int8 scale.
+        self.weight = nn.Parameter(torch.zeros(d_out, d_in))
+        nn.init.normal_(self.weight, std=d_in**-0.5)
+        self.selection: dict = {}
+
+    def expand(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
+        """(batch, n_num), (batch, n_cat) -> (batch, d_in) unscaled columns."""
+        cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
+        if x_cat is not None and self.cat_cardinalities:
+            cols += [nn.functional.one_hot(x_cat[:, i].clamp(0, c - 1), c).to(x_num.dtype)
+                     for i, c in enumerate(self.cat_cardinalities)]
+        return torch.cat(cols, dim=1)
+
+    def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
+        return (self.expand(x_num, x_cat) / self.scale) @ self.weight.T
+
+    @torch.no_grad()
+    def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray) -> dict:
+        """Choose the penalty on walk-forward folds over ``dates`` (one per row), refit on all rows; returns (and keeps
+        in ``self.selection``) what was chosen and why."""
+        z = self.expand(x_num.double(), x_cat).numpy()
+        scale = np.sqrt(np.mean(z**2, axis=0))
+        scale = np.where(scale > 0, scale, 1.0)
+        z /= scale
+        y = y.double().numpy().reshape(len(y), -1)
+        dates = np.asarray(dates)
+        udates = np.unique(dates)
+        n_eval = max(self.n_folds, int(len(udates) * self.fold_fraction))
+        blocks = np.array_split(udates[len(udates) - n_eval :], self.n_folds) if len(udates) > n_eval else []
+        candidates = [*self.alphas, math.inf]
+        ratios: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
+        for block in blocks:
+            fit_rows, eval_rows = dates < block[0], np.isin(dates, block)
+            if not fit_rows.any():
+                continue
+            gram, rhs = _normal(z[fit_rows], y[fit_rows])
+            for a in candidates:
+                pred = np.zeros_like(y[eval_rows]) if math.isinf(a) else z[eval_rows] @ _solve(gram, rhs, a)
+                ratios[a].append(per_date_ratio(pred[:, 0], y[eval_rows, 0], dates[eval_rows]))
+        scores = {a: robust_score(np.concatenate(r), self.trim) if r else math.nan for a, r in ratios.items()}
+        finite = {a: s for a, s in scores.items() if np.isfinite(s)}
+        if finite:
+            best = min(finite.values())
+            chosen = max(a for a, s in finite.items() if s <= best + self.tolerance)
+        else:  # too few training dates for a fold: the smallest penalty the grid allows is no evidence; the largest
+            chosen = self.alphas[-1]
+        gram, rhs = _normal(z, y)
+        w = np.zeros((z.shape[1], y.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
+        self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
+        self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
+        self.selection = {
+            "alpha": chosen, "scores": {str(a): round(s, 4) for a, s in scores.items()}, "fold_dates": int(
+                sum(len(b) for b in blocks)),
+            "why": ("no penalty beat predicting no change on the folds: persistence" if math.isinf(chosen) else
+                    f"largest penalty within {self.tolerance:g} of the best robust score" if finite else
+                    "too few training dates for walk-forward folds: the largest penalty"),
+        }
+        return self.selection
+
+
+def _normal(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return z.T @ z / len(z), z.T @ y / len(z)
+
+
+def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
+    return np.linalg.solve(gram + alpha * np.eye(len(gram)), rhs)
+
+
+class Blend(nn.Module):
+    """``w_model * model + w_linear * linear``: a change model shrunk toward persistence and the ridge, as the
+    do-no-harm step chose it (``vforge.training.gating``). Built from the two models' configs, so a saved run
+    rebuilds it like any model.
+
+    Shape:
+        returns: (batch, d_out), d_out = 1
+    """
+
+    def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, model: dict, linear: dict,
+                 w_model: float, w_linear: float) -> None:
+        super().__init__()
+        from hydra.utils import instantiate
+
+        kw = dict(n_num=n_num, cat_cardinalities=cat_cardinalities, d_out=d_out)
+        self.model = instantiate(model, **kw)
+        self.linear = instantiate(linear, **kw)
+        self.w_model, self.w_linear = float(w_model), float(w_linear)
+
+    def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
+        out = self.w_model * self.model(x_num, x_cat)
+        return out + self.w_linear * self.linear(x_num, x_cat) if self.w_linear else out
