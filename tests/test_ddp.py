@@ -44,9 +44,9 @@ def test_strategy_names_are_checked_and_ddp_needs_torchrun(monkeypatch):
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     with pytest.raises(ValueError, match=r"torchrun --standalone --nproc_per_node=<n> -m vforge.train"):
-        make_strategy("ddp")
+        make_strategy("ddp", torch.device("cpu"))
     with pytest.raises(ValueError, match="trainer.strategy must be single or ddp, got 'dpp'"):
-        make_strategy("dpp")
+        make_strategy("dpp", torch.device("cpu"))
 
 
 def test_a_one_rank_ddp_run_is_the_single_process_run(make_cfg, monkeypatch):

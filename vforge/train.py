@@ -53,8 +53,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     if tr.num_threads:
         torch.set_num_threads(tr.num_threads)
     torch.use_deterministic_algorithms(tr.deterministic, warn_only=True)
-    strategy = make_strategy(tr.strategy)  # DDP: rank 0 alone logs, checkpoints and writes files
-    device = strategy.device(resolve_device(tr.device))
+    strategy = make_strategy(tr.strategy, resolve_device(tr.device))  # DDP: rank 0 alone logs, saves, prints
+    device = strategy.device
 
     data = instantiate(cfg.data, _convert_="all")
     log.info("%s", format_report(data.report), extra={ONCE_PER_SWEEP: True})

@@ -26,8 +26,8 @@ class Single:
 
     rank, world_size, is_main = 0, 1, True
 
-    def device(self, requested: torch.device) -> torch.device:
-        return requested
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
 
     def wrap(self, model: nn.Module) -> nn.Module:
         return model
@@ -52,7 +52,7 @@ class Single:
 class DDP(Single):
     """DistributedDataParallel over the process group torchrun launched."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device) -> None:
         import torch.distributed as dist
 
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
@@ -61,37 +61,29 @@ class DDP(Single):
                              "or set trainer.strategy=single")
         self.dist = dist
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self.cuda = torch.cuda.is_available()
+        cuda = device.type == "cuda"
+        self.device = torch.device("cuda", self.local_rank) if cuda else device  # one GPU per process
         if not dist.is_initialized():
-            if self.cuda:
-                torch.cuda.set_device(self.local_rank)
-            dist.init_process_group(backend="nccl" if self.cuda else "gloo")
+            if cuda:
+                torch.cuda.set_device(self.device)
+            dist.init_process_group(backend="nccl" if cuda else "gloo")
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         if not self.is_main:  # one voice: warnings and errors only from the other ranks
             logging.getLogger().setLevel(logging.WARNING)
         log.info("DDP: %d processes (%s)", self.world_size, dist.get_backend())
 
-    def device(self, requested: torch.device) -> torch.device:
-        if requested.type == "cuda":  # one GPU per process: the one torchrun's LOCAL_RANK names
-            return torch.device("cuda", self.local_rank)
-        return requested
-
     def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
-        device = next(model.parameters()).device
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     def shard(self, idx: Tensor) -> Tensor:
         # contiguous, near-equal parts: equal parts make DDP's mean of the ranks' mean losses the batch's mean
         return idx.tensor_split(self.world_size)[self.rank]
 
-    def _device(self) -> torch.device:
-        return torch.device("cuda", self.local_rank) if self.cuda else torch.device("cpu")
-
     def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self._device())
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)  # NCCL reduces GPU tensors only
         self.dist.all_reduce(t)
         return float(t) / self.world_size
 
@@ -116,10 +108,11 @@ class DDP(Single):
             self.dist.destroy_process_group()
 
 
-def make_strategy(name: str) -> Single:
-    """``trainer.strategy`` -> the strategy object the loop and ``train`` ask."""
+def make_strategy(name: str, device: torch.device) -> Single:
+    """``trainer.strategy`` -> the strategy object the loop and ``train`` ask; its ``device`` is the one to use
+    (under DDP on GPUs, the GPU torchrun's ``LOCAL_RANK`` names)."""
     if name == "single":
-        return Single()
+        return Single(device)
     if name == "ddp":
-        return DDP()
+        return DDP(device)
     raise ValueError(f"trainer.strategy must be single or ddp, got {name!r}")

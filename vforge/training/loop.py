@@ -159,8 +159,8 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
     ``resume`` is a ``last.pt`` dict: the fit continues after its epoch, bit for bit. ``strategy``
     (vforge/training/distributed.py) gives each DDP rank its share of every batch of ``batch_size`` rows.
     """
-    strategy = strategy or Single()
     device = next(model.parameters()).device
+    strategy = strategy or Single(device)
     train, n = data.train, len(data.train)
     x_num, y = train.x_num.to(device), train.y.to(device)
     x_cat = None if train.x_cat is None else train.x_cat.to(device)
