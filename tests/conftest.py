@@ -52,7 +52,8 @@ def make_cfg(tmp_path, cache_dir):
     """``make_cfg(*overrides)`` composes conf/train.yaml with fast, tiny, untracked defaults."""
 
     def _make(*overrides: str, tiny: bool = True) -> DictConfig:
-        base = ["trainer=fast", "logger=none", *(TINY_DATA if tiny else [])]
+        # no plots unless a test asks (evaluation.plots=true): matplotlib would add a second or two to every run
+        base = ["trainer=fast", "logger=none", "evaluation.plots=false", *(TINY_DATA if tiny else [])]
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             cfg = compose(config_name="train", overrides=[*base, *overrides], return_hydra_config=True)
         HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as in a real run

@@ -3,6 +3,7 @@ a real AutoML sweep is marked slow."""
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_leaderboard_ranks_by_validation_and_writes_markdown_and_csv(tmp_path):
     rows = L.rank([bad, good])
     assert [r["name"] for r in rows] == ["good", "bad"]  # by val RMSE, even though "bad" wins on test
     md, csv = L.write(rows, tmp_path, title="t")
-    assert "| 1 | good | model | 0.100 | 5.000 |" in md.read_text()
+    assert "| 1 | good | model | 0.100 | - | 5.000 |" in md.read_text()
     assert list(pd.read_csv(csv)["name"]) == ["good", "bad"]
 
 
@@ -79,10 +80,15 @@ def test_a_checkpoint_re_evaluates_to_the_metrics_of_its_run(make_cfg):
     assert entry.val["rmse"] == pytest.approx(metrics["val/rmse"], rel=1e-5)
     assert entry.test["r2"] == pytest.approx(metrics["test/r2"], rel=1e-5)
     assert entry.n_params == metrics["n_params"] and entry.latency_ms_1k > 0 and entry.latency_ms_row > 0
-    pers = L.persistence_entry(data)
-    assert pers.val["rmse"] == pytest.approx(np.sqrt(np.mean((data.val.base - data.val.iv) ** 2)) * 100)
-    ens, weights = L.ensemble_entry([entry, pers], data)
-    assert ens.val["rmse"] <= min(entry.val["rmse"], pers.val["rmse"]) + 1e-12
+    base = L.baseline_entry(data)
+    assert base.val["rmse"] == pytest.approx(np.sqrt(np.mean((data.val.base - data.val.iv) ** 2)) * 100)
+    assert entry.test["prev_quoted_rmse"] == pytest.approx(metrics["test/prev_quoted_rmse"], rel=1e-5)
+    assert entry.test["dm_pvalue"] == pytest.approx(metrics["test/dm_pvalue"], rel=1e-5)
+    pers = L.persistence_entry(data)  # one meaning: the contract's previous IV, on the rows that have one
+    assert math.isnan(pers.val["rmse"]) and pers.beats_persistence() == "-"
+    assert pers.test["prev_quoted_rmse"] == pytest.approx(metrics["test/persistence_rmse"], rel=1e-9)
+    ens, weights = L.ensemble_entry([entry, base], data)
+    assert ens.val["rmse"] <= min(entry.val["rmse"], base.val["rmse"]) + 1e-12
     assert sum(weights.values()) == pytest.approx(1.0)
 
 
@@ -112,12 +118,15 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     board = pd.read_csv(Path(tmp_path) / "automl" / "leaderboard.csv")
-    assert {"mlp", "resnet", "persistence", "lightgbm"} <= set(board["name"])
+    assert {"mlp", "resnet", "persistence", "baseline", "ssvi", "lightgbm"} <= set(board["name"])
+    assert {"test_prev_quoted_rmse", "test_dm_pvalue", "test_dates_beaten", "beats_persistence",
+            "test_arb_calendar", "test_arb_butterfly"} <= set(board.columns)
     ens = board[board["kind"] == "ensemble"]
     assert len(ens) == 1
     best_member = board[board["kind"] == "model"]["val_rmse"].min()
     assert ens["val_rmse"].iloc[0] <= best_member + 1e-9
-    assert (board["rank"] == range(1, len(board) + 1)).all() and board["val_rmse"].is_monotonic_increasing
+    assert (board["rank"] == range(1, len(board) + 1)).all() and board["val_rmse"].dropna().is_monotonic_increasing
+    assert board["name"].iloc[-1] == "persistence"  # no all-row score: ranked last
     assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
 
 

@@ -107,3 +107,88 @@ def test_walk_forward_run_logs_a_parent_with_one_child_per_fold(make_cfg, mlflow
     # the concatenated predictions are the folds' own test predictions
     child_rmse = sorted(r.data.metrics["test/rmse"] for r in children)
     assert min(child_rmse) <= metrics["wf/rmse"] <= max(child_rmse)
+
+
+def surface_frame(vol, *, taus=(0.1, 0.3, 0.6), ks=np.linspace(-0.3, 0.3, 13), both_types=False) -> pd.DataFrame:
+    """One date's rows at forward 100 on a grid of expiries x log-moneyness, IV from ``vol(k, tau)``."""
+    rows = []
+    for tau in taus:
+        for k in ks:
+            for opt in ("C", "P") if both_types else ("C",):
+                rows.append({"target_date": pd.Timestamp("2024-01-02"), "expiry": pd.Timestamp("2024-01-02")
+                             + pd.Timedelta(days=round(tau * 365)), "strike": 100 * np.exp(k), "option_type": opt,
+                             "forward": 100.0, "tau": tau, "log_moneyness": k, "iv": vol(k, tau, opt)})
+    return pd.DataFrame(rows)
+
+
+def test_arbitrage_counters_pass_a_clean_surface_and_catch_each_violation():
+    from vforge.evaluation import arbitrage as arb
+    from vforge.evaluation.ssvi import total_variance
+
+    # An SSVI surface inside the no-arbitrage constraints: no violation of either kind, no call/put gap.
+    theta = lambda tau: 0.04 * tau  # noqa: E731
+    ssvi = lambda k, tau, opt: np.sqrt(total_variance(k, theta(tau), -0.5, 1.0, 0.4) / tau)  # noqa: E731
+    clean = arb.summary(arb.per_date(surface_frame(ssvi, both_types=True), "iv"))
+    assert clean == {"arb_calendar": 0.0, "arb_butterfly": 0.0, "cp_gap_vol_pts": 0.0}
+
+    # Calendar: the last expiry's total variance falls below the one before it (vol 0.2, 0.2, then 0.1).
+    cal = lambda k, tau, opt: 0.2 if tau < 0.5 else 0.1  # noqa: E731
+    got = arb.per_date(surface_frame(cal), "iv")
+    assert got["calendar_checks"].iloc[0] == 26 and got["calendar_violations"].iloc[0] == 13  # 2 pairs x 13; 1 fails
+    assert got["butterfly_violations"].iloc[0] == 0  # flat smiles are convex
+
+    # Butterfly: a spike in one strike's vol makes its call price stick out above the chord of its neighbours.
+    spike = lambda k, tau, opt: 0.2 + (0.15 if abs(k) < 1e-9 else 0.0)  # noqa: E731
+    got = arb.per_date(surface_frame(spike), "iv")
+    assert got["butterfly_violations"].iloc[0] == 3  # the ATM triple on each of the three expiries
+    assert got["butterfly_checks"].iloc[0] == 3 * 11
+
+    # Call/put gap: puts 1 vol point above calls at every strike.
+    gap = lambda k, tau, opt: 0.2 + (0.01 if opt == "P" else 0.0)  # noqa: E731
+    assert arb.summary(arb.per_date(surface_frame(gap, both_types=True), "iv"))["cp_gap_vol_pts"] == pytest.approx(1.0)
+
+
+def test_ssvi_fit_recovers_the_parameters_of_surfaces_it_generated():
+    from vforge.evaluation import ssvi as S
+
+    taus = np.array([0.04, 0.12, 0.3, 0.6, 1.1])
+    truth = [dict(rho=-0.65, eta=1.05, gamma=0.3, theta=0.04 * taus * (1 + 0.3 * taus)),
+             dict(rho=-0.2, eta=0.6, gamma=0.45, theta=0.09 * taus)]
+    date, tau, k, iv = [], [], [], []
+    for d, p in enumerate(truth):
+        for t, th in zip(taus, p["theta"]):
+            kk = np.linspace(-0.5, 0.3, 17) * np.sqrt(t)
+            date += [d] * len(kk); tau += [t] * len(kk); k += list(kk)  # noqa: E702
+            iv += list(np.sqrt(S.total_variance(kk, th, p["rho"], p["eta"], p["gamma"]) / t))
+    fit = S.fit(np.array(date), np.array(tau), np.array(k), np.array(iv))
+    for d, p in enumerate(truth):
+        assert fit.rho[d] == pytest.approx(p["rho"], abs=1e-4)
+        assert fit.eta[d] == pytest.approx(p["eta"], rel=1e-3)
+        assert fit.gamma[d] == pytest.approx(p["gamma"], abs=1e-3)
+        np.testing.assert_allclose(fit.theta[d], p["theta"], rtol=1e-4)
+        assert fit.eta[d] * (1 + abs(fit.rho[d])) <= 2 and 0 < fit.gamma[d] <= 0.5  # the no-arbitrage constraints
+    # evaluated between expiries: theta linear in time, the smile shape of the date
+    mid = 0.5 * (taus[1] + taus[2])
+    th = np.interp(mid, taus, truth[0]["theta"])
+    want = np.sqrt(S.total_variance(0.05, th, truth[0]["rho"], truth[0]["eta"], truth[0]["gamma"]) / mid)
+    assert S.implied_vol(fit, np.array([0]), np.array([0.05]), np.array([mid]))[0] == pytest.approx(want, rel=1e-4)
+    assert np.isnan(S.implied_vol(fit, np.array([7]), np.array([0.0]), np.array([0.1]))[0])  # a date not fit
+
+
+def test_a_run_leaves_plots_predictions_and_the_new_metrics(make_cfg):
+    from pathlib import Path
+
+    from vforge.train import train
+
+    cfg = make_cfg("trainer.max_epochs=1", "evaluation.plots=true")
+    metrics = train(cfg)
+    for key in ("test/dm_pvalue", "test/dates_beaten", "test/arb_calendar", "test/arb_butterfly", "test/ssvi_rmse",
+                "test/cp_gap_vol_pts", "test/market_arb_calendar", "test/persistence_arb_butterfly"):
+        assert math.isfinite(metrics[key]), key
+    assert metrics["test/ssvi_arb_butterfly"] == 0.0  # SSVI's constraints hold on the evaluated surfaces
+    out = Path(cfg.output_dir)
+    assert len(list((out / "plots").glob("*.png"))) >= 5
+    test = pd.read_parquet(out / "predictions" / "test.parquet")
+    assert {"market", "model", "baseline", "persistence", "ssvi", "expiry", "strike"} <= set(test.columns)
+    rmse = np.sqrt(np.mean((test["model"] - test["market"]) ** 2)) * 100
+    assert rmse == pytest.approx(metrics["test/rmse"], rel=1e-6)

@@ -274,6 +274,11 @@ def make_aux(df: pd.DataFrame) -> dict[str, torch.Tensor]:
     }
 
 
+def _no_attrs(df: pd.DataFrame) -> pd.DataFrame:
+    df.attrs = {}  # the pipeline's quote dates stay with the pipeline (pd.concat compares attrs)
+    return df
+
+
 def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
     if name == "option_type":
         return rows["option_type"].astype(str)
@@ -353,7 +358,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
             x_num=torch.as_tensor(x, dtype=torch.float32), x_cat=x_cat,
             y=torch.tensor(y.to_numpy(), dtype=torch.float32),
             iv=df["iv"].to_numpy(), base=df["base"].to_numpy(), persistence=df["persistence"].to_numpy(),
-            rows=df[row_columns].reset_index(drop=True), aux=make_aux(df),
+            rows=df[row_columns].reset_index(drop=True).pipe(_no_attrs), aux=make_aux(df),
         )
 
     splits = {k: make(v, clip if k == "train" else (-np.inf, np.inf)) for k, v in parts.items()}

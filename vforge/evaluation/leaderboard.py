@@ -1,5 +1,6 @@
-"""The AutoML leaderboard: trained checkpoints re-evaluated on one split beside persistence, LightGBM and an
-ensemble; test RMSE/MAE/R² in vol points, training time, parameter count and inference latency."""
+"""The AutoML leaderboard: trained checkpoints re-evaluated on one split beside persistence, the baseline, SSVI,
+LightGBM and an ensemble; RMSE/MAE/R² in vol points on all rows and on the previously quoted ones, the DM test
+and dates won against persistence, arbitrage counts, training time, parameter count and inference latency."""
 
 from __future__ import annotations
 
@@ -17,14 +18,23 @@ import torch
 from hydra.utils import instantiate
 
 from vforge.data.dataset import Dataset
+from vforge.evaluation import arbitrage as arb
 from vforge.evaluation.ensemble import fit_weights
-from vforge.evaluation.metrics import iv_errors
+from vforge.evaluation.metrics import METRICS, WORDS, iv_errors
+from vforge.evaluation.report import frame_metrics, predictions_frame
+from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.training.loop import predict_outputs
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["rank", "name", "kind", "val_rmse", "test_rmse", "test_mae", "test_r2", "train_s", "n_params",
-           "latency_ms_1k", "latency_ms_row", "trials", "search_min", "notes"]
+COLUMNS = ["rank", "name", "kind", "val_rmse", "val_prev_quoted_rmse", "test_rmse", "test_prev_quoted_rmse",
+           "test_dm_pvalue", "test_dates_beaten", "beats_persistence", "test_arb_calendar", "test_arb_butterfly",
+           "test_mae", "test_r2", "train_s", "n_params", "latency_ms_1k", "latency_ms_row", "trials", "search_min",
+           "notes"]
+HEADER = ["#", "model", "kind", "val RMSE", "val RMSE prev. quoted", "test RMSE", "test RMSE prev. quoted",
+          "DM p vs persistence", "dates won", "beats persistence", "calendar arb.", "butterfly arb.", "test MAE",
+          "test R²", "train s", "params", "ms/1k rows", "ms/row", "trials", "search min", "notes"]
+SIGNIFICANCE = 0.05
 
 
 @dataclass
@@ -44,13 +54,40 @@ class Entry:
     test: dict[str, float] = field(default_factory=dict)
 
     def score(self, data: Dataset) -> Entry:
-        self.val = iv_errors(self.val_pred, data.val.iv)
-        self.test = iv_errors(self.test_pred, data.test.iv)
+        """RMSE/MAE/R² on all rows (NaN for a predictor that does not cover them all, like persistence) and on the
+        previously quoted rows; with a full ``Dataset``, the DM test, dates won and arbitrage counts on test."""
+        for split in ("val", "test"):
+            pred, s = getattr(self, f"{split}_pred"), getattr(data, split)
+            scores = iv_errors(pred, s.iv) if np.isfinite(pred).all() else {m: math.nan for m in METRICS}
+            persistence = getattr(s, "persistence", None)
+            if persistence is not None:
+                prev = np.isfinite(persistence) & np.isfinite(pred)
+                scores |= {f"prev_quoted_{m}": v for m, v in iv_errors(pred[prev], s.iv[prev]).items()}
+            setattr(self, split, scores)
+        if isinstance(data, Dataset):
+            frame = predictions_frame(data, "test", self.test_pred)
+            m = frame_metrics("test", frame, data.horizon)
+            table = arb.summary(arb.per_date(frame, "model"))
+            self.test |= {"dm_pvalue": m["test/dm_pvalue"], "dates_beaten": m["test/dates_beaten"],
+                          "persistence_rmse": m["test/persistence_rmse"], "arb_calendar": table["arb_calendar"],
+                          "arb_butterfly": table["arb_butterfly"]}
         return self
 
+    def beats_persistence(self) -> str:
+        """yes: lower test RMSE than persistence on the previously quoted rows, DM p-value below 0.05."""
+        p, mine, theirs = (self.test.get(k, math.nan) for k in ("dm_pvalue", "prev_quoted_rmse", "persistence_rmse"))
+        if self.name == "persistence" or not (p == p):
+            return "-"
+        return "yes" if mine < theirs and p < SIGNIFICANCE else "no"
+
     def row(self, rank: int) -> dict[str, Any]:
+        t = lambda k: self.test.get(k, math.nan)  # noqa: E731
         return {"rank": rank, "name": self.name, "kind": self.kind, "val_rmse": self.val["rmse"],
-                "test_rmse": self.test["rmse"], "test_mae": self.test["mae"], "test_r2": self.test["r2"],
+                "val_prev_quoted_rmse": self.val.get("prev_quoted_rmse", math.nan), "test_rmse": t("rmse"),
+                "test_prev_quoted_rmse": t("prev_quoted_rmse"), "test_dm_pvalue": t("dm_pvalue"),
+                "test_dates_beaten": t("dates_beaten"), "beats_persistence": self.beats_persistence(),
+                "test_arb_calendar": t("arb_calendar"), "test_arb_butterfly": t("arb_butterfly"),
+                "test_mae": t("mae"), "test_r2": t("r2"),
                 "train_s": self.train_s, "n_params": self.n_params, "latency_ms_1k": self.latency_ms_1k,
                 "latency_ms_row": self.latency_ms_row, "trials": self.info.get("trials", ""),
                 "search_min": self.info.get("search_min", math.nan), "notes": self.info.get("notes", "")}
@@ -91,6 +128,9 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
                 info: dict[str, Any] | None = None) -> tuple[Entry, Dataset]:
     """Re-evaluate the checkpoint ``output_dir/model.pt`` of a finished run on its own data."""
     out = Path(output_dir)
+    folds = sorted(out.glob("fold_*"), key=lambda p: int(p.name.split("_")[1]))
+    if not (out / "model.pt").exists() and folds:  # a walk-forward run: its last fold is the plain split
+        out = folds[-1]
     ckpt = torch.load(out / "model.pt", weights_only=False, map_location="cpu")
     if data is None:
         data = load_data(ckpt)
@@ -119,10 +159,32 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
 
 
 def persistence_entry(data: Dataset) -> Entry:
-    """Yesterday's IV of the contract (the previous surface where the contract is new): the bar to beat."""
-    return Entry("persistence", "reference", data.val.base, data.test.base, train_s=0.0, n_params=0.0,
+    """Persistence (``WORDS["persistence"]``): scored on the previously quoted rows only, no all-row score."""
+    return Entry("persistence", "reference", data.val.persistence, data.test.persistence, train_s=0.0, n_params=0.0,
                  latency_ms_1k=0.0, latency_ms_row=0.0,
-                 info={"notes": "previous IV of the contract, else of the nearest quote"}).score(data)
+                 info={"notes": "the contract's previous IV; scored on the prev. quoted rows only"}).score(data)
+
+
+def baseline_entry(data: Dataset) -> Entry:
+    """The baseline (``WORDS["baseline"]``): persistence, else the previous surface, on every row."""
+    return Entry("baseline", "reference", data.val.base, data.test.base, train_s=0.0, n_params=0.0,
+                 latency_ms_1k=0.0, latency_ms_row=0.0,
+                 info={"notes": "persistence, else the previous surface at the contract's moneyness"}).score(data)
+
+
+def ssvi_entry(data: Dataset) -> Entry | None:
+    """SSVI (``WORDS["ssvi"]``) at every row; None when the data carries no quotes to fit."""
+    if data.quotes is None:
+        return None
+    import pandas as pd
+
+    start = time.perf_counter()
+    both, fit = ssvi_predictions(data.quotes, pd.concat([data.val.rows, data.test.rows], ignore_index=True))
+    seconds = time.perf_counter() - start
+    val, test = np.split(both, [len(data.val)])
+    n_dates = int(np.isfinite(fit.rho).sum())
+    return Entry("ssvi", "reference", val, test, train_s=seconds, n_params=float(np.isfinite(fit.theta).sum() + 3 * n_dates),
+                 info={"notes": f"fit per previous date ({n_dates} dates, {seconds:.1f} s; n_params: all dates')"}).score(data)
 
 
 def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_rows: int = 1000) -> Entry | None:
@@ -176,8 +238,10 @@ def ensemble_entry(members: list[Entry], data: Dataset) -> tuple[Entry, dict[str
 
 
 def rank(entries: list[Entry]) -> list[dict[str, Any]]:
-    """Rows sorted by validation RMSE (what selection may use); test columns are for reading only."""
-    return [e.row(i + 1) for i, e in enumerate(sorted(entries, key=lambda e: e.val["rmse"]))]
+    """Rows sorted by validation RMSE (what selection may use), persistence (no all-row score) last; test columns
+    are for reading only."""
+    key = lambda e: (not e.val["rmse"] == e.val["rmse"], e.val["rmse"], e.val.get("prev_quoted_rmse", 0))  # noqa: E731
+    return [e.row(i + 1) for i, e in enumerate(sorted(entries, key=key))]
 
 
 def _fmt(v: Any, col: str) -> str:
@@ -188,19 +252,24 @@ def _fmt(v: Any, col: str) -> str:
             return f"{int(v):,}"
         if col in ("train_s", "search_min", "latency_ms_1k", "latency_ms_row"):
             return f"{v:.2f}" if v < 100 else f"{v:.0f}"
+        if col in ("test_dates_beaten", "test_arb_calendar", "test_arb_butterfly"):
+            return f"{v:.0%}" if col == "test_dates_beaten" else f"{v:.1%}"
         return f"{v:.3f}"
     return str(v)
 
 
 def to_markdown(rows: list[dict[str, Any]], title: str = "") -> str:
-    head = ["#", "model", "kind", "val RMSE", "test RMSE", "test MAE", "test R²", "train s", "params",
-            "ms/1k rows", "ms/row", "trials", "search min", "notes"]
     lines = [f"### {title}", ""] if title else []
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c], c) for c in COLUMNS) + " |")
     lines.append("")
-    lines.append("RMSE/MAE in vol points (IV x 100); sorted by val RMSE; ensemble weights fit on val only.")
+    lines.append("RMSE/MAE in vol points (IV x 100); sorted by val RMSE; ensemble weights fit on val only. "
+                 f"persistence: {WORDS['persistence']}; baseline: {WORDS['baseline']}; SSVI: {WORDS['ssvi']}. "
+                 "DM p: one-sided Diebold-Mariano test against persistence on the test rows quoted the previous date; "
+                 "dates won: share of test dates with a lower RMSE than persistence there; beats persistence: yes "
+                 f"when lower and DM p < {SIGNIFICANCE}. Arbitrage: share of calendar / butterfly checks of the "
+                 "predicted test surfaces that fail.")
     return "\n".join(lines)
 
 

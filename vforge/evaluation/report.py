@@ -16,7 +16,9 @@ import numpy as np
 import pandas as pd
 
 from vforge.data.dataset import Dataset
+from vforge.evaluation import arbitrage as arb
 from vforge.evaluation import significance as sig
+from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.evaluation.metrics import format_table, iv_errors, split_metrics
 from vforge.evaluation.tables import bucket_table, format_buckets, per_date_table
 
@@ -36,7 +38,6 @@ def predictions_frame(data: Dataset, split: str, model: np.ndarray, ssvi: np.nda
     s = getattr(data, split)
     rows = s.rows
     frame = rows[[c for c in PREDICTION_COLUMNS if c in rows.columns]].copy()
-    frame.attrs = {}  # the pipeline's (quote dates) stay with the pipeline
     frame.insert(0, "split", split)
     frame["prev_quoted"] = np.isfinite(s.persistence)
     frame["market"] = s.iv
@@ -128,28 +129,65 @@ def evaluate_run(data: Dataset, predictions: dict[str, np.ndarray], out_dir: str
     start = time.perf_counter()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "data_report.json").write_text(json.dumps(data.report, indent=1, default=str))
-    frames = {s: predictions_frame(data, s, predictions[s]) for s in SPLITS}
+    ssvi = {s: None for s in SPLITS}
+    if data.quotes is not None:  # one vectorized fit of every info date both splits need
+        rows = pd.concat([getattr(data, s).rows for s in SPLITS], ignore_index=True)
+        both, _ = ssvi_predictions(data.quotes, rows)
+        ssvi = dict(zip(SPLITS, np.split(both, [len(data.val)])))
+    frames = {s: predictions_frame(data, s, predictions[s], ssvi[s]) for s in SPLITS}
     metrics: dict[str, float] = {}
     for s, frame in frames.items():
         metrics |= frame_metrics(s, frame, data.horizon)
-    result = summarize(frames, metrics, out_dir, history=history, plots=plots, walk_forward=walk_forward)
+    result = summarize(frames, metrics, out_dir, history=history, plots=plots, walk_forward=walk_forward,
+                       horizon=data.horizon)
     result.seconds = time.perf_counter() - start
     if logger is not None:
         log_files(logger, result)
     return result
 
 
+ARBITRAGE_SURFACES = ("model", "market", "persistence", "ssvi")
+
+
+def arbitrage_metrics(prefix: str, frame: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
+    """``{prefix}/arb_calendar``, ``arb_butterfly``, ``cp_gap_vol_pts`` of the model's surfaces, and the same with
+    ``market_``, ``persistence_`` (its previously quoted rows) and ``ssvi_`` in front; the per-date table."""
+    metrics, tables = {}, []
+    for surface in ARBITRAGE_SURFACES:
+        col = "market" if surface == "market" else surface
+        if col not in frame.columns:
+            continue
+        table = arb.per_date(frame, col)
+        name = "" if surface == "model" else f"{surface}_"
+        metrics |= {f"{prefix}/{name}{k}": v for k, v in arb.summary(table).items()}
+        tables.append(table.assign(surface=surface).reset_index())
+    return metrics, pd.concat(tables, ignore_index=True)
+
+
+def format_arbitrage(prefix: str, metrics: dict[str, float]) -> str:
+    def row(key: str, fmt: str) -> str:
+        vals = [(s, metrics.get(f"{prefix}/{'' if s == 'model' else s + '_'}{key}", math.nan)) for s in ARBITRAGE_SURFACES]
+        return ", ".join(f"{s} {format(v, fmt)}" for s, v in vals if v == v)
+
+    return (f"arbitrage ({prefix}): calendar violations (share of checks) {row('arb_calendar', '.2%')}\n"
+            f"  butterfly violations {row('arb_butterfly', '.2%')}\n"
+            f"  call/put IV gap at one strike and expiry (vol points) {row('cp_gap_vol_pts', '.3f')}")
+
+
 def summarize(frames: dict[str, pd.DataFrame], metrics: dict[str, float], out_dir: str | Path, *,
               history: list[dict[str, float]] | None = None, plots: bool = True, walk_forward: bool = False,
-              prefixes: dict[str, str] | None = None, title: str = "results") -> RunEvaluation:
+              prefixes: dict[str, str] | None = None, title: str = "results", horizon: int = 0) -> RunEvaluation:
     """Tables, printed text, warnings and files of already scored frames (a run's splits, or walk-forward's
-    concatenated out-of-sample predictions)."""
+    concatenated out-of-sample predictions). Adds the test frame's arbitrage counts to ``metrics``."""
     out = Path(out_dir)
     prefixes = prefixes or {s: s for s in frames}
     both = pd.concat(frames.values(), ignore_index=True)
     per_date = per_date_table(both)
     test = frames.get("test", both)
     bucket = bucket_table(test)
+    test_prefix = prefixes.get("test", "test")
+    arb_metrics, arb_table = arbitrage_metrics(test_prefix, test)
+    metrics |= arb_metrics
     warnings = warnings_for(metrics, frames, prefixes=prefixes, walk_forward=walk_forward)
     files: dict[str, Path] = {}
     (out / "predictions").mkdir(parents=True, exist_ok=True)
@@ -160,11 +198,18 @@ def summarize(frames: dict[str, pd.DataFrame], metrics: dict[str, float], out_di
                                           float_format="%.5g")
     files["tables/buckets.csv"] = _write(bucket.to_csv, out / "tables" / "buckets.csv", index=False,
                                          float_format="%.5g")
+    files["tables/arbitrage.csv"] = _write(arb_table.to_csv, out / "tables" / "arbitrage.csv", index=False,
+                                           float_format="%.5g")
+    if plots:
+        from vforge.evaluation.plots import write_all  # matplotlib: only when plotting
+
+        for path in write_all(out / "plots", frames, per_date, history=history, horizon=horizon):
+            files[f"plots/{path.name}"] = path
     if warnings:
         (out / "warnings.txt").write_text("\n".join(warnings) + "\n")
         files["warnings.txt"] = out / "warnings.txt"
     rows = {prefixes[s]: (len(f), int(f["prev_quoted"].sum())) for s, f in frames.items()}
-    text = f"{title}\n{format_table(metrics, rows)}\n{format_buckets(test)}"
+    text = f"{title}\n{format_table(metrics, rows)}\n{format_buckets(test)}\n{format_arbitrage(test_prefix, metrics)}"
     text += "".join(f"\nWARNING: {w}" for w in warnings)
     return RunEvaluation(metrics=metrics, frames=frames, per_date=per_date, buckets=bucket, warnings=warnings,
                          text=text, files=files)

@@ -10,15 +10,10 @@ from vforge.evaluation.metrics import VOL_POINTS
 
 # Standardized moneyness k / sqrt(tau) (log-moneyness over root time, about a delta): wings to ATM.
 MONEYNESS_EDGES = (-np.inf, -0.5, -0.15, -0.05, 0.05, 0.15, 0.5, np.inf)
-MONEYNESS_LABELS = ("<-0.5", "-0.5..-0.15", "-0.15..-0.05", "ATM", "0.05..0.15", "0.15..0.5", ">0.5")
+MONEYNESS_LABELS = ("<-.5", "-.5:-.15", "-.15:-.05", "ATM", ".05:.15", ".15:.5", ">.5")
 TENOR_EDGES_DAYS = (0, 14, 45, 120, 250, np.inf)
 TENOR_LABELS = ("<2w", "2w-45d", "45d-4m", "4m-8m", ">8m")
 PREDICTORS = ("model", "baseline", "persistence", "ssvi")
-
-
-def _rmse(err: pd.Series) -> float:
-    err = err.dropna()
-    return float(np.sqrt(np.mean(err**2)) * VOL_POINTS) if len(err) else np.nan
 
 
 def _errors(frame: pd.DataFrame) -> pd.DataFrame:
@@ -64,14 +59,14 @@ def bucket_table(frame: pd.DataFrame) -> pd.DataFrame:
     Columns ``group`` (``moneyness x tenor`` | ``type`` | ``quoted``), ``bucket``, ``rows``, ``<predictor>_rmse``
     (persistence on the previously quoted rows of the bucket only), ``model_vs_baseline`` (RMSE ratio).
     """
-    err, b = _errors(frame), buckets(frame)
+    sq, b = (_errors(frame) * VOL_POINTS) ** 2, buckets(frame)
+    labels = {"moneyness x tenor": b["moneyness"].astype(str) + " x " + b["tenor"].astype(str),
+              "type": b["type"], "quoted": b["quoted"]}
     parts = []
-    for group, keys in (("moneyness x tenor", ["moneyness", "tenor"]), ("type", ["type"]), ("quoted", ["quoted"])):
-        label = b[keys].astype(str).agg(" x ".join, axis=1) if len(keys) > 1 else b[keys[0]].astype(str)
-        g = err.groupby(label, sort=False)
-        t = pd.DataFrame({"rows": g.size()})
-        for p in err.columns:
-            t[f"{p}_rmse"] = g[p].agg(_rmse)
+    for group, label in labels.items():
+        g = sq.groupby(label.to_numpy(), sort=False)
+        t = np.sqrt(g.mean()).add_suffix("_rmse")  # mean skips NaN: persistence on its own rows
+        t.insert(0, "rows", g.size())
         t.insert(0, "group", group)
         parts.append(t.rename_axis("bucket").reset_index())
     out = pd.concat(parts, ignore_index=True)
@@ -82,9 +77,9 @@ def bucket_table(frame: pd.DataFrame) -> pd.DataFrame:
 def format_buckets(frame: pd.DataFrame) -> str:
     """A compact printed summary: model RMSE / baseline RMSE per moneyness x tenor cell (below 1: the model is
     better there), and the model against the baseline for calls/puts and new/previously quoted contracts."""
-    err, b = _errors(frame), buckets(frame)
-    cells = err.groupby([b["tenor"], b["moneyness"]], observed=True)
-    ratio = (cells["model"].agg(_rmse) / cells["baseline"].agg(_rmse)).unstack("moneyness")
+    sq, b = (_errors(frame) * VOL_POINTS) ** 2, buckets(frame)
+    cells = sq.groupby([b["tenor"], b["moneyness"]], observed=True).mean()
+    ratio = np.sqrt(cells["model"] / cells["baseline"]).unstack("moneyness")
     ratio = ratio.reindex(columns=[m for m in MONEYNESS_LABELS if m in ratio.columns])
     width = max(len(c) for c in ratio.columns) + 1 if len(ratio.columns) else 8
     lines = ["model RMSE / baseline RMSE by tenor (rows) x moneyness k/sqrt(tau) (columns); below 1: model better",
@@ -92,8 +87,7 @@ def format_buckets(frame: pd.DataFrame) -> str:
     for tenor, r in ratio.iterrows():
         lines.append(f"{tenor:<8}" + "".join(f"{v:>{width}.2f}" if np.isfinite(v) else f"{'-':>{width}}" for v in r))
     for key in ("type", "quoted"):
-        g = err.groupby(b[key], sort=True)
-        parts = [f"{name} {g.get_group(name)['model'].pipe(_rmse):.3f} vs {g.get_group(name)['baseline'].pipe(_rmse):.3f}"
-                 for name in g.groups]
+        rmse = np.sqrt(sq.groupby(b[key].to_numpy(), sort=True).mean())
+        parts = [f"{name} {r['model']:.3f} vs {r['baseline']:.3f}" for name, r in rmse.iterrows()]
         lines.append(f"model vs baseline RMSE by {key}: " + ", ".join(parts))
     return "\n".join(lines)

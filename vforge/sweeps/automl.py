@@ -173,7 +173,10 @@ class AutoMLSweeperImpl(StudySweeper):
         if data is None:
             raise RuntimeError("AutoML: no model finished a trial; nothing to rank (see the errors above)")
         models = sorted(entries, key=lambda e: e.val["rmse"])
-        refs = [L.persistence_entry(data)]
+        refs = [L.persistence_entry(data), L.baseline_entry(data)]
+        ssvi = L.ssvi_entry(data)
+        if ssvi is not None:
+            refs.append(ssvi)
         if self.lightgbm:
             lgb = L.lightgbm_entry(data, latency_rows=self.latency_rows)
             if lgb is not None:
@@ -197,7 +200,9 @@ class AutoMLSweeperImpl(StudySweeper):
             for r in rows:
                 name = _metric_name("ensemble" if r["kind"] == "ensemble" else r["name"])
                 self.parent.log_metrics({f"leaderboard/{name}/{k}": r[k] for k in
-                                         ("val_rmse", "test_rmse", "test_mae", "test_r2", "latency_ms_1k")})
+                                         ("val_rmse", "test_rmse", "test_prev_quoted_rmse", "test_dm_pvalue",
+                                          "test_dates_beaten", "test_arb_calendar", "test_arb_butterfly", "test_mae",
+                                          "test_r2", "latency_ms_1k") if r[k] == r[k]})
             if rows:
                 self.parent.set_tags({"automl.winner": rows[0]["name"]})
         return rows
