@@ -1,7 +1,7 @@
 """Static-arbitrage and consistency counts of a predicted IV surface, per quote date.
 
 - **Calendar**: total implied variance ``w = iv^2 tau`` must not decrease with expiry at a fixed forward
-  log-moneyness. Each quote of an expiry is compared with the previous expiry's smile (same option type),
+  log-moneyness. Each quote of an expiry is compared with the next expiry's smile (same option type),
   interpolated linearly in log-moneyness inside that smile's range: a violation is ``w_later < w_earlier``.
 - **Butterfly**: undiscounted Black prices must be convex in strike on one expiry (same option type). Each three
   consecutive strikes are one check: a violation is a slope that falls, ``(C3 - C2) / (K3 - K2) < (C2 - C1) /
@@ -70,12 +70,14 @@ def calendar(frame: pd.DataFrame, iv: str) -> pd.DataFrame:
         for a0, a1, b1 in zip(bounds[:-2], bounds[1:-1], bounds[2:]):
             k_prev, w_prev = k[idx[a0:a1]], w[idx[a0:a1]]
             k_next, w_next = k[idx[a1:b1]], w[idx[a1:b1]]
-            inside = (k_next >= k_prev[0]) & (k_next <= k_prev[-1])
-            if len(k_prev) < 2 or not inside.any():
+            inside = (k_prev >= k_next[0]) & (k_prev <= k_next[-1])
+            if len(k_next) < 2 or not inside.any():
                 continue
-            earlier = np.interp(k_next[inside], k_prev, w_prev)
+            # The later smile at the earlier one's quotes: a chord lies above a convex smile, so interpolation
+            # never invents a violation between two expiries that are close in time.
+            later = np.interp(k_prev[inside], k_next, w_next)
             checks += int(inside.sum())
-            bad += int((w_next[inside] < earlier - W_TOL).sum())
+            bad += int((later < w_prev[inside] - W_TOL).sum())
         c, b = out.get(date, (0, 0))
         out[date] = (c + checks, b + bad)
     table = pd.DataFrame.from_dict(out, orient="index", columns=["calendar_checks", "calendar_violations"])

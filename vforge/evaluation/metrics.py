@@ -135,6 +135,10 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
         for label, n, model, bench, dm, ssvi in (
                 ("all", n_all, "", "baseline_", "baseline_", "ssvi_rmse"),
                 ("prev. quoted", n_prev, "prev_quoted_", "persistence_", "", "ssvi_prev_quoted_rmse")):
+            if n == 0:
+                lines.append(f"{s:<5} {label:<13}{n:>7}   no contract was quoted on the previous date: "
+                             "no persistence comparison is possible")
+                continue
             vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, bench)]
             won = g(dm + "dates_beaten")
             won = f"{won:>9.0%}" if won == won else f"{'-':>9}"

@@ -18,19 +18,19 @@ COLORS = {"market": "black", "model": "tab:blue", "baseline": "tab:gray", "persi
 DPI = 90
 
 
-def _pyplot():
-    import matplotlib
+def _figure(**kwargs):
+    """A figure drawn by the Agg canvas: files only, never a window, no pyplot state (nor pyplot's import)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)  # files only: never a window, works without a display
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig, path: Path) -> Path:
     # constrained/tight layout would draw every figure twice; fixed margins keep a run's plots cheap
     fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})
-    fig.clf()
     return path
 
 
@@ -38,17 +38,16 @@ def learning_curves(history: list[dict[str, float]], path: Path) -> Path | None:
     """Train loss and validation RMSE per epoch (the best epoch marked)."""
     if not history:
         return None
-    plt = _pyplot()
     h = pd.DataFrame(history)
-    epoch = h["epoch"] if "epoch" in h else np.arange(len(h))
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    epoch = np.arange(len(h))
+    fig = _figure(figsize=(9, 3.2))
+    ax = fig.subplots(1, 2)
     if "train/loss" in h:
         ax[0].plot(epoch, h["train/loss"], marker=".")
     ax[0].set(title="train loss", xlabel="epoch")
     if "val/rmse_epoch" in h:
         ax[1].plot(epoch, h["val/rmse_epoch"], marker=".", color=COLORS["model"])
-        best = int(np.nanargmin(h["val/rmse_epoch"].to_numpy()))
-        ax[1].axvline(epoch.iloc[best] if hasattr(epoch, "iloc") else epoch[best], color="k", lw=0.8, ls=":")
+        ax[1].axvline(int(np.nanargmin(h["val/rmse_epoch"].to_numpy())), color="k", lw=0.8, ls=":")
     ax[1].set(title="validation RMSE (vol points)", xlabel="epoch")
     return _save(fig, path)
 
@@ -66,12 +65,11 @@ def _market_band(day: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
     return bid, ask
 
 
-def smiles(frame: pd.DataFrame, path: Path, *, horizon: int = 0, max_expiries: int = 6) -> Path | None:
+def smiles(frame: pd.DataFrame, path: Path, *, horizon: int = 0, max_expiries: int = 4) -> Path | None:
     """The last date's smiles (out-of-the-money side), one panel per expiry: market (bid/ask bars where the chain
     has them and the row's quotes are of that date, ``horizon=0``), model, persistence, SSVI."""
     if frame.empty:
         return None
-    plt = _pyplot()
     day = frame[frame["target_date"] == frame["target_date"].max()]
     otm = np.where(day["option_type"] == "C", day["log_moneyness"] >= 0, day["log_moneyness"] < 0)
     day = day[otm] if otm.any() else day
@@ -79,9 +77,10 @@ def smiles(frame: pd.DataFrame, path: Path, *, horizon: int = 0, max_expiries: i
     expiries = np.sort(counts.index[counts >= 5].to_numpy() if (counts >= 5).any() else counts.index.to_numpy())
     if len(expiries) > max_expiries:
         expiries = expiries[np.unique(np.linspace(0, len(expiries) - 1, max_expiries).round().astype(int))]
-    cols = min(3, len(expiries))
+    cols = min(2, len(expiries))
     rows = int(np.ceil(len(expiries) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)
+    fig = _figure(figsize=(4.5 * cols, 2.8 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, expiry in zip(axes.ravel(), expiries):
         e = day[day["expiry"] == expiry].sort_values("log_moneyness")
         k = e["log_moneyness"].to_numpy()
@@ -113,13 +112,13 @@ def error_heatmap(frame: pd.DataFrame, path: Path) -> Path | None:
     annotated with the model's RMSE in vol points."""
     if frame.empty:
         return None
-    plt = _pyplot()
     b = buckets(frame)
     sq = pd.DataFrame({p: ((frame[p] - frame["market"]) * VOL_POINTS) ** 2 for p in ("model", "baseline")})
     cells = sq.groupby([b["tenor"], b["moneyness"]], observed=False).mean()
     grid = lambda s: s.unstack("moneyness").reindex(index=list(TENOR_LABELS), columns=list(MONEYNESS_LABELS))  # noqa: E731
     rmse, ratio = grid(np.sqrt(cells["model"])), grid(np.sqrt(cells["model"] / cells["baseline"]))
-    fig, ax = plt.subplots(figsize=(7.5, 3.6))
+    fig = _figure(figsize=(7.5, 3.6))
+    ax = fig.subplots()
     im = ax.imshow(ratio.to_numpy(np.float64), cmap="RdBu_r", vmin=0.5, vmax=1.5, aspect="auto")
     ax.set_xticks(range(len(ratio.columns)), ratio.columns, fontsize=8)
     ax.set_yticks(range(len(ratio.index)), ratio.index, fontsize=8)
@@ -137,8 +136,8 @@ def per_date_rmse(per_date: pd.DataFrame, path: Path) -> Path | None:
     """Per-date RMSE of the model and persistence on the previously quoted rows, and of the baseline on all rows."""
     if per_date.empty:
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(10, 3.4))
+    fig = _figure(figsize=(10, 3.4))
+    ax = fig.subplots()
     for split, t in per_date.groupby("split", sort=False) if "split" in per_date else [("", per_date)]:
         d = pd.DatetimeIndex(t["target_date"])
         ax.plot(d, t["model_prev_quoted_rmse"], "-o", ms=2.5, color=COLORS["model"],
@@ -160,8 +159,8 @@ def residuals(frame: pd.DataFrame, path: Path) -> Path | None:
     prev = frame[frame["prev_quoted"]]
     if prev.empty:
         prev = frame
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig = _figure(figsize=(6, 3.4))
+    ax = fig.subplots()
     errs = {p: ((prev[p] - prev["market"]) * VOL_POINTS).dropna() for p in ("model", "persistence") if p in prev}
     errs = {p: e for p, e in errs.items() if len(e)}
     if not errs:
@@ -181,8 +180,8 @@ def loss_differential(per_date: pd.DataFrame, path: Path) -> Path | None:
     falling means the model is ahead."""
     if per_date.empty or not per_date["persistence_rmse"].notna().any():
         return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3))
+    fig = _figure(figsize=(8, 3))
+    ax = fig.subplots()
     d = (per_date["model_prev_quoted_rmse"] ** 2 - per_date["persistence_rmse"] ** 2).fillna(0.0)
     ax.plot(pd.DatetimeIndex(per_date["target_date"]), d.cumsum(), color=COLORS["model"])
     ax.axhline(0, color="k", lw=0.6)
@@ -205,5 +204,4 @@ def write_all(out_dir: Path, frames: dict[str, pd.DataFrame], per_date: pd.DataF
         loss_differential(per_date[per_date["split"] == "test"] if "split" in per_date else per_date,
                           out_dir / "loss_differential.png"),
     ]
-    _pyplot().close("all")
     return [p for p in made if p is not None]

@@ -167,7 +167,7 @@ def arbitrage_metrics(prefix: str, frame: pd.DataFrame) -> tuple[dict[str, float
 def format_arbitrage(prefix: str, metrics: dict[str, float]) -> str:
     def row(key: str, fmt: str) -> str:
         vals = [(s, metrics.get(f"{prefix}/{'' if s == 'model' else s + '_'}{key}", math.nan)) for s in ARBITRAGE_SURFACES]
-        return ", ".join(f"{s} {format(v, fmt)}" for s, v in vals if v == v)
+        return ", ".join(f"{s} {format(v, fmt)}" for s, v in vals if v == v) or "- (nothing to check)"
 
     return (f"arbitrage ({prefix}): calendar violations (share of checks) {row('arb_calendar', '.2%')}\n"
             f"  butterfly violations {row('arb_butterfly', '.2%')}\n"

@@ -66,7 +66,7 @@ def _expiry_grid(date_pos: np.ndarray, tau: np.ndarray, n_dates: int) -> tuple[n
     return col[inverse], taus
 
 
-def fit(date: np.ndarray, tau: np.ndarray, k: np.ndarray, iv: np.ndarray, *, max_iter: int = 50) -> SSVIFit:
+def fit(date: np.ndarray, tau: np.ndarray, k: np.ndarray, iv: np.ndarray, *, max_iter: int = 15) -> SSVIFit:
     """Fit one SSVI surface per distinct ``date`` to quotes ``(k, tau, iv)`` (one row each; use OTM quotes).
 
     Dates with fewer than ``MIN_QUOTES`` quotes get NaN parameters.
