@@ -15,8 +15,8 @@ import pytest
 from hydra.utils import instantiate
 
 from vforge.evaluation import leaderboard as L
-from vforge.sweeps.automl import model_search_params
 from vforge.evaluation.ensemble import fit_weights
+from vforge.sweeps.automl import model_search_params
 from vforge.train import train
 
 from .conftest import TINY_DATA

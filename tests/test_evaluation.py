@@ -109,8 +109,9 @@ def test_walk_forward_run_logs_a_parent_with_one_child_per_fold(make_cfg, mlflow
     assert min(child_rmse) <= metrics["wf/rmse"] <= max(child_rmse)
 
 
-def surface_frame(vol, *, taus=(0.1, 0.3, 0.6), ks=np.linspace(-0.3, 0.3, 13), both_types=False) -> pd.DataFrame:
-    """One date's rows at forward 100 on a grid of expiries x log-moneyness, IV from ``vol(k, tau)``."""
+def surface_frame(vol, *, taus=(0.1, 0.3, 0.6), both_types=False) -> pd.DataFrame:
+    """One date's rows at forward 100 on expiries ``taus`` x 13 log-moneyness in [-0.3, 0.3], IV ``vol(k, tau, opt)``."""
+    ks = np.linspace(-0.3, 0.3, 13)
     rows = []
     for tau in taus:
         for k in ks:

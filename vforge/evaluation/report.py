@@ -18,8 +18,8 @@ import pandas as pd
 from vforge.data.dataset import Dataset
 from vforge.evaluation import arbitrage as arb
 from vforge.evaluation import significance as sig
-from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.evaluation.metrics import format_table, iv_errors, split_metrics
+from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.evaluation.tables import bucket_table, format_buckets, per_date_table
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def warnings_for(metrics: dict[str, float], frames: dict[str, pd.DataFrame], *, 
         n_dates = frame["target_date"].nunique()
         if n_dates < MIN_DATES and not (walk_forward and p != "wf"):  # a fold's block is short by design
             hint = "" if walk_forward else "; evaluation=walk_forward scores many more out-of-sample dates"
-            out.append(f"{split}: only {n_dates} quote dates; one volatility event can decide this comparison{hint}")
+            out.append(f"{split}: only {n_dates} quote date{'s' * (n_dates != 1)}; one volatility event can decide this comparison{hint}")
         if not frame["prev_quoted"].any():
             out.append(f"{split}: no contract was quoted on the previous quote date, so no persistence comparison "
                        "is possible (only the baseline, i.e. the previous surface)")
@@ -140,9 +140,9 @@ def evaluate_run(data: Dataset, predictions: dict[str, np.ndarray], out_dir: str
         metrics |= frame_metrics(s, frame, data.horizon)
     result = summarize(frames, metrics, out_dir, history=history, plots=plots, walk_forward=walk_forward,
                        horizon=data.horizon)
-    result.seconds = time.perf_counter() - start
     if logger is not None:
         log_files(logger, result)
+    result.seconds = time.perf_counter() - start
     return result
 
 
@@ -225,5 +225,3 @@ def log_files(logger: Any, result: RunEvaluation) -> None:
     for name, path in result.files.items():
         folder = str(Path(name).parent)
         logger.log_artifact(path, None if folder == "." else folder)
-    if result.warnings:
-        logger.log_dict({"warnings": result.warnings}, "warnings.json")

@@ -8,7 +8,7 @@ dates just before, with the embargo of ``data.horizon`` dates before each, and i
 validation (an expanding window) or on the last ``data.train_dates`` of them (a sliding window). No fold trains or
 validates on a date at or after its test block (``tests/test_evaluation.py``).
 
-Use it from code (issue: choosing shrinkage or gating on many out-of-sample dates)::
+Use it from code, e.g. to choose a shrinkage or a gate on many out-of-sample dates::
 
     from vforge.train import train
     result = walk_forward(cfg, train)        # cfg composed with evaluation=walk_forward
@@ -27,7 +27,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +68,9 @@ class WalkForwardResult:
     per_date: pd.DataFrame
     fold_table: pd.DataFrame
     text: str
+    val_predictions: pd.DataFrame | None = None  # every fold's validation rows (column ``fold``)
     evaluation: RunEvaluation | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def fold_configs(cfg: DictConfig) -> list[DictConfig]:
@@ -184,7 +184,7 @@ def score(folds: list[Fold], out_dir: str | Path, *, horizon: int = 0, plots: bo
     evaluation.files["tables/folds.csv"] = path
     text = f"{format_fold_table(table)}\n{evaluation.text}"
     return WalkForwardResult(folds=folds, metrics=metrics, predictions=test, per_date=evaluation.per_date,
-                             fold_table=table, text=text, evaluation=evaluation, extra={"val": val})
+                             fold_table=table, text=text, val_predictions=val, evaluation=evaluation)
 
 
 def fold_table(folds: list[Fold]) -> pd.DataFrame:
