@@ -92,5 +92,6 @@ def compare(dates: np.ndarray, pred: np.ndarray, bench: np.ndarray, true: np.nda
     per_date = per_date_sq_errors(dates, pred, bench, true, mask)
     if per_date.empty:
         return NAN_DM, math.nan
-    beaten = float((per_date["model"] < per_date["bench"]).mean())
+    same = bool((per_date["model"] == per_date["bench"]).all())  # e.g. the baseline against persistence
+    beaten = math.nan if same else float((per_date["model"] < per_date["bench"]).mean())
     return diebold_mariano(per_date["model"].to_numpy(), per_date["bench"].to_numpy(), horizon=horizon), beaten
