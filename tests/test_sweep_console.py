@@ -116,7 +116,7 @@ def test_the_summary_says_when_the_best_trial_does_not_beat_persistence(tmp_path
         with caplog.at_level(logging.INFO, logger="vforge.sweeps"):
             sweeper.sweep([])
         (verdict,) = [r for r in caplog.records if r.getMessage().startswith("best val/rmse")]
-        assert "vs 1.0500 for persistence" in verdict.getMessage()
+        assert "vs 1.0500 for the baseline (persistence, else the previous surface)" in verdict.getMessage()
         assert ("does not beat" in verdict.getMessage()) is not beats
         assert verdict.levelno == (logging.INFO if beats else logging.WARNING)
         summary = OmegaConf.load(sweeper.sweep_dir / "optimization_results.yaml")

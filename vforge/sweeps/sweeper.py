@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # Hydra's launchers log every job's full override list; the sweeper's one line per trial says it shorter
 LAUNCHER_LOGGERS = ("hydra._internal.core_plugins.basic_launcher", "hydra_plugins.hydra_joblib_launcher._core")
 # What a sweep's best val metric is compared with at the end, on the same rows (metrics.json of its run)
-BENCHMARKS = {"val/rmse": ("val/baseline_rmse", "persistence (else the previous surface)"),
+BENCHMARKS = {"val/rmse": ("val/baseline_rmse", "the baseline (persistence, else the previous surface)"),
               "val/prev_quoted_rmse": ("val/persistence_rmse", "persistence")}
 BEAT_MARGIN = 0.01  # a best trial less than 1% better than its benchmark is reported as not beating it
 # our jobs send the heartbeats (one per epoch, vforge/sweeps/pruning.py), so ask/tell with a heartbeat is intended
