@@ -47,6 +47,7 @@ def logging_job(values: dict) -> float:
     return values["x"]
 
 
+@pytest.mark.slow  # ~7 s idle, 25 s on a busy machine: two interpreters importing torch, Hydra and Optuna
 def test_two_sweep_workers_share_one_study_in_postgres(postgres, tmp_path):
     url = postgres.url()
     env = lambda i: dict(os.environ, TRIAL_LOG=str(tmp_path / f"worker{i}.log"), PYTHONPATH=str(ROOT))  # noqa: E731
