@@ -94,7 +94,8 @@ class AutoMLSweeperImpl(StudySweeper):
         fixed = [f"{k}={v}" for k, v in fixed_cli.items()] + other
         spaces = {m: parse_params(model_search_params(m, self.config))[0] for m in self.models}
         budget = f"{self.n_trials} trials per model" if self.n_trials < 10**9 else ""
-        budget += (" or " if budget else "") + (f"{self.minutes:g} min in all" if self.minutes else "")
+        if self.minutes:
+            budget += (" or " if budget else "") + f"{self.minutes:g} min in all"
         log.info("AutoML over %s: %s", ", ".join(self.models), budget)
         # minutes is the whole search's budget: each model gets an equal share of what is left when its turn comes
         # (a model that stops early leaves its time to the next); the running trial stops when its share is spent
