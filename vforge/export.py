@@ -10,6 +10,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -35,6 +36,9 @@ class Serving(nn.Module):
         base: (batch,) the IV a predicted change is added to (ignored for target 'level')
         returns: (batch,) the IV level (decimal)
     """
+
+    x_mean: Tensor  # buffers
+    x_std: Tensor
 
     def __init__(self, model: nn.Module, *, x_mean: np.ndarray, x_std: np.ndarray, y_center: float, y_scale: float,
                  target: str, output_index: int) -> None:
@@ -149,7 +153,7 @@ def quantizable_linears(module: nn.Module, example: tuple[Tensor, ...]) -> list[
     called, touched, inside = set(), set(), set()
 
     class Probe(nn.Linear):
-        def __getattr__(self, name: str):
+        def __getattr__(self, name: str) -> Any:
             if name in ("weight", "bias") and id(self) not in inside:
                 touched.add(id(self))
             return super().__getattr__(name)

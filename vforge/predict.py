@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
+from typing import Any
 
 import hydra
 import numpy as np
@@ -81,7 +82,7 @@ def predict_frame(serving: torch.nn.Module, ckpt: dict, raw: pd.DataFrame, date:
     if data_cfg.get("horizon", 0) != 0:
         raise ValueError(f"predict re-marks a quote date (data.horizon=0); this model was trained with "
                          f"data.horizon={data_cfg['horizon']}")
-    report: dict = {}
+    report: dict[str, Any] = {}
     rows = chain_rows(raw, data_cfg, date, report)
     features = ckpt["feature_names"]
     ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
@@ -113,6 +114,7 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     data_cfg = ckpt["config"]["data"]  # the input is read as the run read its training chains
     raw = read_table(cfg.input, read_options=dict(data_cfg.get("read_options") or {}),
                      quote_date_from_path=data_cfg.get("quote_date_from_path"))
+    report: dict[str, Any]
     if registered:
         out, report = model.predict(raw, params={"date": cfg.date} if cfg.date else None), {}
     else:

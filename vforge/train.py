@@ -9,6 +9,7 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, cast
 
 import hydra
 import torch
@@ -69,7 +70,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     out_dir = Path(strategy.broadcast(cfg.output_dir))  # each torchrun process resolved its own ${now:}
     resume_path = strategy.broadcast(find_resume(tr.resume, out_dir, cfg.run_name, siblings=cfg.get("trial") is None))
     resume = torch.load(resume_path, weights_only=False, map_location=device) if resume_path else None
-    config = OmegaConf.to_container(cfg, resolve=True)
+    config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     if resume:
         check_compatible(resume, config, resume_path)
     logger = instantiate(cfg.logger) if cfg.logger and strategy.is_main else None

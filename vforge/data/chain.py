@@ -11,7 +11,9 @@ from __future__ import annotations
 import glob as globlib
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -79,7 +81,7 @@ def read_table(path: str | Path, *, read_options: dict | None = None,
     return pd.concat(frames, ignore_index=True)
 
 
-def _rows(mask, df: pd.DataFrame | None = None) -> str:
+def _rows(mask: Any, df: pd.DataFrame | None = None) -> str:
     idx = np.flatnonzero(np.asarray(mask))
     where = ""
     if df is not None and "_file" in df.columns and df["_file"].nunique() > 1:
@@ -87,7 +89,7 @@ def _rows(mask, df: pd.DataFrame | None = None) -> str:
     return f"{len(idx)} row(s), e.g. rows {idx[:5].tolist()}{where} (0-based, header excluded)"
 
 
-def _show(value) -> str:
+def _show(value: Any) -> str:
     return str(value.date()) if isinstance(value, pd.Timestamp) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -356,7 +358,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         price = price[keep].reset_index(drop=True)
 
     # Quote filters a quant applies before fitting anything, each counted under its own reason, in this order.
-    filters = {
+    filters: dict[str, Callable[[], Any] | None] = {
         "drop_short_expiry": None if not min_days else
         lambda: ((df["expiry"] - df["quote_date"]).dt.days < min_days).to_numpy(),
         "drop_iv_range": None if not iv_range else lambda: ~df["implied_volatility"].between(*iv_range).to_numpy(),
@@ -364,9 +366,9 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         "drop_iv_outside_quote": None if max_iv_outside_quote is None else
         lambda: iv_outside_quote(df, tau) > max_iv_outside_quote,
     }
-    for reason, rule in filters.items():
-        if rule is not None:
-            bad = rule()
+    for reason, check in filters.items():
+        if check is not None:
+            bad = check()
             dropped[reason] = int(bad.sum())
             df, tau, width = df[~bad].reset_index(drop=True), tau[~bad], width[~bad].reset_index(drop=True)
     if otm_only:

@@ -335,7 +335,8 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     if winsorize:
         if not 0 < winsorize < 0.5:
             raise ValueError(f"data.winsorize must be in (0, 0.5) or null, got {winsorize}")
-        clip = tuple(float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
+        lo_q, hi_q = (float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
+        clip = (lo_q, hi_q)
         n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
         report["winsorized"] = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
                                 f"quantiles [{clip[0] * 100:+.2f}, {clip[1] * 100:+.2f}] vol pts (train only)")

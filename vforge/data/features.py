@@ -141,7 +141,8 @@ def surface_at(nodes: pd.DataFrame, k: np.ndarray, tau: np.ndarray) -> np.ndarra
                              nodes["iv"].to_numpy(np.float64), k, tau)
 
 
-def surface_at_arrays(node_tau: np.ndarray, node_k: np.ndarray, node_iv: np.ndarray, k, tau) -> np.ndarray:
+def surface_at_arrays(node_tau: np.ndarray, node_k: np.ndarray, node_iv: np.ndarray, k: np.ndarray,
+                      tau: np.ndarray) -> np.ndarray:
     """``surface_at`` on plain arrays (any order)."""
     k, tau = np.atleast_1d(np.asarray(k, dtype=np.float64)), np.atleast_1d(np.asarray(tau, dtype=np.float64))
     order = np.lexsort((node_k, node_tau))

@@ -13,10 +13,15 @@ trigonometric function per term).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
+Array = np.ndarray | float  # the pricer's inputs broadcast: arrays (n_options,) or scalars
 
-def heston_cf(u, tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mean=0.0, jump_std=0.0):
+
+def heston_cf(u: Array, tau: Array, v0: Array, kappa: Array, theta: Array, sigma: Array, rho: Array,
+              jump_intensity: Array = 0.0, jump_mean: Array = 0.0, jump_std: Array = 0.0) -> np.ndarray:
     """Characteristic function ``E[exp(i u ln(S_T / F))]`` under Heston (+ Merton jumps), "little trap" form.
 
     Albrecher et al. (2007), "The little Heston trap": the branch of the complex logarithm never
@@ -38,7 +43,8 @@ def heston_cf(u, tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mea
     return np.exp(log_cf)
 
 
-def cumulants(tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mean=0.0, jump_std=0.0):
+def cumulants(tau: Array, v0: Array, kappa: Array, theta: Array, sigma: Array, rho: Array,
+              jump_intensity: Array = 0.0, jump_mean: Array = 0.0, jump_std: Array = 0.0) -> tuple[Any, Any]:
     """Mean and variance of ln(S_T/F) (Fang & Oosterlee 2008, Table 11; plus the compensated jumps)."""
     e = np.exp(-kappa * tau)
     c1 = (1.0 - e) * (theta - v0) / (2.0 * kappa) - 0.5 * theta * tau
@@ -60,25 +66,25 @@ def cumulants(tau, v0, kappa, theta, sigma, rho, jump_intensity=0.0, jump_mean=0
 
 
 def heston_price(
-    spot,
-    strike,
-    tau,
-    rate,
-    dividend_yield,
-    is_call,
+    spot: Array,
+    strike: Array,
+    tau: Array,
+    rate: Array,
+    dividend_yield: Array,
+    is_call: Array,
     *,
-    v0,
-    kappa,
-    theta,
-    sigma,
-    rho,
+    v0: float,
+    kappa: float,
+    theta: float,
+    sigma: float,
+    rho: float,
     jump_intensity: float = 0.0,
     jump_mean: float = 0.0,
     jump_std: float = 0.0,
     n_terms: int = 256,
     truncation: float = 18.0,
     chunk: int = 8192,
-):
+) -> np.ndarray:
     """European option prices under Heston/Bates. Array arguments broadcast to (n_options,).
 
     ``v0`` may be an array (one variance per option, e.g. a simulated path); the other model

@@ -12,6 +12,7 @@ filtered and counted in the data report or reaches the model visibly.
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,7 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
          quotes: dict, calls_only: bool, cache_dir: str | None, features: list[str], target: str, horizon: int,
          val_fraction: float, test_fraction: float, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
          cat_features: list[str] | None = None, winsorize: float | None = None, train_dates: int | None = None,
-         **chain_options) -> Dataset:
+         **chain_options: Any) -> Dataset:
     """The messy market as a ``Dataset``, through the chain loader's checks and quote filters.
 
     ``chain_options``: the keys of ``conf/data/chain.yaml`` (the preset inherits them); those that say how to read a

@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -128,7 +130,7 @@ def _heston_args(heston: dict, jumps: dict) -> dict:
                 jump_intensity=jumps["intensity"], jump_mean=jumps["mean"], jump_std=jumps["std"])
 
 
-def generator_digest(*modules) -> str:
+def generator_digest(*modules: Any) -> str:
     """A hash of the generator's source (this module, the pricer, the IV inverter and ``modules``): part of the
     cache key, so a changed generator never reads a file its previous version wrote."""
     import inspect
@@ -140,8 +142,8 @@ def generator_digest(*modules) -> str:
     return hashlib.sha256("".join(inspect.getsource(sys.modules[n]) for n in names).encode()).hexdigest()[:16]
 
 
-def cached_chain(cache_dir: str | Path | None, *, generate=None, name: str = "synthetic", modules: tuple = (),
-                 **params) -> pd.DataFrame:
+def cached_chain(cache_dir: str | Path | None, *, generate: Callable[..., pd.DataFrame] | None = None,
+                 name: str = "synthetic", modules: tuple[Any, ...] = (), **params: Any) -> pd.DataFrame:
     """``generate(**params)`` (default ``generate_chain``), cached as Parquet under ``cache_dir`` by a hash of the
     parameters, ``GENERATOR_VERSION`` and the generator's source (``generator_digest(*modules)``)."""
     generate = generate or generate_chain
@@ -169,7 +171,7 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
          train_dates: int | None = None) -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
-    params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
+    params: dict[str, Any] = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
     raw = cached_chain(cache_dir, **params)
     report: dict = {}

@@ -9,6 +9,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ class Entry:
                 "search_min": self.info.get("search_min", math.nan), "notes": self.info.get("notes", "")}
 
 
-def latency_ms(fn, x_rows: int, single) -> tuple[float, float]:
+def latency_ms(fn: Callable[[], Any], x_rows: int, single: Callable[[], Any]) -> tuple[float, float]:
     """(best of 5 for a batch, ms per 1000 rows; median of 20 single-row calls, ms)."""
     fn()  # warm-up: lazy init, allocator
     batch = min(_timed(fn) for _ in range(5)) * 1000.0 / max(x_rows, 1) * 1000.0
@@ -102,7 +103,7 @@ def latency_ms(fn, x_rows: int, single) -> tuple[float, float]:
     return batch, row
 
 
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], Any]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
@@ -148,7 +149,7 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
     x1, c1 = test.x_num[:1], None if test.x_cat is None else test.x_cat[:1]
 
     @torch.inference_mode()
-    def run(x, c):
+    def run(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         return model(x, c)
 
     lat = latency_ms(lambda: run(x_num, x_cat), n, lambda: run(x1, c1))
@@ -196,7 +197,7 @@ def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_
         log.warning("lightgbm is not installed: no LightGBM reference row (pip install lightgbm)")
         return None
 
-    def features(split):
+    def features(split: Any) -> np.ndarray:
         x = split.x_num.numpy().astype(np.float64)
         return x if split.x_cat is None else np.concatenate([x, split.x_cat.numpy().astype(np.float64)], axis=1)
 
@@ -211,7 +212,7 @@ def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_
     booster = lgb.train(params, train, num_boost_round=2000, valid_sets=[val],
                         callbacks=[lgb.early_stopping(100, verbose=False)])
     train_s = time.perf_counter() - start
-    pred = {s: data.to_level(booster.predict(features(getattr(data, s)), num_iteration=booster.best_iteration),
+    pred = {s: data.to_level(np.asarray(booster.predict(features(getattr(data, s)), num_iteration=booster.best_iteration)),
                              getattr(data, s)) for s in ("val", "test")}
     x = features(data.test)
     n = min(latency_rows, len(x))

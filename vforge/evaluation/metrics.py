@@ -140,8 +140,8 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
                              "no persistence comparison is possible")
                 continue
             vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, bench)]
-            won = g(dm + "dates_beaten")
-            won = f"{won:>9.0%}" if won == won else f"{'-':>9}"
+            share = g(dm + "dates_beaten")
+            won = f"{share:>9.0%}" if share == share else f"{'-':>9}"
             lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}  {g(dm + 'dm_pvalue'):>7.3f} {won}  {g(ssvi):>6.3f}")
     return "\n".join(lines) + (
         "\nerrors in vol points (IV x 100). benchmark on 'all' rows: the baseline, " + WORDS["baseline"] +

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ def summarize(frames: dict[str, pd.DataFrame], metrics: dict[str, float], out_di
                          text=text, files=files)
 
 
-def _write(fn, path: Path, **kwargs) -> Path:
+def _write(fn: Callable[..., Any], path: Path, **kwargs: Any) -> Path:
     fn(path, **kwargs)
     return path
 

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -83,7 +83,7 @@ def fold_configs(cfg: DictConfig) -> list[DictConfig]:
     base = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     out = []
     for i in range(n):
-        c = copy.deepcopy(base)
+        c = cast(DictConfig, copy.deepcopy(base))
         with open_dict(c):
             c.data.n_folds, c.data.fold = n, i
             c.evaluation = {"name": "fold", "plots": False}  # a holdout run, told it is one fold of several
@@ -153,7 +153,8 @@ def walk_forward(cfg: DictConfig, train_fn: TrainFn, callbacks: Any = ()) -> Wal
         result = score(folds, out_dir, horizon=int(cfg.data.horizon), plots=bool(cfg.evaluation.get("plots", True)))
         if parent:
             parent.log_metrics(result.metrics)
-            log_files(parent, result.evaluation)
+            if result.evaluation is not None:
+                log_files(parent, result.evaluation)
         status = "FINISHED"
         result.seconds = time.perf_counter() - start
         return result

@@ -105,6 +105,7 @@ class TransformerBlock(nn.Module):
             h_q = h if n_queries is None else h[:, :n_queries]
             return x + self._branch(a, self.attention_scale) + self._branch(self.ffn(h_q), self.ffn_scale)
         x = x + self._branch(a, self.attention_scale)
+        assert self.ffn_norm is not None  # set unless parallel
         return x + self._branch(self.ffn(self.ffn_norm(x)), self.ffn_scale)
 
 

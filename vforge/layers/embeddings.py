@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -94,6 +95,8 @@ class PiecewiseLinearEncoding(nn.Module):
         returns: (batch, n_features, n_bins)
     """
 
+    edges: Tensor  # buffer (n_features, n_bins + 1)
+
     def __init__(self, n_features: int, n_bins: int = 16) -> None:
         super().__init__()
         if n_bins < 2:
@@ -143,7 +146,7 @@ NUM_EMBEDDINGS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def get_num_embeddings(name: str, *, n_features: int, d_embedding: int, **options) -> nn.Module:
+def get_num_embeddings(name: str, *, n_features: int, d_embedding: int, **options: Any) -> nn.Module:
     """Numeric embeddings by name; ``options`` go to the class (e.g. ``sigma`` for periodic). Unknown names list the
     valid ones."""
     try:
@@ -163,6 +166,8 @@ class CategoricalEmbeddings(nn.Module):
     >>> CategoricalEmbeddings([3, 5], d_embedding=4)(torch.tensor([[0, 4]])).shape
     torch.Size([1, 2, 4])
     """
+
+    offsets: Tensor  # buffer
 
     def __init__(self, cardinalities: list[int], d_embedding: int) -> None:
         super().__init__()
@@ -239,9 +244,10 @@ class FlatInput(nn.Module):
         if num_embeddings is not None and not d_num_embedding:
             raise ValueError(f"num_embeddings={num_embeddings!r} needs d_num_embedding, got {d_num_embedding=}")
         self.num = (get_num_embeddings(num_embeddings, n_features=n_num, d_embedding=d_num_embedding,
-                                       **dict(num_embeddings_options or {})) if num_embeddings and n_num else None)
+                                       **dict(num_embeddings_options or {}))
+                    if num_embeddings and n_num and d_num_embedding else None)
         self.cat = CategoricalEmbeddings(cat_cardinalities, d_cat_embedding) if cat_cardinalities else None
-        self.d_out = n_num * (d_num_embedding if self.num is not None else 1) + len(cat_cardinalities) * d_cat_embedding
+        self.d_out = n_num * (d_num_embedding if self.num is not None and d_num_embedding else 1) + len(cat_cardinalities) * d_cat_embedding
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
         x = x_num if self.num is None else self.num(x_num).flatten(1)

@@ -36,7 +36,7 @@ class FTTransformer(nn.Module):
         check_transformer_sizes(n_blocks=n_blocks, d_block=d_block, attention_n_heads=attention_n_heads)
         self.tokenizer = FeatureTokenizer(n_num, cat_cardinalities, d_block, num_embeddings=num_embeddings,
                                           num_embeddings_options=num_embeddings_options)
-        attentions = [get_attention(attention, d_embedding=d_block, n_heads=attention_n_heads,
+        attentions: list[nn.Module] = [get_attention(attention, d_embedding=d_block, n_heads=attention_n_heads,
                                     dropout=attention_dropout, n_kv_heads=attention_n_kv_heads,
                                     window=attention_window) for _ in range(n_blocks)]
         self.backbone = TransformerBackbone(

@@ -9,6 +9,7 @@ set, and the penalty is chosen on walk-forward folds inside the training dates (
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -38,8 +39,11 @@ class Ridge(nn.Module):
         tolerance: how much worse (in units of persistence's per-date loss) a larger penalty may score and still win.
     """
 
+    pairs: Tensor  # buffers
+    scale: Tensor
+
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, interactions: bool = True,
-                 alphas: list[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
+                 alphas: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
                  fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01) -> None:
         super().__init__()
         if not alphas or any(a <= 0 for a in alphas):
@@ -78,7 +82,7 @@ class Ridge(nn.Module):
         scale = np.sqrt(np.mean(z**2, axis=0))
         scale = np.where(scale > 0, scale, 1.0)
         z /= scale
-        y = y.double().numpy().reshape(len(y), -1)
+        yn = y.double().numpy().reshape(len(y), -1)
         dates = np.asarray(dates)
         udates = np.unique(dates)
         n_eval = max(self.n_folds, int(len(udates) * self.fold_fraction))
@@ -89,10 +93,10 @@ class Ridge(nn.Module):
             fit_rows, eval_rows = dates < block[0], np.isin(dates, block)
             if not fit_rows.any():
                 continue
-            gram, rhs = _normal(z[fit_rows], y[fit_rows])
+            gram, rhs = _normal(z[fit_rows], yn[fit_rows])
             for a in candidates:
-                pred = np.zeros_like(y[eval_rows]) if math.isinf(a) else z[eval_rows] @ _solve(gram, rhs, a)
-                ratios[a].append(per_date_ratio(pred[:, 0], y[eval_rows, 0], dates[eval_rows]))
+                pred = np.zeros_like(yn[eval_rows]) if math.isinf(a) else z[eval_rows] @ _solve(gram, rhs, a)
+                ratios[a].append(per_date_ratio(pred[:, 0], yn[eval_rows, 0], dates[eval_rows]))
         scores = {a: robust_score(np.concatenate(r), self.trim) if r else math.nan for a, r in ratios.items()}
         finite = {a: s for a, s in scores.items() if np.isfinite(s)}
         if finite:
@@ -100,8 +104,8 @@ class Ridge(nn.Module):
             chosen = max(a for a, s in finite.items() if s <= best + self.tolerance)
         else:  # too few training dates for a fold: the smallest penalty the grid allows is no evidence; the largest
             chosen = self.alphas[-1]
-        gram, rhs = _normal(z, y)
-        w = np.zeros((z.shape[1], y.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
+        gram, rhs = _normal(z, yn)
+        w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
         self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
         self.selection = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -38,8 +39,8 @@ class FeatureTransformer(nn.Module):
     def __init__(self, d_in: int, d_hidden: int, shared: nn.ModuleList, n_independent: int, *,
                  virtual_batch_size: int, momentum: float) -> None:
         super().__init__()
-        opts = dict(virtual_batch_size=virtual_batch_size, momentum=momentum)
-        layers = [GLULayer(d_in if i == 0 else d_hidden, d_hidden, linear=linear, **opts)
+        opts: dict[str, Any] = dict(virtual_batch_size=virtual_batch_size, momentum=momentum)
+        layers = [GLULayer(d_in if i == 0 else d_hidden, d_hidden, linear=cast(nn.Linear, linear), **opts)
                   for i, linear in enumerate(shared)]
         layers += [GLULayer(d_in if not layers and i == 0 else d_hidden, d_hidden, **opts) for i in range(n_independent)]
         self.layers = nn.ModuleList(layers)
@@ -80,6 +81,8 @@ class TabNet(nn.Module):
         returns: (batch, d_out)
     """
 
+    column_feature: Tensor  # buffer: the feature each input column belongs to
+
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, n_d: int, n_a: int, n_steps: int,
                  gamma: float, n_independent: int, n_shared: int, virtual_batch_size: int, momentum: float,
                  lambda_sparse: float, mask: str = "sparsemax", d_cat_embedding: int = 2) -> None:
@@ -102,7 +105,7 @@ class TabNet(nn.Module):
         d_hidden = n_d + n_a
         shared = nn.ModuleList(nn.Linear(d_in if i == 0 else d_hidden, 2 * d_hidden, bias=False)
                                for i in range(n_shared))
-        opts = dict(virtual_batch_size=virtual_batch_size, momentum=momentum)
+        opts: dict[str, Any] = dict(virtual_batch_size=virtual_batch_size, momentum=momentum)
         self.feature_transformers = nn.ModuleList(
             FeatureTransformer(d_in, d_hidden, shared, n_independent, **opts) for _ in range(n_steps + 1))
         self.attentive = nn.ModuleList(

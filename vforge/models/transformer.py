@@ -5,6 +5,8 @@ parallel (``model=transformer_parallel``; GPT-J, Wang & Komatsuzaki 2021; PaLM, 
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from vforge.layers.attention import get_attention
@@ -71,7 +73,7 @@ class HybridTransformer(Transformer):
         returns: (batch, d_out)
     """
 
-    def __init__(self, *, n_blocks: int, attention: str = "multi_head", **kwargs) -> None:
+    def __init__(self, *, n_blocks: int, attention: str = "multi_head", **kwargs: Any) -> None:
         if attention == "linear":
             raise ValueError("transformer_hybrid alternates linear with a softmax attention; choose attention from "
                              "multi_head, multi_query, grouped_query, sliding_window")

@@ -148,8 +148,8 @@ class AutoMLSweeperImpl(StudySweeper):
         for model, study in studies.items():
             trials = study.get_trials(deepcopy=False)
             # a trial the time budget cut short is pruned for Optuna but finished and saved: it competes too
-            done = {t.number: (t.value, "") for t in trials if t.state == TrialState.COMPLETE and "output_dir" in
-                    t.user_attrs}
+            done = {t.number: (float(t.values[0]), "") for t in trials if t.state == TrialState.COMPLETE and
+                    "output_dir" in t.user_attrs}
             done |= {t.number: (v, "; stopped by the time budget") for t in trials if budget_cut(t)
                      for v in [finished_value(t)] if v is not None}
             counts = {s: sum(t.state == s and S.counted(t) for t in trials)

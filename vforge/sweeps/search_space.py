@@ -65,13 +65,17 @@ def distribution_from_override(override: Any) -> BaseDistribution | str:
                 raise ValueError(f"{key}: tag(log, range(lo, hi)) needs int bounds and no step, "
                                  f"got {override.input_line!r}; use tag(log, interval(lo, hi)) for floats")
             return IntDistribution(lo, hi, log=True)
-        if all(isinstance(x, int) for x in (lo, hi, step)):
-            return IntDistribution(int(lo), int(hi), step=int(step))
-        return FloatDistribution(float(lo), float(hi), step=float(step))
+        if lo is None or hi is None:
+            raise ValueError(f"{key}: range() needs both bounds, got {override.input_line!r}")
+        if isinstance(lo, int) and isinstance(hi, int) and isinstance(step, int):
+            return IntDistribution(lo, hi, step=step)
+        return FloatDistribution(float(lo), float(hi), step=float(step) if step is not None else None)
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log)
+        if value.start is None or value.end is None:
+            raise ValueError(f"{key}: interval() needs both bounds, got {override.input_line!r}")
         return FloatDistribution(float(value.start), float(value.end), log=log)
     raise ValueError(f"{key}: unsupported sweep {override.input_line!r}; use choice, range, interval or tag(log, ...)")
 
@@ -104,7 +108,7 @@ def parse_params(params: Mapping[str, str] | None, arguments: Iterable[str] = ()
             # keep the argument as typed (group choices, +key=..., ~key); it overrides a params entry
             space.pop(key, None)
             fixed.pop(key, None)
-            other.append(override.input_line)
+            other.append(str(override.input_line))
             continue
         space.pop(key, None)
         fixed.pop(key, None)

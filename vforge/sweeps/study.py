@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 log = logging.getLogger(__name__)
@@ -129,13 +130,13 @@ def open_storage(storage: str | None, *, heartbeat_interval: int | None = None,
     return rdb
 
 
-def create_study(storage_url: str | None, study_name: str | None, directions: list[str], *, sampler=None,
-                 pruner=None, heartbeat_interval: int | None = None,
+def create_study(storage_url: str | None, study_name: str | None, directions: list[str], *,
+                 sampler: optuna.samplers.BaseSampler | None = None, pruner: optuna.pruners.BasePruner | None = None, heartbeat_interval: int | None = None,
                  grace_period: int | None = None) -> optuna.Study:
     """Create the study or load it if it exists (a resumed or second sweep), once, under a file lock."""
     storage = open_storage(storage_url, heartbeat_interval=heartbeat_interval, grace_period=grace_period)
     with storage_lock(storage_url):
-        study = optuna.create_study(storage=storage, study_name=study_name, directions=directions,
+        study = optuna.create_study(storage=storage, study_name=study_name, directions=list(map(StudyDirection.__getitem__, map(str.upper, directions))),
                                     sampler=sampler, pruner=pruner, load_if_exists=True)
     if list(study.directions) != [optuna.study.StudyDirection[d.upper()] for d in directions]:
         raise ValueError(
@@ -166,7 +167,7 @@ def fail_stale_trials(study: optuna.Study, *, retry: bool = True) -> list[int]:
     storage = study._storage
     # heartbeats: the storage's own staleness test (optuna.storages.fail_stale_trials applies the same one, but a
     # trial can no longer be tagged once it is failed, so tag first, then fail)
-    stale_ids = set(storage._get_stale_trial_ids(study._study_id)) if getattr(
+    stale_ids = set(storage._get_stale_trial_ids(study._study_id)) if getattr(  # type: ignore[attr-defined]
         storage, "get_heartbeat_interval", lambda: None)() else set()
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -222,6 +223,7 @@ def trial_from_env(environ: dict[str, str] | None = None) -> optuna.Trial | None
 
         pruner = instantiate(json.loads(env[ENV_PRUNER]))
     storage = open_storage(env[ENV_STORAGE])
+    assert storage is not None  # ENV_STORAGE is set
     study = optuna.load_study(study_name=env[ENV_STUDY], storage=storage, pruner=pruner)
     trial = optuna.Trial(study, int(env[ENV_TRIAL_ID]))
     return trial

@@ -16,7 +16,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import optuna
 from hydra.core.plugins import Plugins
@@ -33,6 +33,9 @@ from vforge.sweeps.console import SweepProgress, format_duration, trial_line
 from vforge.sweeps.pruning import ATTR_PRUNED_EPOCH, ATTR_PRUNED_REASON, BUDGET_SPENT, ENV_DEADLINE
 from vforge.sweeps.search_space import format_value, grid_search_space, parse_params, quote, suggest
 from vforge.tracking.mlflow import ENV_PARENT_RUN
+
+if TYPE_CHECKING:
+    from vforge.sweeps.tracking import SweepRun
 
 log = logging.getLogger(__name__)
 # Hydra's launchers log every job's full override list; the sweeper's one line per trial says it shorter
@@ -66,6 +69,13 @@ def _values(ret: JobReturn, n_objectives: int) -> list[float]:
     if not all(math.isfinite(v) for v in values):
         raise ValueError(f"the job returned a non-finite objective {values}")
     return values
+
+
+def _plain(cfg: Any) -> dict[str, Any]:
+    """A config node (DictConfig or mapping; None: empty) as a plain dict."""
+    if isinstance(cfg, DictConfig):
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    return dict(cfg or {})
 
 
 def _tell(study: optuna.Study, trial: optuna.Trial, values: list[float] | None, state: TrialState) -> None:
@@ -104,14 +114,17 @@ class StudySweeper(Sweeper):
         self.use_mlflow = mlflow
         self.job_idx = 0
         self.config: DictConfig | None = None
-        self.parent = None
+        self.parent: SweepRun | None = None
         self.deadline: float | None = None  # unix time: the running trial stops then (hydra.sweeper.minutes/timeout)
 
     def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
         self.config = config
         self.hydra_context = hydra_context
-        self.launcher = Plugins.instance().instantiate_launcher(
+        launcher = Plugins.instance().instantiate_launcher(
             config=config, hydra_context=hydra_context, task_function=task_function)
+        if launcher is None:
+            raise RuntimeError(f"Hydra found no launcher for hydra/launcher={config.hydra.launcher}")
+        self.launcher = launcher
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         # Hydra hands __init__ the sampler and pruner already instantiated; jobs need the pruner's config
         # (a pruner is not kept in the storage), so take both from the config
@@ -127,7 +140,7 @@ class StudySweeper(Sweeper):
         cfg = self.sampler_cfg
         if cfg is None or isinstance(cfg, optuna.samplers.BaseSampler):
             return cfg
-        cfg = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        cfg = _plain(cfg)
         if str(cfg.get("_target_", "")).endswith("GridSampler"):
             cfg.pop("_partial_", None)
             grid = cfg.pop("search_space", None) or grid_search_space(space)
@@ -142,7 +155,7 @@ class StudySweeper(Sweeper):
             log.warning("pruner %s given as an object: jobs cannot rebuild it, so they will not be pruned; "
                         "give it as a config (_target_: ...)", type(cfg).__name__)
             return cfg, None
-        plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+        plain = _plain(cfg)
         return instantiate(plain), plain
 
     def _open_study(self, storage: str | None, study_name: str, directions: list[str],
@@ -164,21 +177,22 @@ class StudySweeper(Sweeper):
     def _start_parent(self, study: optuna.Study, name: str, params: dict[str, Any]) -> None:
         from vforge.sweeps.tracking import SweepRun, tracking_from_config
 
-        where = tracking_from_config(self.config) if self.use_mlflow else None
+        where = tracking_from_config(self.config) if self.use_mlflow and self.config is not None else None
         if where is None:
             return
         uri, experiment = where
         key = f"vforge:mlflow_parent:{uri}:{experiment}"
         # one parent per study: a resumed sweep and a second worker on the same study reuse it
         with S.storage_lock(self.storage_url):
-            self.parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
-                                   tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
-            study.set_user_attr(key, self.parent.run_id)
-        self.parent.log_params(params)
+            parent = SweepRun(uri, experiment, name, run_id=study.user_attrs.get(key),
+                              tags={"optuna.study": study.study_name, "optuna.storage": self.storage_url})
+            study.set_user_attr(key, parent.run_id)
+        parent.log_params(params)
+        self.parent = parent
 
     def _job_overrides(self, trial: optuna.Trial, study: optuna.Study, fixed_overrides: list[str]) -> list[str]:
         env = S.job_env(self.storage_url, study.study_name, trial, self.pruner_plain)
-        if self.parent is not None:
+        if self.parent is not None and self.parent.run_id is not None:
             env[ENV_PARENT_RUN] = self.parent.run_id
         if self.deadline is not None:
             env[ENV_DEADLINE] = f"{self.deadline:.3f}"
@@ -250,6 +264,8 @@ class StudySweeper(Sweeper):
                     study.tell(trial, state=TrialState.FAIL)
                 raise
             launched = time.monotonic()
+            if self.launcher is None:
+                raise RuntimeError("the sweeper runs trials only after Hydra's setup() gave it a launcher")
             returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
             per_trial = (time.monotonic() - launched) / max(len(returns), 1)  # n_jobs at once share the wall time
             self.job_idx += len(returns)
@@ -317,7 +333,7 @@ class StudySweeper(Sweeper):
             bench = float(metrics[key])
         except (KeyError, OSError, ValueError):
             return None
-        value = float(best.value)
+        value = float(cast(float, best.value))
         gain = 1 - value / bench if bench > 0 else float("nan")
         text = f"best {metric} {value:.4f} vs {bench:.4f} for {name} on the same rows ({gain:+.1%})"
         if not gain >= BEAT_MARGIN:
@@ -347,8 +363,7 @@ class OptunaSweeperImpl(StudySweeper):
         self.custom_search_space = custom_search_space
 
     def sweep(self, arguments: list[str]) -> list[tuple[int, TrialState]]:
-        params = OmegaConf.to_container(self.params, resolve=True) if isinstance(self.params, DictConfig) else (
-            self.params or {})
+        params = _plain(self.params)
         space, fixed_values, other = parse_params(params, arguments)
         fixed = [f"{k}={v}" for k, v in fixed_values.items()] + other
         study_name = self.study_name or "sweep"
@@ -390,7 +405,7 @@ class OptunaSweeperImpl(StudySweeper):
                         "best_params": study.best_params}
             verdict = self.compare_with_benchmark(study)
             if verdict is not None:
-                summary["benchmark"] = verdict[0]
+                summary["benchmark"], beats = verdict
         elif complete:
             summary["best_trials"] = [{"number": t.number, "values": t.values, "params": t.params}
                                       for t in study.best_trials]
@@ -401,7 +416,7 @@ class OptunaSweeperImpl(StudySweeper):
             log.info("best trial %d: %s=%.4f with %s", summary["best_trial"], self.directions[0],
                      summary["best_value"], summary["best_params"])
         if "benchmark" in summary:
-            log.log(logging.INFO if verdict[1] else logging.WARNING, "%s", verdict[0])
+            log.log(logging.INFO if beats else logging.WARNING, "%s", summary["benchmark"])
         if self.parent is not None:
             self.parent.log_study(study, self.directions)
             self.parent.log_artifact(self.sweep_dir / "optimization_results.yaml")

@@ -7,13 +7,17 @@ from __future__ import annotations
 import logging
 import tempfile
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
 from vforge.sweeps.study import file_lock
 from vforge.tracking.mlflow import experiment_id
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +58,7 @@ class SweepRun:
             log.info("MLflow: sweep parent run %s (%s) in experiment %r at %s", self.run_id, name, experiment,
                      tracking_uri)
 
-    def _safe(self, fn, *args: Any, **kwargs: Any) -> Any:
+    def _safe(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001
@@ -80,7 +84,7 @@ class SweepRun:
     def log_text(self, text: str, name: str) -> None:
         self._safe(self.client.log_text, self.run_id, text, name)
 
-    def child(self, trial_number: int):
+    def child(self, trial_number: int) -> Any:
         """The child run of a trial (jobs log ``trial`` as a param), or None."""
         runs = self._safe(self.client.search_runs, [self._experiment_id()],
                           filter_string=f"tags.mlflow.parentRunId = '{self.run_id}' and params.trial = '{trial_number}'",
@@ -88,7 +92,8 @@ class SweepRun:
         return runs[0] if runs else None
 
     def _experiment_id(self) -> str:
-        return self.client.get_run(self.run_id).info.experiment_id
+        assert self.run_id is not None, "the parent run exists from __init__ on"
+        return str(self.client.get_run(self.run_id).info.experiment_id)
 
     def mark_child(self, trial_number: int, state: str, error: BaseException | None = None,
                    value: float | None = None) -> None:
@@ -111,7 +116,7 @@ class SweepRun:
         if state in ("PRUNED", "STALE"):
             self._safe(self.client.set_terminated, rid, "KILLED")
 
-    def log_study(self, study, directions: list[str]) -> None:
+    def log_study(self, study: optuna.Study, directions: list[str]) -> None:
         """Best trial's params and metrics, the trial table and Optuna plots, on the parent run."""
         import optuna
 
@@ -130,14 +135,14 @@ class SweepRun:
             if len(directions) == 1:
                 best = study.best_trial
                 self.log_params({f"best.{k}": v for k, v in best.params.items()})
-                self.log_metrics({"best/value": best.value, "best/trial": best.number})
+                self.log_metrics({"best/value": float(best.values[0]), "best/trial": best.number})
                 child = self.child(best.number)
                 if child is not None:
                     self.log_metrics({f"best/{k}": v for k, v in child.data.metrics.items()})
                     self.set_tags({"best_run_id": child.info.run_id})
             self._plots(study, Path(tmp))
 
-    def _plots(self, study, tmp: Path) -> None:
+    def _plots(self, study: optuna.Study, tmp: Path) -> None:
         try:
             import matplotlib
 
@@ -147,7 +152,7 @@ class SweepRun:
         except ImportError as e:
             log.warning("no Optuna plots: %s", e)
             return
-        plots = {"optimization_history": ovm.plot_optimization_history,
+        plots: dict[str, Callable[..., Any]] = {"optimization_history": ovm.plot_optimization_history,
                  "param_importances": ovm.plot_param_importances,
                  "intermediate_values": ovm.plot_intermediate_values}
         for name, fn in plots.items():

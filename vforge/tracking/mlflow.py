@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -113,7 +113,7 @@ class MLflowLogger:
         # nested: the parent may be this process's active run (walk-forward's folds)
         run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None, nested=bool(parent))
         self.run_id = run.info.run_id
-        container = OmegaConf.to_container(cfg, resolve=True)
+        container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         params = {k: str(v)[:6000] for k, v in flatten(container).items()}
         items = list(params.items())
         for lo in range(0, len(items), 100):  # MLflow caps a batch at 100 params

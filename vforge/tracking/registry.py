@@ -3,24 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import pandas as pd
+from mlflow.pyfunc import PythonModel
 
 
-class ChainIVModel(mlflow.pyfunc.PythonModel):
+class ChainIVModel(PythonModel):
     """``predict(raw chain rows) -> IV per contract`` of the last quote date (or ``params={"date": ...}``).
 
     The input is what ``python -m vforge.predict`` reads: the run's schema, the date to re-mark and the
     previous quote date. The checkpoint travels as the model's artifact; the code is vforge's own.
     """
 
-    def load_context(self, context) -> None:
+    def load_context(self, context: Any) -> None:
         from vforge.export import load_serving
 
         self.serving, self.ckpt = load_serving(Path(context.artifacts["checkpoint"]))
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from vforge.predict import predict_frame
 
         out, _ = predict_frame(self.serving, self.ckpt, model_input, (params or {}).get("date"))

@@ -8,7 +8,7 @@ Once averaging has started, validation, test and the saved model use the average
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -53,6 +53,19 @@ class Averaging(Callback):
     def name(self) -> str:
         return "averaging"
 
+    @property
+    def model(self) -> AveragedModel:
+        """The averaged copy, built in ``on_fit_start``."""
+        if self.averaged is None:
+            raise RuntimeError(f"{type(self).__name__} is used before on_fit_start built its averaged model")
+        return self.averaged
+
+    @property
+    def state(self) -> FitState:
+        if self._state is None:
+            raise RuntimeError(f"{type(self).__name__} is used before on_fit_start")
+        return self._state
+
     def make(self, model: nn.Module) -> AveragedModel:
         return AveragedModel(model, use_buffers=self.use_buffers)
 
@@ -69,8 +82,8 @@ class Averaging(Callback):
         return self.averaged is not None and int(self.averaged.n_averaged) > 0
 
     def update(self, state: FitState) -> None:
-        self.averaged.update_parameters(state.model)
-        state.eval_model = self.averaged.module
+        self.model.update_parameters(state.model)
+        state.eval_model = self.model.module
 
     def on_step_end(self, state: FitState) -> None:
         if self.per_step and state.step > self.start:
@@ -79,18 +92,18 @@ class Averaging(Callback):
     def on_train_epoch_end(self, state: FitState) -> None:
         if not self.per_step and state.epoch >= self.start:
             self.update(state)
-        if self.active and not self.use_buffers and has_batch_norm(self.averaged.module):
+        if self.active and not self.use_buffers and has_batch_norm(self.model.module):
             train = state.data.train
             batches = torch.randperm(len(train.x_num), generator=torch.Generator().manual_seed(0)).split(state.batch_size)
-            update_bn(batches, _Rows(self.averaged.module, train.x_num, train.x_cat))
+            update_bn(batches, _Rows(self.model.module, train.x_num, train.x_cat))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"averaged": self.averaged.state_dict()}
+        return {"averaged": self.model.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.averaged.load_state_dict(state["averaged"])
+        self.model.load_state_dict(state["averaged"])
         if self.active:
-            self._state.eval_model = self.averaged.module
+            self.state.eval_model = self.model.module
 
 
 class EMA(Averaging):
@@ -122,14 +135,14 @@ class SWA(Averaging):
     per_step = False
 
     def __init__(self, swa_lr: float = 1e-4, start_fraction: float = 0.75, anneal_epochs: int = 2,
-                 anneal_strategy: str = "cos") -> None:
+                 anneal_strategy: Literal["cos", "linear"] = "cos") -> None:
         super().__init__(start_fraction)
         if swa_lr <= 0:
             raise ValueError(f"swa_lr must be > 0, got {swa_lr=}")
         self.swa_lr, self.anneal_epochs, self.anneal_strategy = swa_lr, anneal_epochs, anneal_strategy
         self.scheduler: SWALR | None = None
 
-    def _make_scheduler(self, state: FitState) -> SWALR:
+    def _make_scheduler(self, state: FitState) -> tuple[SWALR, list[float]]:
         lrs = [g["lr"] for g in state.optimizer.param_groups]
         scheduler = SWALR(state.optimizer, swa_lr=self.swa_lr, anneal_epochs=self.anneal_epochs,
                           anneal_strategy=self.anneal_strategy)
@@ -149,7 +162,7 @@ class SWA(Averaging):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         if state["scheduler"] is not None:
-            self.scheduler, lrs = self._make_scheduler(self._state)
-            for group, lr in zip(self._state.optimizer.param_groups, lrs):  # undo the constructor's step
+            self.scheduler, lrs = self._make_scheduler(self.state)
+            for group, lr in zip(self.state.optimizer.param_groups, lrs):  # undo the constructor's step
                 group["lr"] = lr
             self.scheduler.load_state_dict(state["scheduler"])

@@ -11,8 +11,14 @@ A blend that cannot beat persistence leaves persistence.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from vforge.data.dataset import Dataset
 
 
 def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray) -> np.ndarray:
@@ -72,15 +78,14 @@ def describe(choice: dict, model_name: str, n_dates: int, trim: float) -> str:
             f"{scores}")
 
 
-def gate(model, data, *, model_cfg: dict, model_name: str, weights: list[float], trim: float, tolerance: float,
-         batch_size: int = 8192) -> tuple[object, dict | None, dict]:
+def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, weights: list[float], trim: float, tolerance: float,
+         batch_size: int = 8192) -> tuple[nn.Module, dict | None, dict]:
     """Blend a trained change model with the ridge (``conf/model/linear.yaml`` defaults, fit in closed form on the
     training rows) and persistence, as ``choose_blend`` picks on the validation dates.
 
     Returns ``(module, model_config, choice)``: the module to evaluate and save (``model`` itself when the choice
     is the model alone), the config that rebuilds it (None: ``model_cfg`` unchanged) and the choice with its note.
     """
-    import torch
 
     from vforge.models.linear import Blend, Ridge
     from vforge.training.loop import predict

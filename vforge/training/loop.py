@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -46,7 +46,7 @@ class FitState:
     steps_per_epoch: int
     generator: torch.Generator | None = None
     grad_scaler: torch.amp.GradScaler | None = None
-    eval_model: nn.Module | None = None
+    eval_model: nn.Module = None  # type: ignore[assignment]  # __post_init__: ``model`` until averaging starts
     epoch: int = 0  # the current epoch; after a resume, the first one to run
     step: int = 0  # optimizer steps taken
     metrics: dict[str, float] = field(default_factory=dict)
@@ -67,7 +67,7 @@ class FitResult:
     epochs: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
-    model: nn.Module | None = None  # the evaluated (possibly averaged) model, holding its best weights
+    model: nn.Module = None  # type: ignore[assignment]  # the evaluated (possibly averaged) model, holding its best weights
 
 
 def split_aux(data: Dataset, split: Split) -> dict[str, Tensor]:
@@ -179,7 +179,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         cb.on_fit_start(state)
     if resume is not None:
         restore(state, callbacks, resume)
-    forward = strategy.wrap(model)  # DDP all-reduces the gradients in backward
+    forward: Callable[..., Tensor] = strategy.wrap(model)  # DDP all-reduces the gradients in backward
     forward = torch.compile(forward) if compile else forward
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
@@ -197,7 +197,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
             batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change) if aux else plain
             if probe:  # the surface loss probes the model around the batch
                 batch.probe = surface_probe(model, data, x_num[idx], None if x_cat is None else x_cat[idx], batch,
-                                            min(len(idx), loss_fn.n_probe))
+                                            min(len(idx), cast(int, loss_fn.n_probe)))
             with autocast():
                 pred = forward(x_num[idx], None if x_cat is None else x_cat[idx])
             loss = loss_fn(pred.float(), y[idx], batch)
@@ -269,7 +269,8 @@ def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss,
             levels[name] = np.stack([data.to_level(outputs[:, j], split) for j in range(outputs.shape[1])], axis=1)
             metrics |= interval_metrics(name, levels[name], split.iv, loss_fn.intervals())
     if levels:
-        metrics |= conformal_metrics(levels["val"], data.val.iv, levels["test"], data.test.iv, loss_fn.intervals())
+        metrics |= conformal_metrics(levels["val"], data.val.iv, levels["test"], data.test.iv,
+                                     cast(Quantile, loss_fn).intervals())
     if final is not raw:
         metrics["val/raw_rmse"] = val_rmse(raw, data, batch_size, out_idx)
     return metrics, points

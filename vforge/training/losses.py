@@ -63,6 +63,13 @@ class Loss(nn.Module):
         """The point prediction (batch,) from the model output (batch, d_out)."""
         return pred[:, 0]
 
+    def context(self, batch: Batch | None) -> Batch:
+        """The batch's per-row context, which a loss with ``needs_levels`` cannot do without."""
+        if batch is None:
+            raise ValueError(f"{type(self).__name__} needs the batch's per-row context (levels, base); the loop passes "
+                             "it when needs_levels is true")
+        return batch
+
 
 class MSE(Loss):
     """Mean squared error. The default: optimizes RMSE (the headline metric) directly."""
@@ -121,6 +128,8 @@ class Quantile(Loss):
     Use it for prediction intervals (e.g. 5%-95% around each IV); runs log the coverage of each
     symmetric pair of quantiles on val/test.
     """
+
+    q: Tensor  # buffer (n_quantiles,)
 
     def __init__(self, quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> None:
         super().__init__()
@@ -236,6 +245,7 @@ class Relative(Loss):
     needs_levels = True
 
     def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+        batch = self.context(batch)
         iv = batch.level(target)
         return (((batch.level(pred[:, 0]) - iv) / iv.clamp_min(MIN_IV)) ** 2).mean()
 
@@ -247,6 +257,7 @@ class LogIV(Loss):
     needs_levels = True
 
     def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+        batch = self.context(batch)
         iv = batch.level(target)
         return ((torch.log(batch.level(pred[:, 0]).clamp_min(MIN_IV)) - torch.log(iv.clamp_min(MIN_IV))) ** 2).mean()
 
@@ -277,6 +288,7 @@ class VegaWeighted(Loss):
         return w / w.mean().clamp_min(1e-12)
 
     def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+        batch = self.context(batch)
         iv = batch.level(target)
         return (self.weights(batch) * (batch.level(pred[:, 0]) - iv) ** 2).mean()
 
@@ -334,6 +346,7 @@ class Surface(Loss):
                                    self.dtau)
 
     def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+        batch = self.context(batch)
         loss = self.base(pred, target, batch)
         calendar, butterfly = self.penalties(batch)
         self.last = {"calendar": calendar.detach(), "butterfly": butterfly.detach()}  # logged by the loop

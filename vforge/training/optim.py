@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 NO_DECAY_MODULES = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.Embedding)
@@ -22,7 +24,7 @@ def param_groups(model: nn.Module) -> list[dict]:
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if id(p) not in no_decay_ids]
     no_decay = [p for p in params if id(p) in no_decay_ids]
-    groups = [{"params": decay, "name": "decay"}]
+    groups: list[dict[str, Any]] = [{"params": decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return groups

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from vforge.training.callbacks import Callback
+
+if TYPE_CHECKING:
+    from vforge.training.loop import FitState
 
 
 def resolve_device(device: str) -> torch.device:
@@ -20,7 +25,7 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _checkpointed(forward, *args, **kwargs):
+def _checkpointed(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     if torch.is_grad_enabled():
         return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     return forward(*args, **kwargs)
@@ -36,7 +41,7 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
     the recomputation (``checkpoint`` restores the RNG state).
     """
     if hasattr(model, "set_grad_checkpointing"):
-        model.set_grad_checkpointing(True)
+        model.set_grad_checkpointing(True)  # type: ignore[operator]  # the model's own method, per hasattr
         return -1
     # the shallowest module list named `blocks`: model.blocks (MLP, ResNet) or model.backbone.blocks (transformers)
     found = [m for name, m in model.named_modules() if name.split(".")[-1] == "blocks"
@@ -54,5 +59,5 @@ def enable_grad_checkpointing(model: nn.Module) -> int:
 class GradCheckpointing(Callback):
     """Enable gradient checkpointing at fit start: list it after the averaging callback (which copies the model)."""
 
-    def on_fit_start(self, state) -> None:
+    def on_fit_start(self, state: FitState) -> None:
         enable_grad_checkpointing(state.model)
