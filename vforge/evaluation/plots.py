@@ -5,6 +5,7 @@ histograms, and the cumulative loss differential behind the DM test."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ COLORS = {"market": "black", "model": "tab:blue", "baseline": "tab:gray", "persi
 DPI = 90
 
 
-def _figure(**kwargs):
+def _figure(**kwargs: Any) -> Any:
     """A figure drawn by the Agg canvas: files only, never a window, no pyplot state (nor pyplot's import)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -28,7 +29,7 @@ def _figure(**kwargs):
     return fig
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig: Any, path: Path) -> Path:
     # constrained/tight layout would draw every figure twice; fixed margins keep a run's plots cheap
     fig.savefig(path, dpi=DPI, pil_kwargs={"compress_level": 3})
     return path
@@ -58,10 +59,10 @@ def _market_band(day: pd.DataFrame) -> tuple[np.ndarray, np.ndarray] | None:
         return day["iv_bid"].to_numpy(np.float64), day["iv_ask"].to_numpy(np.float64)
     if not {"bid", "ask", "rate"} <= set(day.columns):
         return None
-    args = [day[c].to_numpy(np.float64) for c in ("forward", "strike", "tau", "rate")]
+    forward, strike, tau, rate = (day[c].to_numpy(np.float64) for c in ("forward", "strike", "tau", "rate"))
     call = (day["option_type"] == "C").to_numpy()
-    bid, _ = implied_vol(day["bid"].to_numpy(np.float64), *args, call)
-    ask, _ = implied_vol(day["ask"].to_numpy(np.float64), *args, call)
+    bid, _ = implied_vol(day["bid"].to_numpy(np.float64), forward, strike, tau, rate, call)
+    ask, _ = implied_vol(day["ask"].to_numpy(np.float64), forward, strike, tau, rate, call)
     return bid, ask
 
 

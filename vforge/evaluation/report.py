@@ -130,7 +130,7 @@ def evaluate_run(data: Dataset, predictions: dict[str, np.ndarray], out_dir: str
     start = time.perf_counter()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     (Path(out_dir) / "data_report.json").write_text(json.dumps(data.report, indent=1, default=str))
-    ssvi = {s: None for s in SPLITS}
+    ssvi: dict[str, np.ndarray | None] = {s: None for s in SPLITS}
     if data.quotes is not None:  # one vectorized fit of every info date both splits need
         rows = pd.concat([getattr(data, s).rows for s in SPLITS], ignore_index=True)
         both, _ = ssvi_predictions(data.quotes, rows)
@@ -153,7 +153,8 @@ ARBITRAGE_SURFACES = ("model", "market", "persistence", "ssvi")
 def arbitrage_metrics(prefix: str, frame: pd.DataFrame) -> tuple[dict[str, float], pd.DataFrame]:
     """``{prefix}/arb_calendar``, ``arb_butterfly``, ``cp_gap_vol_pts`` of the model's surfaces, and the same with
     ``market_``, ``persistence_`` (its previously quoted rows) and ``ssvi_`` in front; the per-date table."""
-    metrics, tables = {}, []
+    metrics: dict[str, float] = {}
+    tables = []
     for surface in ARBITRAGE_SURFACES:
         col = "market" if surface == "market" else surface
         if col not in frame.columns:

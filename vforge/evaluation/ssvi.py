@@ -20,9 +20,13 @@ a small solve per date), so a year of daily surfaces fits in about a second. Eva
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.special import expit
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 MIN_QUOTES = 5
 
@@ -47,7 +51,7 @@ class SSVIFit:
     rmse: np.ndarray
 
 
-def total_variance(k, theta, rho, eta, gamma):
+def total_variance(k: Any, theta: Any, rho: Any, eta: Any, gamma: Any) -> Any:
     """SSVI total variance ``w(k, theta)`` (broadcasting)."""
     phi = eta / (theta**gamma * (1.0 + theta) ** (1.0 - gamma))
     return 0.5 * theta * (1.0 + rho * phi * k + np.sqrt((phi * k + rho) ** 2 + 1.0 - rho**2))
@@ -121,7 +125,8 @@ def _params(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarr
     return theta, rho, eta, gamma
 
 
-def _residuals(p, pos, col, k, tau, iv, jacobian: bool = False):
+def _residuals(p: np.ndarray, pos: np.ndarray, col: np.ndarray, k: np.ndarray, tau: np.ndarray, iv: np.ndarray,
+               jacobian: bool = False) -> Any:
     """Residuals in implied vol (n,), and with ``jacobian`` their derivatives (n, P) in the unconstrained
     parameters of each quote's own date (analytic: w's partials in theta, phi and rho, through the transforms)."""
     theta_all, rho_d, eta_d, gamma_d = _params(p)
@@ -151,7 +156,8 @@ def _residuals(p, pos, col, k, tau, iv, jacobian: bool = False):
     return r, jac
 
 
-def _levenberg_marquardt(p, pos, col, k, tau, iv, counts, *, max_iter: int) -> np.ndarray:
+def _levenberg_marquardt(p: np.ndarray, pos: np.ndarray, col: np.ndarray, k: np.ndarray, tau: np.ndarray,
+                         iv: np.ndarray, counts: np.ndarray, *, max_iter: int) -> np.ndarray:
     """Every date's least squares at once: each residual depends on its own date's parameters only, so one
     vectorized pass gives every date's residuals and Jacobian, and each date takes its own damped Gauss-Newton
     step (a P x P solve per date, P = 3 + n_expiries)."""
@@ -219,7 +225,7 @@ def implied_vol(fit: SSVIFit, date: np.ndarray, k: np.ndarray, tau: np.ndarray) 
     return out
 
 
-def otm(quotes) -> np.ndarray:
+def otm(quotes: pd.DataFrame) -> np.ndarray:
     """Mask of out-of-the-money quotes (puts below the forward, calls at or above), or every quote of a date that
     has only one side."""
     call = quotes["option_type"].to_numpy() == "C"
@@ -228,7 +234,7 @@ def otm(quotes) -> np.ndarray:
     return ~both | np.where(call, quotes["log_moneyness"].to_numpy() >= 0, quotes["log_moneyness"].to_numpy() < 0)
 
 
-def ssvi_predictions(quotes, rows) -> tuple[np.ndarray, SSVIFit]:
+def ssvi_predictions(quotes: pd.DataFrame, rows: pd.DataFrame) -> tuple[np.ndarray, SSVIFit]:
     """SSVI IVs at ``rows`` (``info_idx``, ``log_moneyness``, ``tau``), each from the surface fit on its info date's
     OTM ``quotes`` (``date_idx``, ``option_type``, ``tau``, ``log_moneyness``, ``iv``)."""
     need = np.unique(rows["info_idx"].to_numpy())
