@@ -68,6 +68,8 @@ class PostgresServer:
         return out
 
     def start(self) -> PostgresServer:
+        stop_orphans(self.bin_dir)
+        (self.root / "owner.pid").write_text(str(os.getpid()))  # so a later session can stop it if we die
         if self.user:
             entry = pwd.getpwnam(self.user)
             os.chown(self.root, entry.pw_uid, entry.pw_gid)
@@ -97,3 +99,23 @@ class PostgresServer:
                 self._run("pg_ctl", "-D", str(self.data), "-m", "fast", "-w", "stop")
         finally:
             shutil.rmtree(self.root, ignore_errors=True)
+
+
+def stop_orphans(bin_dir: Path) -> list[Path]:
+    """Stop the servers of test sessions that were killed before their teardown (their owner.pid is gone)."""
+    stopped = []
+    for owner in Path(tempfile.gettempdir()).glob("vforge-pg-*/owner.pid"):
+        try:
+            os.kill(int(owner.read_text()), 0)
+            continue  # its session is still running
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        data = owner.parent / "data"
+        if (data / "postmaster.pid").exists():
+            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"],
+                           user=_server_user(), capture_output=True, timeout=60)
+        shutil.rmtree(owner.parent, ignore_errors=True)
+        stopped.append(owner.parent)
+    return stopped
