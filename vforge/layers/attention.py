@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vforge.layers.dropout import keep_mask
 from vforge.layers.norms import QKNorm
 
 # Below this many keys, attention runs as explicit matmuls with an exp/sum softmax instead of
@@ -36,17 +37,22 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, dropo
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                               enable_gqa=n_kv_heads != n_heads)
     group = n_heads // n_kv_heads
-    # Fold each group of query heads into the query axis: no copy of k and v per query head.
-    q = q.reshape(batch, n_kv_heads, group * n_q, d_head) * d_head**-0.5
-    logits = q @ k.transpose(-1, -2)  # (batch, n_kv_heads, group * n_q, n_kv)
+    # Fold each group of query heads into the query axis (no copy of k and v per query head), and the batch into
+    # the heads: 3-d tensors, so that the scale rides on the logits' matmul (baddbmm's alpha) instead of a pass.
+    q = q.reshape(batch * n_kv_heads, group * n_q, d_head)
+    k, v = k.reshape(batch * n_kv_heads, n_kv, d_head), v.reshape(batch * n_kv_heads, n_kv, d_head)
+    logits = torch.baddbmm(q.new_empty(()).expand(len(q), group * n_q, n_kv), q, k.transpose(-1, -2), beta=0.0,
+                           alpha=d_head**-0.5)  # (batch * n_kv_heads, group * n_q, n_kv)
     if mask is not None:
         logits = logits.masked_fill(~mask.repeat(group, 1), float("-inf"))
     weights = (logits - logits.amax(dim=-1, keepdim=True).detach()).exp()
     denominator = weights.sum(dim=-1, keepdim=True)
     if dropout_p:  # inverted dropout; its 1 / (1 - p) rides on the softmax's denominator, saving a pass
-        weights = weights * (torch.rand_like(weights) >= dropout_p)
-        denominator = denominator * (1 - dropout_p)
-    return (weights / denominator @ v).view(batch, n_heads, n_q, d_head)
+        mask, keep = keep_mask(weights.shape, dropout_p, weights.device)
+        weights = weights * mask
+        denominator = denominator * keep
+    # Normalize after the product with v: the same function, on d_head instead of n_kv columns.
+    return (torch.bmm(weights, v) / denominator).view(batch, n_heads, n_q, d_head)
 
 
 class MultiHeadAttention(nn.Module):

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from vforge.layers.activations import get_activation, glu_factor
+from vforge.layers.dropout import Dropout
 from vforge.layers.norms import LayerScale, get_norm
 
 
@@ -55,7 +56,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.linear1 = nn.Linear(d_in, d_hidden * glu_factor(activation))
         self.activation = get_activation(activation, d_hidden)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout else nn.Identity()
         self.linear2 = nn.Linear(d_hidden, d_out or d_in)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,7 +88,7 @@ class TransformerBlock(nn.Module):
         self.ffn = FeedForward(d_block, ffn_d_hidden, activation=ffn_activation, dropout=ffn_dropout)
         self.ffn_norm = None if parallel else get_norm(norm, d_block)
         self.parallel = parallel
-        self.residual_dropout = nn.Dropout(residual_dropout) if residual_dropout else nn.Identity()
+        self.residual_dropout = Dropout(residual_dropout) if residual_dropout else nn.Identity()
         self.attention_scale = LayerScale(d_block, layer_scale_init) if layer_scale_init else nn.Identity()
         self.ffn_scale = LayerScale(d_block, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
