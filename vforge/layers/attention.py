@@ -41,7 +41,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, mask: Tensor | None = None, dropo
     # the heads: 3-d tensors, so that the scale rides on the logits' matmul (baddbmm's alpha) instead of a pass.
     q = q.reshape(batch * n_kv_heads, group * n_q, d_head)
     k, v = k.reshape(batch * n_kv_heads, n_kv, d_head), v.reshape(batch * n_kv_heads, n_kv, d_head)
-    logits = torch.baddbmm(q.new_empty(()).expand(len(q), group * n_q, n_kv), q, k.transpose(-1, -2), beta=0.0,
+    logits = torch.baddbmm(q.new_zeros(1, 1, 1), q, k.transpose(-1, -2), beta=0.0,
                            alpha=d_head**-0.5)  # (batch * n_kv_heads, group * n_q, n_kv)
     if mask is not None:
         logits = logits.masked_fill(~mask.repeat(group, 1), float("-inf"))
