@@ -27,6 +27,10 @@ REQUIRED = ["quote_date", "expiry", "strike", "option_type"]
 OPTION_TYPES = {"c": "C", "call": "C", "calls": "C", "p": "P", "put": "P", "puts": "P"}
 FORWARDS = ("spot", "column", "parity")
 IV_RANGE = {"decimal": (0.0, 5.0), "percent": (0.5, 500.0)}  # plausible medians
+UNITS = {"decimal": 1.0, "percent": 0.01}
+# Values outside these ranges (decimal units; moneyness is strike / spot, or strike / forward) are an error
+# naming the rows, or with data.implausible=drop dropped and counted; data.plausible.<name>=[lo,hi] widens one.
+PLAUSIBLE = {"iv": (0.005, 5.0), "moneyness": (0.01, 20.0), "rate": (-0.1, 1.0), "dividend_yield": (-0.1, 1.0)}
 
 # Quotes dropped at load time (the pipeline's own reasons are in dataset.DROP_REASONS).
 D.DROP_REASONS.update({
@@ -43,6 +47,8 @@ D.DROP_REASONS.update({
     "drop_wide_spread": "bid/ask spread wider than data.max_spread_vol in volatility",
     "drop_iv_outside_quote": "given IV outside its own bid/ask IV band by more than data.max_iv_outside_quote",
     "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
+    "drop_missing_terms": "strike, underlying_price or forward missing",
+    "drop_implausible": "outside data.plausible ranges (data.implausible=drop)",
 })
 for _code, _text in REASONS.items():
     if _code:
@@ -68,7 +74,7 @@ def read_table(path: str | Path, *, read_options: dict | None = None,
         )
     frames = []
     for f in files:
-        df = pd.read_parquet(f) if Path(f).suffix in (".parquet", ".pq") else pd.read_csv(f, **(read_options or {}))
+        df = _read_one(f, path, read_options)
         df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
         df["_file"] = Path(f).name
         if quote_date_from_path:
@@ -78,7 +84,28 @@ def read_table(path: str | Path, *, read_options: dict | None = None,
                                  f"{Path(f).name!r}; give a regex whose first group is the date")
             df["quote_date"] = m.group(1)
         frames.append(df)
-    return pd.concat(frames, ignore_index=True)
+    table = pd.concat(frames, ignore_index=True)
+    if table.empty:
+        names = ", ".join(Path(f).name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+        raise ValueError(f"data.path={path!r}: no data rows in {names} (header only); "
+                         "point data.path at a file with quotes")
+    return table
+
+
+def _read_one(file: str, path: str, read_options: dict | None) -> pd.DataFrame:
+    """One file, or an error naming it and ``data.path`` (pandas' and pyarrow's own do neither)."""
+    try:
+        if Path(file).suffix in (".parquet", ".pq"):
+            return pd.read_parquet(file)
+        return pd.read_csv(file, **(read_options or {}))
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"data.path={path!r}: {file} is empty (no header, no rows)") from None
+    except (ValueError, TypeError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
+        # pyarrow.ArrowInvalid is a ValueError; a bad encoding or a torn line a UnicodeDecodeError / ParserError
+        kind = "Parquet" if Path(file).suffix in (".parquet", ".pq") else "CSV"
+        hint = " (set data.read_options, e.g. {encoding: gbk})" if isinstance(e, UnicodeDecodeError) else ""
+        raise ValueError(f"data.path={path!r}: cannot read {file} as {kind}{hint}: "
+                         f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
 def _rows(mask: Any, df: pd.DataFrame | None = None) -> str:
@@ -93,31 +120,191 @@ def _show(value: Any) -> str:
     return str(value.date()) if isinstance(value, pd.Timestamp) else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _parse_dates(df: pd.DataFrame, col: str) -> pd.Series:
-    """Dates per source file (files may use different formats); unparseable ones are an error."""
+# A time followed by a UTC offset or zone name: "2024-01-02T16:00:00+00:00", "... 16:00 UTC", "...Z".
+_TZ_SUFFIX = r"(?<=\d\d:\d\d)(?::\d\d(?:\.\d+)?)?\s*(?:Z|UTC|GMT|[+-]\d\d:?\d\d)$"
+_DAY_MONTH_YEAR = r"^(\d{1,2})[/.-](\d{1,2})[/.-]\d{4}\b"
+
+
+def _date_strings(values: pd.Series) -> pd.Series:
+    """Date cells as stripped strings; a time zone suffix is dropped, so each date is its own wall-clock date
+    (pandas refuses a column that mixes zones, or zone-less and zoned values)."""
+    text = values.astype(str).str.strip().str.replace(r"\.0$", "", regex=True)
+    return text.str.replace(_TZ_SUFFIX, "", regex=True).where(values.notna())
+
+
+def _two_digit_years(text: pd.Series, col: str, df: pd.DataFrame) -> pd.Series | None:
+    """Dates with a two-digit year, parsed in the one day/month/year order that reads them all; an error when
+    several orders would ("24-01-02": 2024-01-02 or 2002-01-24) or none does. None when there are none."""
+    fix = "set data.date_format (e.g. data.date_format='%d/%m/%y' or '%y-%m-%d'; Python strftime codes)"
+    rows = lambda mask: _rows(mask.reindex(df.index, fill_value=False), df)  # noqa: E731 - positions in the table
+    groups = text.fillna("").str.findall(r"\d+")
+    short = groups.map(lambda g: len(g) >= 2 and max(map(len, g)) < 4) | text.fillna("").str.fullmatch(r"\d{6}")
+    if not short.any():
+        return None
+    values = text[short]
+    sep = values.str.extract(r"^\d{1,2}([/.-])\d{1,2}\1\d{1,2}$")[0]
+    if sep.isna().any() or sep.nunique() > 1:
+        if not values.str.fullmatch(r"\d{6}").all():
+            raise ValueError(f"{col}: dates with a two-digit year in {rows(short)}, values "
+                             f"{values.head(3).tolist()}: the order of day, month and year is not certain. To fix: {fix}")
+        sep = pd.Series([""])
+    sep = sep.iloc[0]
+    readings = {}
+    for order in (("%y", "%m", "%d"), ("%d", "%m", "%y"), ("%m", "%d", "%y")):
+        fmt = sep.join(order)
+        parsed = pd.to_datetime(values, format=fmt, errors="coerce")
+        if parsed.notna().all():
+            readings[fmt] = parsed
+    if len(readings) != 1:
+        what = (f"could be read as {' or '.join(repr(f) for f in readings)}" if readings
+                else "fit no day/month/year order")
+        raise ValueError(f"{col}: two-digit years are ambiguous: {values.iloc[0]!r} ... {what} "
+                         f"({rows(short)}, values {values.head(3).tolist()}). To fix: {fix}")
+    return next(iter(readings.values()))
+
+
+def _day_first(text: pd.Series, col: str, df: pd.DataFrame) -> bool:
+    """Whether ``d/m/yyyy`` dates are day-first; an error for a column that mixes day-first and month-first."""
+    parts = text.str.extract(_DAY_MONTH_YEAR).astype(float)
+    day_first, month_first = parts[0] > 12, parts[1] > 12
+    if day_first.any() and month_first.any():
+        mask = (day_first | month_first).reindex(df.index, fill_value=False)
+        raise ValueError(f"{col}: day-first and month-first dates in one column, e.g. {text[day_first].iloc[0]!r} "
+                         f"and {text[month_first].iloc[0]!r} ({_rows(mask, df)}). To fix: write one format, or set "
+                         "data.date_format (e.g. data.date_format='%d/%m/%Y'; Python strftime codes)")
+    return bool(day_first.any())
+
+
+def _parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> pd.Series:
+    """Dates per source file (files may use different formats); unparseable or ambiguous ones are an error.
+
+    ``date_format``: a strftime format every value of the column must follow (``data.date_format``).
+    """
     raw = df[col]
     out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
     for _, idx in df.groupby("_file", sort=False).groups.items():
         values = raw.loc[idx]
-        if not pd.api.types.is_datetime64_any_dtype(values):
-            values = values.astype(str).str.strip().str.replace(r"\.0$", "", regex=True).where(values.notna())
-        try:
+        if pd.api.types.is_datetime64_any_dtype(values):
+            parsed = values
+        elif date_format:
+            parsed = pd.to_datetime(_date_strings(values), errors="coerce", format=date_format)
+        else:
+            values = _date_strings(values)
+            short = _two_digit_years(values, col, df)
+            day_first = _day_first(values, col, df)
+            # ISO dates first, on their own: dayfirst would turn 2024-03-01 into January 3rd
+            iso = values.str.match(r"^\d{4}-\d{1,2}-\d{1,2}").fillna(False).astype(bool)
+            parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns]")
+            parsed[iso] = pd.to_datetime(values[iso], errors="coerce", format="ISO8601")
+            if short is not None:
+                parsed[short.index] = short
+                iso[short.index] = True  # done
+            rest = values[~iso]
             with warnings.catch_warnings():  # "could not infer format": the mixed-format fallback below handles it
                 warnings.simplefilter("ignore", UserWarning)
-                parsed = pd.to_datetime(values, errors="coerce")
-        except (ValueError, TypeError):
-            parsed = pd.Series(pd.NaT, index=values.index)
-        if parsed.isna().any():
-            parsed = parsed.fillna(pd.to_datetime(values, errors="coerce", format="mixed"))
+                for fmt in (None, "mixed"):  # one inferred format, then each value on its own
+                    todo = rest.index[parsed[rest.index].isna()]
+                    if len(todo):
+                        try:
+                            parsed[todo] = pd.to_datetime(rest[todo], errors="coerce", format=fmt, dayfirst=day_first)
+                        except (ValueError, TypeError, OverflowError):
+                            pass  # left NaT: reported below with the values
         if getattr(parsed.dt, "tz", None) is not None:
             parsed = parsed.dt.tz_localize(None)
         out.loc[idx] = parsed.astype("datetime64[ns]")
     bad = out.isna() & raw.notna() | raw.isna()
     if bad.any():
         example = raw[bad].head(3).tolist()
-        raise ValueError(f"{col}: unparseable or missing dates in {_rows(bad, df)}, values {example}. "
-                         f"Fix the column, or map another one with data.columns.{col}=<your column>")
+        how = f" with data.date_format={date_format!r}" if date_format else ""
+        raise ValueError(f"{col}: unparseable{how} or missing dates in {_rows(bad, df)}, values {example}. "
+                         f"Fix the column, set data.date_format, or map another column with "
+                         f"data.columns.{col}=<your column>")
     return out.dt.normalize()
+
+
+def check_renames(raw: pd.DataFrame, columns: dict[str, str | None]) -> None:
+    """``data.columns`` must map each canonical name to its own column, onto no column the table already has."""
+    mapped = {k: v for k, v in columns.items() if v is not None and v != k}
+    sources = set(mapped.values())
+    for name, source in mapped.items():
+        others = [k for k, v in mapped.items() if v == source and k != name]
+        if others:
+            raise ValueError(f"data.columns.{name} and data.columns.{others[0]} both map column {source!r}; "
+                             "map each canonical name to its own column")
+        if source in raw.columns and name in raw.columns and name not in sources:
+            raise ValueError(
+                f"data.columns.{name}={source!r} renames {source!r} to {name!r}, but the table already has a "
+                f"{name!r} column; drop or rename one of them in the file, or use the table's own with "
+                f"data.columns.{name}=null")
+
+
+def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, plausible: dict | None,
+                     implausible: str) -> pd.Series:
+    """Rows whose IV (as given), moneyness, rate or dividend yield lies outside ``data.plausible``.
+
+    The IVs' median must fit the declared unit first (a whole column in the other unit); then each row is
+    checked, so that a few rows in percent in a decimal file (or the reverse) cannot pass. ``implausible=error``
+    raises with the rule, the rows and the fix; ``drop`` returns the mask to drop (counted as drop_implausible).
+    """
+    if implausible not in ("error", "drop"):
+        raise ValueError(f"data.implausible must be 'error' or 'drop', got {implausible!r}")
+    unknown = set(plausible or {}) - set(PLAUSIBLE)
+    if unknown:
+        raise ValueError(f"data.plausible has unknown key(s) {sorted(unknown)}; valid: {', '.join(PLAUSIBLE)}")
+    ranges = {k: tuple(float(x) for x in (plausible or {}).get(k, v)) for k, v in PLAUSIBLE.items()}
+    iv_unit = units["iv"]
+    if "implied_volatility" in df.columns:
+        raw_iv = df["implied_volatility"]
+    elif {"iv_bid", "iv_ask"} <= set(df.columns):
+        raw_iv = (0.5 * (df["iv_bid"] + df["iv_ask"])).where(df["iv_bid"] > 0)
+    else:
+        raw_iv = pd.Series(np.nan, index=df.index)
+    given = raw_iv[raw_iv > 0]  # missing or zero: dropped later as drop_missing_iv
+    if len(given):
+        med = float(given[np.isfinite(given)].median()) if np.isfinite(given).any() else float("inf")
+        lo, hi = IV_RANGE[iv_unit]
+        if not lo <= med <= hi:
+            other = "percent" if iv_unit == "decimal" else "decimal"
+            raise ValueError(
+                f"data.iv_unit={iv_unit} but the implied volatilities look like {other}: median {med:.4g} "
+                f"(expected {lo:g}..{hi:g} for {iv_unit}). Set data.iv_unit={other}"
+            )
+    if forward == "spot":
+        ratio = df["strike"] / df["underlying_price"]
+    elif forward == "column":
+        ratio = df["strike"] / df["forward"]
+    else:  # parity: the forward comes from prices later; the strike must still be a finite number
+        ratio = pd.Series(np.where(np.isfinite(df["strike"]), 1.0, np.inf), index=df.index)
+    checks = [  # name, values in decimal, column shown, the unit option, its unit
+        ("iv", raw_iv.where(raw_iv > 0) * UNITS[iv_unit], "implied_volatility", "data.iv_unit", iv_unit),
+        ("moneyness", ratio, "strike / " + ("underlying_price" if forward == "spot" else "forward"), None, None),
+        ("rate", df["rate"], "rate", "data.rate_unit", units["rate"]),
+        ("dividend_yield", df["dividend_yield"], "dividend_yield", "data.dividend_unit", units["dividend_yield"]),
+    ]
+    drop = pd.Series(False, index=df.index)
+    for name, values, shown, unit_key, unit in checks:
+        lo, hi = ranges[name]
+        out = values.notna() & ~values.between(lo, hi)
+        if not out.any():
+            continue
+        if implausible == "drop":
+            drop |= out
+            continue
+        hint = ""
+        if unit_key:
+            other = "percent" if unit == "decimal" else "decimal"
+            as_other = values[out] * (0.01 if unit == "decimal" else 100.0)
+            n_other = int(as_other.between(lo, hi).sum())
+            if n_other:
+                hint = (f"; {n_other} of them look like {other} (a file must use one unit: correct them, or set "
+                        f"{unit_key}={other} if the whole column is {other})")
+        where = df.index[out][:3]
+        shown_values = ", ".join(f"{shown}={values[i]:.4g}" for i in where)
+        raise ValueError(
+            f"{name} outside the plausible range {lo:g}..{hi:g} (decimal): {_rows(out, df)}: {shown_values}{hint}. "
+            f"To fix: correct those rows, widen the range with data.plausible.{name}=[{lo:g},{hi:g}] (your bounds), "
+            "or set data.implausible=drop to drop and count them")
+    return drop
 
 
 def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
@@ -125,7 +312,9 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
               max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
               end_date: str | None = None, min_price: float | None = None, itm_from_otm: bool = False,
               min_days: int | None = None, iv_range: tuple[float, float] | None = None,
-              max_iv_outside_quote: float | None = None) -> pd.DataFrame:
+              max_iv_outside_quote: float | None = None, date_format: str | None = None,
+              rate_unit: str = "decimal", dividend_unit: str = "decimal", plausible: dict | None = None,
+              implausible: str = "error") -> pd.DataFrame:
     """Rename, type and check a raw table; fill IV by inversion where it is missing; apply the quote filters.
 
     Unusable rows are dropped and counted in ``report['dropped']`` by reason; impossible values
@@ -137,6 +326,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         raise ValueError(f"data.iv_unit must be 'decimal' or 'percent', got {iv_unit!r}")
     if forward not in FORWARDS:
         raise ValueError(f"data.forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
+    check_renames(raw, columns)
     df = raw.rename(columns={v: k for k, v in columns.items() if v is not None and v != k})
     if "_file" not in df.columns:
         df["_file"] = "table"
@@ -163,8 +353,8 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             "data.columns.bid=... and data.columns.ask=..., or data.columns.price=<column>"
         )
 
-    df["quote_date"] = _parse_dates(df, "quote_date")
-    df["expiry"] = _parse_dates(df, "expiry")
+    df["quote_date"] = _parse_dates(df, "quote_date", date_format)
+    df["expiry"] = _parse_dates(df, "expiry", date_format)
     if start_date or end_date:
         keep = df["quote_date"].between(pd.Timestamp(start_date or "1900-01-01"), pd.Timestamp(end_date or "2200-01-01"))
         dropped["drop_outside_dates"] = int((~keep).sum())
@@ -219,14 +409,30 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             shown = "; ".join(", ".join(f"{c}={_show(df.at[i, c])}" for c in cols) for i in df.index[bad][:3])
             raise ValueError(f"{rule}: violated by {_rows(bad, df)}: {shown}. To fix: {fix}")
 
+    units = {"iv": iv_unit, "rate": rate_unit, "dividend_yield": dividend_unit}
     for col, default in (("rate", rate), ("dividend_yield", dividend_yield)):
         if col not in df.columns:
             df[col] = float(default)
             report.setdefault("assumed", {})[col] = f"{float(default):g} used (data.{col}): the table has no {col} column"
-        elif df[col].isna().any():
-            report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
-                                                     f"{int(df[col].isna().sum()):,} rows where {col} is missing")
+        else:
+            if units[col] not in UNITS:
+                raise ValueError(f"data.{'rate' if col == 'rate' else 'dividend'}_unit must be 'decimal' or "
+                                 f"'percent', got {units[col]!r}")
+            df[col] = df[col] * UNITS[units[col]]
+            if df[col].isna().any():
+                report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
+                                                         f"{int(df[col].isna().sum()):,} rows where {col} is missing")
         df[col] = df[col].fillna(float(default))
+
+    missing_terms = df["strike"].isna()
+    for col in ("underlying_price", "forward"):
+        if col in df.columns and (forward == "spot") == (col == "underlying_price") and forward != "parity":
+            missing_terms |= df[col].isna()
+    dropped["drop_missing_terms"] = int(missing_terms.sum())
+    df = df[~missing_terms].reset_index(drop=True)
+    bad = implausible_rows(df, units=units, forward=forward, plausible=plausible, implausible=implausible)
+    dropped["drop_implausible"] = int(bad.sum())
+    df = df[~bad].reset_index(drop=True)
 
     key = ["quote_date", "expiry", "strike"] + ([] if option_type else ["option_type"])
     dup = df.duplicated(key, keep=False)
@@ -257,18 +463,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         iv = iv.where(~zero_bid)
         df = df[~zero_bid].reset_index(drop=True)
         iv, tau = iv[~zero_bid].reset_index(drop=True), tau[~zero_bid.to_numpy()]
-    given = iv.dropna()
-    given = given[given > 0]
-    if len(given):
-        med = float(given.median())
-        lo, hi = IV_RANGE[iv_unit]
-        if not lo <= med <= hi:
-            other = "percent" if iv_unit == "decimal" else "decimal"
-            raise ValueError(
-                f"data.iv_unit={iv_unit} but the implied volatilities look like {other}: median {med:.4g} "
-                f"(expected {lo:g}..{hi:g} for {iv_unit}). Set data.iv_unit={other}"
-            )
-    scale = 0.01 if iv_unit == "percent" else 1.0
+    scale = UNITS[iv_unit]  # the unit was checked against the values in implausible_rows
     df["implied_volatility"] = iv * scale
     for col in ("iv_bid", "iv_ask"):
         if col in df.columns:
@@ -433,6 +628,21 @@ def parity_forward(df: pd.DataFrame, price: pd.Series, tau: np.ndarray, n_pairs:
     return df[["quote_date", "expiry"]].join(fwd, on=["quote_date", "expiry"])["_fwd"].to_numpy()
 
 
+def check_usable(chain: pd.DataFrame, report: dict, path: str) -> None:
+    """Quotes left after the drops, on at least two quote dates: a date's features come from its previous date."""
+    dropped = {D.DROP_REASONS.get(k, k): v for k, v in report.get("dropped", {}).items() if v}
+    if chain.empty:
+        raise ValueError(f"data.path={path!r}: no quotes left after the checks ({report.get('loaded', 0)} row(s) "
+                         f"loaded, dropped: {dropped or 'none'}); see the drop reasons for the option to relax")
+    dates = chain["quote_date"].drop_duplicates().sort_values()
+    if len(dates) < 2:
+        raise ValueError(
+            f"data.path={path!r} holds quotes of {len(dates)} quote date ({dates.iloc[0].date()}) after the checks: "
+            "each row's features come from the previous quote date, and train, val and test need dates of their "
+            "own, so give a history of several quote dates (check data.start_date/data.end_date and the drops"
+            f"{': ' + str(dropped) if dropped else ''})")
+
+
 def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
          features: list[str], target: str, horizon: int, val_fraction: float, test_fraction: float,
          forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
@@ -440,7 +650,9 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
          end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
          min_price: float | None = None, itm_from_otm: bool = False, min_days: int | None = None,
          iv_range: tuple[float, float] | None = None, max_iv_outside_quote: float | None = None,
-         winsorize: float | None = None,
+         winsorize: float | None = None, date_format: str | None = None,
+         rate_unit: str = "decimal", dividend_unit: str = "decimal", plausible: dict | None = None,
+         implausible: str = "error",
          cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
          train_dates: int | None = None) -> D.Dataset:
     """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
@@ -450,7 +662,9 @@ def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, divid
                       report=report, forward=forward, option_type=option_type, duplicates=duplicates,
                       max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date,
                       min_price=min_price, itm_from_otm=itm_from_otm, min_days=min_days, iv_range=iv_range,
-                      max_iv_outside_quote=max_iv_outside_quote)
+                      max_iv_outside_quote=max_iv_outside_quote, date_format=date_format, rate_unit=rate_unit,
+                      dividend_unit=dividend_unit, plausible=plausible, implausible=implausible)
+    check_usable(chain, report, path)
     ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
                    test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
                    fold=fold, fallback=fallback, train_dates=train_dates, winsorize=winsorize)
