@@ -131,3 +131,38 @@ def test_a_registered_model_predicts_from_raw_rows(make_cfg, mlflow_uri, tmp_pat
     ask = lambda run_ref: run_predict(run_ref, path, tmp_path / "iv.csv", mlflow_uri)  # noqa: E731
     registered, folder = ask(f"models:/vforge-test-iv/{version}"), ask(cfg.output_dir)
     pd.testing.assert_frame_equal(registered.reset_index(drop=True), folder, check_dtype=False)
+
+
+def test_predict_errors_name_predicts_own_options(trained, tmp_path):
+    raw = raw_synthetic_chain(trained)
+    two = raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]]
+    with pytest.raises(FileNotFoundError) as info:
+        run_predict(trained.output_dir, tmp_path / "absent.csv")
+    assert "input=" in str(info.value) and "data.path" not in str(info.value)
+    path = tmp_path / "no_strike.csv"
+    two.drop(columns="strike").to_csv(path, index=False)
+    with pytest.raises(ValueError) as info:
+        run_predict(trained.output_dir, path)
+    assert "the input needs a column 'strike'" in str(info.value) and "data.columns.strike=<" not in str(info.value)
+    path = tmp_path / "two.csv"
+    two.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"date='notadate' is not a date; give date=YYYY-MM-DD"):
+        predict(OmegaConf.create({"run": str(trained.output_dir), "input": str(path), "output": None,
+                                  "date": "notadate", "tracking_uri": None}))
+
+
+def test_predict_parses_mixed_date_formats_as_training_does(trained, tmp_path):
+    raw = raw_synthetic_chain(trained)
+    two = raw[raw["quote_date"] >= raw["quote_date"].unique()[-2]].copy()
+    iso = run_predict(trained.output_dir, _csv(two, tmp_path / "iso.csv"))
+    stamped = two.astype({"quote_date": str, "expiry": str})
+    d = pd.to_datetime(stamped["quote_date"])
+    stamped.loc[stamped.index[::2], "quote_date"] = d[::2].dt.strftime("%d/%m/%Y")  # mixed with ISO, as training takes
+    stamped.loc[stamped.index[1::3], "quote_date"] = d[1::3].dt.strftime("%Y-%m-%dT16:00:00+00:00")
+    mixed = run_predict(trained.output_dir, _csv(stamped, tmp_path / "mixed.csv"))
+    pd.testing.assert_frame_equal(mixed, iso)
+
+
+def _csv(df: pd.DataFrame, path: Path) -> Path:
+    df.to_csv(path, index=False)
+    return path

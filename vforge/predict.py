@@ -7,8 +7,11 @@ from their terms, the day's spot and the previous date's surface (``data.horizon
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from vforge import CONF_DIR
-from vforge.data.chain import normalize, read_table
+from vforge.data.chain import normalize, parse_dates, read_table
 from vforge.data.dataset import CONTRACT, build_rows
 from vforge.export import load_serving, resolve_checkpoint
 
@@ -45,8 +48,14 @@ def chain_rows(raw: pd.DataFrame, data_cfg: dict, date: str | None, report: dict
     date_col, iv_col = columns.get("quote_date", "quote_date"), columns.get("implied_volatility", "implied_volatility")
     if date_col not in raw.columns:
         raise ValueError(f"input has no quote date column {date_col!r}; it has {list(raw.columns)}")
-    dates = pd.to_datetime(raw[date_col])
-    target = pd.Timestamp(date) if date is not None else dates.max()
+    # dates parse as training parsed them (its data.date_format, two-digit years, time zones, per file)
+    dates = parse_dates(raw if "_file" in raw.columns else raw.assign(_file="input"), date_col,
+                         data_cfg.get("date_format"))
+    try:
+        target = pd.Timestamp(date).normalize() if date is not None else dates.max()
+    except ValueError:
+        raise ValueError(f"date={date!r} is not a date; give date=YYYY-MM-DD, one of the input's quote dates "
+                         f"({dates.min().date()}..{dates.max().date()}), or leave it out for the last") from None
     if not (dates == target).any():
         raise ValueError(f"date={target.date()} is not in the input; its quote dates run {dates.min().date()}.."
                          f"{dates.max().date()}")
@@ -75,6 +84,32 @@ def chain_rows(raw: pd.DataFrame, data_cfg: dict, date: str | None, report: dict
     return rows
 
 
+@contextlib.contextmanager
+def predict_errors(data_cfg: dict) -> Iterator[None]:
+    """The loader's errors with predict's own options in their hints: ``input=`` for ``data.path=``, and the run's
+    column names for ``data.columns.X=...`` (predict takes no data options: the run's apply)."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        raise type(e)(predict_hint(str(e), data_cfg)) from None
+
+
+def predict_hint(message: str, data_cfg: dict) -> str:
+    columns = {k: v for k, v in (data_cfg.get("columns") or {}).items() if v}
+
+    def column(m: re.Match) -> str:
+        name = m.group(1)
+        return f"the input needs a column {columns.get(name, name)!r} (the run's data.columns.{name})"
+
+    message = message.replace("data.path=", "input=")
+    message = re.sub(r"Map yours with data\.columns, e\.g\. data\.columns\.(\w+)=<your column name>", column, message)
+    message = re.sub(r"(?:map another column with )?data\.columns\.(\w+)=<your column>", column, message)
+    if "data." in message:
+        message += (" [predict reads the input with the run's data options (data.*), fixed when it was trained: "
+                    "make the input match them]")
+    return message
+
+
 def predict_frame(serving: torch.nn.Module, ckpt: dict, raw: pd.DataFrame, date: str | None = None
                   ) -> tuple[pd.DataFrame, dict]:
     """Raw chain rows -> ``(predictions, report)``: IV levels (decimal) for the contracts of one quote date."""
@@ -83,7 +118,8 @@ def predict_frame(serving: torch.nn.Module, ckpt: dict, raw: pd.DataFrame, date:
         raise ValueError(f"predict re-marks a quote date (data.horizon=0); this model was trained with "
                          f"data.horizon={data_cfg['horizon']}")
     report: dict[str, Any] = {}
-    rows = chain_rows(raw, data_cfg, date, report)
+    with predict_errors(data_cfg):
+        rows = chain_rows(raw, data_cfg, date, report)
     features = ckpt["feature_names"]
     ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
     rows = rows[ok].reset_index(drop=True)
@@ -112,8 +148,9 @@ def predict(cfg: DictConfig) -> pd.DataFrame:
     else:
         serving, ckpt = load_serving(resolve_checkpoint(cfg.run, cfg.get("tracking_uri")))
     data_cfg = ckpt["config"]["data"]  # the input is read as the run read its training chains
-    raw = read_table(cfg.input, read_options=dict(data_cfg.get("read_options") or {}),
-                     quote_date_from_path=data_cfg.get("quote_date_from_path"))
+    with predict_errors(data_cfg):
+        raw = read_table(cfg.input, read_options=dict(data_cfg.get("read_options") or {}),
+                         quote_date_from_path=data_cfg.get("quote_date_from_path"))
     report: dict[str, Any]
     if registered:
         out, report = model.predict(raw, params={"date": cfg.date} if cfg.date else None), {}

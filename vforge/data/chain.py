@@ -49,6 +49,7 @@ D.DROP_REASONS.update({
     "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
     "drop_missing_terms": "strike, underlying_price or forward missing",
     "drop_implausible": "outside data.plausible ranges (data.implausible=drop)",
+    "drop_iv_implausible": "IV inversion: outside data.plausible.iv (a stale or torn price)",
 })
 for _code, _text in REASONS.items():
     if _code:
@@ -175,7 +176,15 @@ def _day_first(text: pd.Series, col: str, df: pd.DataFrame) -> bool:
     return bool(day_first.any())
 
 
-def _parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> pd.Series:
+def _bound(value, name: str, default: str) -> pd.Timestamp:
+    """``data.start_date`` / ``data.end_date`` as a date (a time zone suffix is dropped, as in the columns)."""
+    parsed = pd.to_datetime(_date_strings(pd.Series([str(value or default)])), errors="coerce", format="ISO8601")[0]
+    if pd.isna(parsed):
+        raise ValueError(f"data.{name}={value!r} is not a date; write it as YYYY-MM-DD")
+    return parsed.normalize()
+
+
+def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> pd.Series:
     """Dates per source file (files may use different formats); unparseable or ambiguous ones are an error.
 
     ``date_format``: a strftime format every value of the column must follow (``data.date_format``).
@@ -238,6 +247,18 @@ def check_renames(raw: pd.DataFrame, columns: dict[str, str | None]) -> None:
                 f"data.columns.{name}=null")
 
 
+def plausible_ranges(plausible: dict | None) -> dict[str, tuple[float, float]]:
+    """``data.plausible`` over the defaults (``PLAUSIBLE``)."""
+    unknown = set(plausible or {}) - set(PLAUSIBLE)
+    if unknown:
+        raise ValueError(f"data.plausible has unknown key(s) {sorted(unknown)}; valid: {', '.join(PLAUSIBLE)}")
+    ranges = {k: tuple(float(x) for x in (plausible or {}).get(k, v)) for k, v in PLAUSIBLE.items()}
+    for k, (lo, hi) in ranges.items():
+        if not lo < hi:
+            raise ValueError(f"data.plausible.{k} must be [low, high] with low < high, got {[lo, hi]}")
+    return ranges
+
+
 def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, plausible: dict | None,
                      implausible: str) -> pd.Series:
     """Rows whose IV (as given), moneyness, rate or dividend yield lies outside ``data.plausible``.
@@ -248,10 +269,7 @@ def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, p
     """
     if implausible not in ("error", "drop"):
         raise ValueError(f"data.implausible must be 'error' or 'drop', got {implausible!r}")
-    unknown = set(plausible or {}) - set(PLAUSIBLE)
-    if unknown:
-        raise ValueError(f"data.plausible has unknown key(s) {sorted(unknown)}; valid: {', '.join(PLAUSIBLE)}")
-    ranges = {k: tuple(float(x) for x in (plausible or {}).get(k, v)) for k, v in PLAUSIBLE.items()}
+    ranges = plausible_ranges(plausible)
     iv_unit = units["iv"]
     if "implied_volatility" in df.columns:
         raw_iv = df["implied_volatility"]
@@ -353,10 +371,11 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             "data.columns.bid=... and data.columns.ask=..., or data.columns.price=<column>"
         )
 
-    df["quote_date"] = _parse_dates(df, "quote_date", date_format)
-    df["expiry"] = _parse_dates(df, "expiry", date_format)
+    df["quote_date"] = parse_dates(df, "quote_date", date_format)
+    df["expiry"] = parse_dates(df, "expiry", date_format)
     if start_date or end_date:
-        keep = df["quote_date"].between(pd.Timestamp(start_date or "1900-01-01"), pd.Timestamp(end_date or "2200-01-01"))
+        keep = df["quote_date"].between(_bound(start_date, "start_date", "1900-01-01"),
+                                        _bound(end_date, "end_date", "2200-01-01"))
         dropped["drop_outside_dates"] = int((~keep).sum())
         df = df[keep].reset_index(drop=True)
         if df.empty:
@@ -545,6 +564,14 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         failed = inv_reason[bad_iv.to_numpy()]
         for code, count in zip(*np.unique(failed[failed != 0], return_counts=True)):
             dropped[_reason_key(int(code))] = dropped.get(_reason_key(int(code)), 0) + int(count)
+        unexplained = int((failed == 0).sum())  # e.g. a NaN price: no inversion reason, still counted
+        if unexplained:
+            dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + unexplained
+        # An IV inverted from a stale or torn price can be absurd (1e-9, 40): dropped and counted, not learned
+        lo, hi = plausible_ranges(plausible)["iv"]
+        absurd = need_iv & ~bad_iv & ~df["implied_volatility"].between(lo, hi)
+        dropped["drop_iv_implausible"] = int(absurd.sum())
+        bad_iv = bad_iv | absurd
     if bad_iv.any():
         dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(bad_iv[~need_iv].sum())
     keep = ~bad_iv.to_numpy()
