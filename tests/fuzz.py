@@ -368,6 +368,9 @@ def check_accepted(ds, case: Case, clean: dict) -> list[str]:
         problems.append("a (date, contract) is used twice")
     ivs = np.concatenate([s.iv for s in splits])
     touched = set(_keys(clean_chain(case.kind).iloc[sorted(case.touched)]))
+    if case.options.get("horizon"):  # a row's target is its contract's IV on a later date, which may be the mutated one
+        contracts = {k[1:] for k in touched}
+        touched |= {k for k in keys if k[1:] in contracts}
     alien = [k for k, iv in zip(keys, ivs) if k not in touched and (k not in clean or abs(clean[k] - iv) > 1e-9)]
     if alien:
         k = alien[0]

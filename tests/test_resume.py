@@ -137,3 +137,77 @@ def test_sigkill_mid_epoch_then_resume_gives_the_same_final_metrics(make_cfg, ca
     same_metrics(final, reference)
     print("uninterrupted:", {k: reference[k] for k in ("val/rmse", "test/rmse", "val/raw_rmse")})
     print("killed+resumed:", {k: final[k] for k in ("val/rmse", "test/rmse", "val/raw_rmse")})
+
+
+class CopyLastAt(Callback):
+    """Keep a copy of ``src`` (last.pt) as it was after epoch ``epoch`` (runs after the Checkpoint callback)."""
+
+    def __init__(self, epoch: int, src: Path, to: Path) -> None:
+        self.epoch, self.src, self.to = epoch, src, to
+
+    def on_epoch_end(self, state) -> None:
+        if state.epoch == self.epoch:
+            self.to.write_bytes(self.src.read_bytes())
+
+
+def test_no_metric_point_is_logged_twice_after_a_resume(make_cfg, mlflow_uri, tmp_path):
+    """Killed after epoch 1's metrics were logged but before its checkpoint: the resume redoes epoch 1 and
+    must not log its points again."""
+    mlflow = pytest.importorskip("mlflow")
+    cfg = make_cfg(*RUN, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-twice")
+    last, saved = Path(cfg.output_dir) / "checkpoints" / "last.pt", tmp_path / "after_epoch0.pt"
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, callbacks=[CopyLastAt(0, last, saved), InterruptAfter(epoch=1)])
+    last.write_bytes(saved.read_bytes())  # as if killed before epoch 1's checkpoint
+    stale = last.parent / ".last.pt.abc123.tmp"
+    stale.write_bytes(b"torn")  # and mid-write: atomic_save's temp file stays behind after a SIGKILL
+    cfg.trainer.resume = "auto"
+    train(cfg)
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test-twice").experiment_id])
+    for key in ("val/rmse_epoch", "train/loss"):
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, key)) == [0, 1, 2], key
+    assert not stale.exists()
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_continued_and_stale_runs_closed(make_cfg, mlflow_uri):
+    """A kill after the MLflow run started but before last.pt existed: the run id in the run folder lets
+    ``trainer.resume=auto`` continue that run; another RUNNING run of the folder is closed as KILLED."""
+    mlflow = pytest.importorskip("mlflow")
+    from vforge.tracking.mlflow import RUN_DIR_TAG, RUN_FILE
+
+    cfg = make_cfg(*RUN, "logger=mlflow", f"logger.tracking_uri={mlflow_uri}", "logger.experiment=test-early-kill",
+                   "trainer.resume=auto")
+    folder = Path(cfg.output_dir).resolve()
+    client = mlflow.MlflowClient(tracking_uri=mlflow_uri)
+    exp = client.create_experiment("test-early-kill")
+    # what the killed process left: its run RUNNING with the folder's id file, and an older run RUNNING too
+    older = client.create_run(exp, tags={RUN_DIR_TAG: str(folder)}).info.run_id
+    killed = client.create_run(exp, tags={RUN_DIR_TAG: str(folder)}).info.run_id
+    folder.mkdir(parents=True)
+    (folder / RUN_FILE).write_text(json.dumps({"run_id": killed, "tracking_uri": mlflow_uri}))
+    metrics = train(cfg)
+    runs = {r.info.run_id: r for r in client.search_runs([exp])}
+    assert set(runs) == {older, killed}  # no third run
+    assert runs[killed].info.status == "FINISHED" and runs[older].info.status == "KILLED"
+    assert runs[killed].data.metrics["val/rmse"] == pytest.approx(metrics["val/rmse"])
+    assert runs[killed].data.params["model._target_"].endswith("MLP")  # killed before its params: logged now
+    assert json.loads((folder / RUN_FILE).read_text())["run_id"] == killed
+
+
+@pytest.mark.slow
+def test_sigkill_right_after_the_mlflow_run_starts_then_resume_leaves_one_finished_run(cache_dir, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vforge.train", "trainer=fast", *TINY_DATA, *RUN, f"data.cache_dir={cache_dir}",
+           f"hydra.run.dir={run_dir}", f"logger.tracking_uri={uri}"]
+    kill = ["+trainer.callbacks.kill._target_=tests.test_resume.SigkillAt", "+trainer.callbacks.kill.epoch=0"]
+    killed = subprocess.run(cmd + kill, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert not (run_dir / "checkpoints" / "last.pt").exists() and (run_dir / "mlflow_run.json").exists()
+    resumed = subprocess.run(cmd + ["trainer.resume=auto"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("vforge").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED"]

@@ -23,7 +23,7 @@ from vforge.evaluation.report import evaluate_run
 from vforge.sweeps.console import ONCE_PER_SWEEP
 from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
-from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume
+from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume, remove_stale_temp
 from vforge.training.distributed import make_strategy
 from vforge.training.gating import gate
 from vforge.training.loop import FitResult, evaluate, fit, val_rmse
@@ -76,9 +76,12 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     logger = instantiate(cfg.logger) if cfg.logger and strategy.is_main else None
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if logger:
-        logger.start(cfg, run_name=cfg.run_name, tags=run_tags(cfg),
-                     run_id=resume.get("mlflow_run_id") if resume else None)
+    if strategy.is_main:
+        remove_stale_temp(out_dir)  # a model.pt write killed midway
+    if logger:  # the run folder this training belongs to: the resumed checkpoint's, else this job's
+        run_dir = resume_path.parent.parent if resume_path else out_dir
+        run_id = resume.get("mlflow_run_id") if resume else logger.unfinished_folder_run(run_dir) if tr.resume else None
+        logger.start(cfg, run_name=cfg.run_name, tags=run_tags(cfg), run_id=run_id, run_dir=run_dir)
         if not resume:
             logger.log_dict(data.report, "data_report.json")
     status = "FAILED"

@@ -8,7 +8,6 @@ with :func:`trial_from_env` and reports to it (vforge/sweeps/pruning.py).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -20,6 +19,8 @@ from typing import Any
 import optuna
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
+
+from vforge.locks import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -46,26 +47,6 @@ def _local_file(storage: str) -> Path | None:
     if storage.startswith("journal:"):
         return Path(storage[len("journal:"):].removeprefix("//"))
     return None
-
-
-@contextlib.contextmanager
-def file_lock(target: str | Path | None) -> Iterator[None]:
-    """An exclusive lock on ``<target>.vforge-lock`` (no-op for None), held across processes on this machine.
-
-    Two processes creating one fresh SQLite file at once race (optuna: ``table studies already
-    exists``; MLflow: ``duplicate column name``): creation happens under this lock.
-    """
-    if target is None:
-        yield
-        return
-    lock_path = Path(f"{target}.vforge-lock")  # not .lock: optuna's journal backend owns that name
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 _PG_LOCK_KEY = 0x7666_6F72_6765  # "vforge": one advisory lock per database, shared by every study in it

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
-from vforge.sweeps.study import file_lock
-from vforge.tracking.mlflow import experiment_id
+from vforge.locks import file_lock
+from vforge.tracking.mlflow import experiment_id, sqlite_file
 
 if TYPE_CHECKING:
     import optuna
@@ -37,8 +37,7 @@ class SweepRun:
                  tags: dict[str, str] | None = None) -> None:
         from mlflow import MlflowClient
 
-        db = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else None
-        with file_lock(db):  # a fresh SQLite store is migrated once, not by two processes at the same time
+        with file_lock(sqlite_file(tracking_uri)):  # a fresh SQLite store is migrated once, not by two at a time
             self.client = MlflowClient(tracking_uri=tracking_uri)
             exp_id = experiment_id(self.client, experiment)
         self.tracking_uri = tracking_uri

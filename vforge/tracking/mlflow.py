@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -9,7 +10,26 @@ from typing import Any, cast
 
 from omegaconf import DictConfig, OmegaConf
 
+from vforge.locks import file_lock
+
 log = logging.getLogger(__name__)
+RUN_FILE = "mlflow_run.json"  # in the run folder: the MLflow run this folder's training logs to
+RUN_DIR_TAG = "vforge.run_dir"
+
+
+def sqlite_file(tracking_uri: str) -> str | None:
+    """The database file behind a ``sqlite:///`` tracking URI (None for other stores)."""
+    path = tracking_uri[len("sqlite:///"):] if tracking_uri.startswith("sqlite:///") else ""
+    return path if path and path != ":memory:" else None
+
+
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
 
 # A run started while this is set becomes a child of that run (a sweep's trials, walk-forward's folds).
 ENV_PARENT_RUN = "VFORGE_PARENT_RUN_ID"
@@ -93,38 +113,104 @@ class MLflowLogger:
         self.experiment = experiment
         self.log_model = log_model
         self.run_id: str | None = None
+        self._logged_steps: dict[str, int] = {}
 
     def start(self, cfg: DictConfig, run_name: str, tags: dict[str, str] | None = None,
-              run_id: str | None = None) -> str:
+              run_id: str | None = None, run_dir: str | Path | None = None) -> str:
         """Start a new run, or with ``run_id`` continue that one (a resumed training): its params stay as they
-        were and the resumed config is logged as ``config_resumed.yaml``."""
+        were and the resumed config is logged as ``config_resumed.yaml``.
+
+        ``run_dir``: the run folder. The run id is written there (``mlflow_run.json``) as soon as the run exists,
+        so a resume after a kill at any moment continues this run (:func:`folder_run_id`); RUNNING runs left by
+        earlier processes in the same folder are closed as KILLED.
+        """
         import mlflow  # costs ~1.5 s: only when tracking is on
 
         self._mlflow = mlflow
         mlflow.set_tracking_uri(self.tracking_uri)
+        with file_lock(sqlite_file(self.tracking_uri)):  # a fresh store is created (migrated) by one process
+            client = mlflow.MlflowClient(self.tracking_uri)
+            exp_id = experiment_id(client, self.experiment)
+        self._logged_steps: dict[str, int] = {}
+        if run_id and not _run_exists(client, run_id):
+            log.warning("MLflow run %s is not in %s (deleted, or another store): starting a new run", run_id,
+                        self.tracking_uri)
+            run_id = None
         if run_id:
             self.run_id = mlflow.start_run(run_id=run_id).info.run_id
+            # points logged before the kill are not logged again (the resumed epochs reproduce them exactly)
+            self._logged_steps = {key: max(m.step for m in client.get_metric_history(run_id, key))
+                                  for key in client.get_run(run_id).data.metrics}
             mlflow.set_tag("vforge.resumed", "true")
             mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config_resumed.yaml")
             log.info("MLflow run %s resumed at %s", self.run_id, self.tracking_uri)
+            self._claim_folder(client, exp_id, run_dir)
+            if not client.get_run(run_id).data.params:  # killed before its params were logged
+                self._log_config(cfg)
             return self.run_id
-        mlflow.set_experiment(experiment_id=experiment_id(mlflow.MlflowClient(), self.experiment))
         parent = os.environ.get(ENV_PARENT_RUN)
+        tags = {**(tags or {}), **({RUN_DIR_TAG: str(Path(run_dir).resolve())} if run_dir else {})}
         # nested: the parent may be this process's active run (walk-forward's folds)
-        run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=parent or None, nested=bool(parent))
+        run = mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags, parent_run_id=parent or None,
+                               nested=bool(parent))
         self.run_id = run.info.run_id
+        self._claim_folder(client, exp_id, run_dir)
+        self._log_config(cfg)
+        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.tracking_uri)
+        return self.run_id
+
+    def _log_config(self, cfg: DictConfig) -> None:
+        mlflow = self._mlflow
         container = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
         params = {k: str(v)[:6000] for k, v in flatten(container).items()}
         items = list(params.items())
         for lo in range(0, len(items), 100):  # MLflow caps a batch at 100 params
             mlflow.log_params(dict(items[lo : lo + 100]))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        log.info("MLflow run %s in experiment %r at %s", self.run_id, self.experiment, self.tracking_uri)
-        return self.run_id
+
+    def unfinished_folder_run(self, run_dir: str | Path) -> str | None:
+        """The run this folder's training started in this store (``mlflow_run.json``) if it did not finish: a
+        process killed before its first checkpoint is continued by ``trainer.resume=auto`` in the same folder."""
+        try:
+            saved = json.loads((Path(run_dir) / RUN_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        if saved.get("tracking_uri") != self.tracking_uri:
+            return None
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = MlflowClient(self.tracking_uri).get_run(saved["run_id"])
+        except MlflowException:
+            return None
+        return None if run.info.status == "FINISHED" else run.info.run_id
+
+    def _claim_folder(self, client, exp_id: str, run_dir: str | Path | None) -> None:
+        """Write this run's id into ``run_dir`` and close the folder's other RUNNING runs as KILLED."""
+        if run_dir is None:
+            return
+        folder = Path(run_dir).resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{RUN_FILE}.tmp"
+        tmp.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri,
+                                   "experiment": self.experiment}))
+        os.replace(tmp, folder / RUN_FILE)
+        quoted = str(folder).replace("'", "\\'")
+        stale = client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{quoted}' and attributes.status = "
+                                   "'RUNNING'")
+        for run in stale:
+            if run.info.run_id != self.run_id:
+                client.set_terminated(run.info.run_id, status="KILLED")
+                log.warning("MLflow run %s of %s was left RUNNING by a process that is gone: closed as KILLED",
+                            run.info.run_id, folder)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         clean = {k: float(v) for k, v in metrics.items() if v == v}  # NaN: nothing to log
-        self._mlflow.log_metrics(clean, step=step)
+        if step is not None:
+            clean = {k: v for k, v in clean.items() if step > self._logged_steps.get(k, -1)}
+        if clean:
+            self._mlflow.log_metrics(clean, step=step)
 
     def log_dict(self, d: dict, name: str) -> None:
         self._mlflow.log_dict(d, name)

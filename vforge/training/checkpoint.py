@@ -44,6 +44,17 @@ def atomic_save(obj: Any, path: str | Path) -> None:
             os.close(dir_fd)
 
 
+def remove_stale_temp(folder: str | Path) -> list[Path]:
+    """Delete the temp files ``atomic_save`` left in ``folder`` when its process was killed mid-write (one
+    training writes a run folder at a time, so at fit start every one is stale)."""
+    stale = sorted(Path(folder).glob(".*.pt.*.tmp"))
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        log.info("removed %d temp file(s) left by a killed write in %s", len(stale), folder)
+    return stale
+
+
 def rng_state(generator: torch.Generator | None) -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),  # noqa: NPY002 (legacy global RNG, saved as is)
             "python": random.getstate(),
@@ -109,6 +120,9 @@ class Checkpoint(Callback):
     @property
     def best(self) -> Path:
         return self.dir / "best.pt"
+
+    def on_fit_start(self, state: FitState) -> None:
+        remove_stale_temp(self.dir)
 
     def on_epoch_end(self, state: FitState) -> None:
         if state.improved:
