@@ -5,7 +5,6 @@
 set -u
 KILL_AFTER=$1; shift
 export OMP_WAIT_POLICY=PASSIVE
-CMD=(python -m vforge.train -m "$@")
 STUDY_DB=outputs/optuna/$(python - "$@" <<'PY'
 import sys
 name = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hparams_search=")), "sweep")
@@ -13,6 +12,8 @@ print(next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("hydra.swee
 PY
 )
 STUDY=$(basename "$STUDY_DB")
+# storage null is a fresh study per sweep: resuming needs the study's URL (and its study_name)
+CMD=(python -m vforge.train -m "$@" "hydra.sweeper.storage=sqlite:///$STUDY_DB.db" "hydra.sweeper.study_name=$STUDY")
 finished() {
   python - "$STUDY" <<'PY' 2>/dev/null
 import sys, optuna

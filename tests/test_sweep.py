@@ -13,6 +13,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.utils import JobReturn, JobStatus
+from omegaconf import OmegaConf
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -263,7 +264,7 @@ def test_sweep_resumes_with_parent_and_child_runs_in_mlflow(tmp_path):
     log = run_sweep(tmp_path, "first", "hydra.sweeper.n_trials=2", "trainer.max_epochs=3",
                     "hydra/sweeper/pruner=threshold", "hydra.sweeper.pruner.upper=0.01")
     assert "PRUNED at epoch 0" in log
-    run_sweep(tmp_path, "again", "hydra.sweeper.n_trials=3")
+    run_sweep(tmp_path, "again", "hydra.sweeper.n_trials=3", "trainer.max_epochs=3")  # the same sweep, continued
     study = optuna.load_study(study_name="mlp", storage=f"sqlite:///{tmp_path}/optuna.db")
     assert [t.state for t in study.trials] == [TrialState.PRUNED] * 2 + [TrialState.COMPLETE]
     assert trial_numbers_run(tmp_path / "first") == [0, 1] and trial_numbers_run(tmp_path / "again") == [2]
@@ -343,3 +344,30 @@ def test_a_trial_whose_heartbeat_stops_is_failed_as_stale(tmp_path):
     first, retry = study.get_trials()
     assert first.state == TrialState.FAIL and first.user_attrs[S.ATTR_STALE]
     assert retry.state == TrialState.WAITING and retry.user_attrs[S.ATTR_RETRY_OF] == first.number
+
+
+def test_a_study_refuses_a_sweep_it_was_not_made_for(tmp_path):
+    """Continuing a study with other fixed overrides (other data) would report the first data's best trial."""
+    url = f"journal:///{tmp_path}/made_for.log"
+    make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=2).sweep(["data.n_days=40"])
+    make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=3).sweep(["data.n_days=40"])  # same: continues
+    with pytest.raises(ValueError) as info:
+        make_sweeper(tmp_path, lambda v: v["x"], storage=url, n_trials=4).sweep(["data.n_days=80"])
+    msg = str(info.value)
+    assert "study 'fake'" in msg and "was made for another sweep" in msg and "data.n_days=80" in msg
+    assert "hydra.sweeper.study_name=<new name>" in msg
+    with pytest.raises(ValueError, match="space.x"):
+        make_sweeper(tmp_path, lambda v: v["x"], storage=url, params={"x": "interval(0.0, 2.0)"}).sweep(
+            ["data.n_days=40"])
+    assert len(optuna.load_study(study_name="fake", storage=S.open_storage(url)).trials) == 3
+
+
+def test_storage_null_makes_a_fresh_study_in_the_sweep_folder(tmp_path):
+    for n_trials in (2, 3):
+        make_sweeper(tmp_path, lambda v: v["x"], storage=None, n_trials=n_trials).sweep([])
+    dbs = sorted((tmp_path / "sweep").glob("optuna*.db"))
+    assert [p.name for p in dbs] == ["optuna-1.db", "optuna.db"]
+    counts = sorted(len(optuna.load_study(study_name="fake", storage=f"sqlite:///{p}").trials) for p in dbs)
+    assert counts == [2, 3]  # the second sweep ran its own trials instead of finding "2 of 3 done"
+    summary = OmegaConf.load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert summary.name == "optuna" and summary.study_name == "fake" and "best_value" in summary

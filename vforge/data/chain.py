@@ -400,7 +400,8 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         df["option_type"] = spelled.map(OPTION_TYPES)
         bad = df["option_type"].isna()
         if bad.any():
-            raise ValueError(f"option_type: unknown spellings {sorted(set(spelled[bad]))[:5]} in {_rows(bad, df)}; "
+            shown = sorted({"<missing>" if v != v else str(v) for v in spelled[bad]})[:5]  # NaN != NaN
+            raise ValueError(f"option_type: unknown spellings {shown} in {_rows(bad, df)}; "
                              f"accepted: {', '.join(OPTION_TYPES)} (any case)")
 
     # Impossible values: errors, never silent drops. (rule, offending rows, columns to show, how to fix)

@@ -161,6 +161,10 @@ def grid_search_space(space: Mapping[str, BaseDistribution]) -> dict[str, list[A
             grid[name] = list(dist.choices)
         elif isinstance(dist, IntDistribution) and not dist.log:
             grid[name] = list(range(dist.low, dist.high + 1, dist.step))
+        elif isinstance(dist, FloatDistribution) and dist.step is not None and not dist.log:
+            # range(-1.0, 1.0, step=1): low, low + step, ... up to high included (as Optuna's stepped float)
+            n = int(round((dist.high - dist.low) / dist.step))
+            grid[name] = [dist.low + i * dist.step for i in range(n + 1)]
         else:
-            raise ValueError(f"the grid sampler needs choice(...) or an int range(...) for every param; {name} is {dist}")
+            raise ValueError(f"the grid sampler needs choice(...) or a range(...) for every param; {name} is {dist}")
     return grid

@@ -32,11 +32,7 @@ ENV_PRUNER = "VFORGE_OPTUNA_PRUNER"  # JSON of the pruner's config: a pruner is 
 # user attributes the sweeper writes on each trial
 ATTR_HOST, ATTR_PID, ATTR_STALE, ATTR_ERROR, ATTR_RETRY_OF = (
     "vforge:host", "vforge:pid", "vforge:stale", "vforge:error", "vforge:retry_of")
-
-
-def default_storage(study_name: str, root: str | Path = "outputs/optuna") -> str:
-    """The embedded default: one SQLite file per study under outputs/, so a rerun finds it again."""
-    return f"sqlite:///{Path(root) / study_name}.db"
+ATTR_MADE_FOR = "vforge:made_for"  # study attribute: the data, search space and overrides a study was made for
 
 
 def _local_file(storage: str) -> Path | None:
@@ -124,6 +120,33 @@ def create_study(storage_url: str | None, study_name: str | None, directions: li
             f"study {study.study_name!r} in {storage_url} was created with directions "
             f"{[d.name.lower() for d in study.directions]}, not {directions}; use another study_name")
     return study
+
+
+def check_made_for(study: optuna.Study, made_for: dict[str, Any], storage_url: str) -> None:
+    """A study continues only the sweep it was made for: the same data, target, search space and fixed overrides.
+
+    A new study records ``made_for`` (user attribute ``vforge:made_for``); a study made for another sweep is
+    refused with the keys that differ, since its trials and best value answer another question.
+    """
+    from vforge.tracking.mlflow import flatten
+
+    here = json.loads(json.dumps(made_for, sort_keys=True, default=str))
+    saved = study.user_attrs.get(ATTR_MADE_FOR)
+    if saved is None:
+        if study.get_trials(deepcopy=False):
+            log.warning("study %r in %s has trials but no record of what it was made for (an older vforge); "
+                        "continuing it, and recording this sweep's", study.study_name, storage_url)
+        study.set_user_attr(ATTR_MADE_FOR, here)
+        return
+    a, b = flatten(saved), flatten(here)
+    diff = [f"{k}: {a.get(k, '(absent)')!r} there, {b.get(k, '(absent)')!r} here"
+            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    if diff:
+        raise ValueError(
+            f"study {study.study_name!r} in {storage_url} was made for another sweep ({'; '.join(diff[:5])}"
+            f"{f'; and {len(diff) - 5} more' if len(diff) > 5 else ''}): its trials do not answer this one. "
+            "Start a new study with hydra.sweeper.study_name=<new name> (or another hydra.sweeper.storage, or "
+            "storage=null for a fresh one), or continue this one with the same data, search space and overrides")
 
 
 def _pid_alive(pid: int) -> bool:

@@ -163,7 +163,7 @@ class StudySweeper(Sweeper):
         if storage is not None and not isinstance(storage, str):
             raise ValueError(f"hydra.sweeper.storage must be a URL string (sqlite:///..., postgresql://..., "
                              f"journal:///path.log) or null, got {storage!r}")
-        self.storage_url = storage or S.default_storage(study_name)
+        self.storage_url = storage or self._fresh_storage()
         pruner, self.pruner_plain = self._pruner()
         study = S.create_study(self.storage_url, study_name, directions, sampler=self._sampler(space), pruner=pruner,
                                heartbeat_interval=self.heartbeat_interval, grace_period=self.grace_period)
@@ -173,6 +173,36 @@ class StudySweeper(Sweeper):
             for n in stale:
                 self.parent.mark_child(n, "STALE")
         return study
+
+    def _fresh_storage(self) -> str:
+        """``storage: null``: a fresh study, as the official plugin's in-memory one, kept in a new SQLite file in
+        the sweep folder (jobs in other processes must reach their trial to report and be pruned)."""
+        if getattr(self, "_fresh_url", None) is None:
+            folder, n = self.sweep_dir.resolve(), 0
+            path = folder / "optuna.db"
+            while path.exists():  # a reused sweep folder: still a new study
+                n += 1
+                path = folder / f"optuna-{n}.db"
+            self._fresh_url = f"sqlite:///{path}"
+            log.info("storage null: a fresh study in %s (to resume a study later, give hydra.sweeper.storage=<url> "
+                     "and hydra.sweeper.study_name)", path)
+        return self._fresh_url
+
+    def _made_for(self, space: dict[str, BaseDistribution], fixed: list[str]) -> dict[str, Any]:
+        """What a study answers: the app's data and optimized metric, the directions, the space, the fixed overrides."""
+        made: dict[str, Any] = {"space": {k: str(v) for k, v in sorted(space.items())}, "fixed": sorted(fixed),
+                                "directions": list(getattr(self, "directions", []))}
+        for key in ("data", "optimized_metric"):
+            if self.config is not None and key in self.config:
+                try:
+                    value = OmegaConf.to_container(self.config[key], resolve=True) if isinstance(
+                        self.config[key], DictConfig) else self.config[key]
+                except Exception:  # noqa: BLE001 - an interpolation only a job can resolve: keep it as written
+                    value = OmegaConf.to_container(self.config[key], resolve=False)
+                if isinstance(value, dict):
+                    value.pop("cache_dir", None)  # where generated data is cached, not what it is
+                made[key] = value
+        return made
 
     def _start_parent(self, study: optuna.Study, name: str, params: dict[str, Any]) -> None:
         from vforge.sweeps.tracking import SweepRun, tracking_from_config
@@ -368,6 +398,7 @@ class OptunaSweeperImpl(StudySweeper):
         fixed = [f"{k}={v}" for k, v in fixed_values.items()] + other
         study_name = self.study_name or "sweep"
         study = self._open_study(self.storage, study_name, self.directions, space)
+        S.check_made_for(study, self._made_for(space, fixed), self.storage_url)
         if isinstance(study.sampler, optuna.samplers.GridSampler):
             n_grid = math.prod(len(v) for v in study.sampler._search_space.values())
             if n_grid < self.n_trials:
@@ -397,7 +428,8 @@ class OptunaSweeperImpl(StudySweeper):
     def _finish(self, study: optuna.Study, status: str) -> None:
         trials = study.get_trials(deepcopy=False)
         counts = {s.name: sum(t.state == s and S.counted(t) for t in trials) for s in TrialState}
-        summary: dict[str, Any] = {"name": study.study_name, "storage": self.storage_url,
+        # the official plugin's keys (name: optuna, best_params, best_value; solutions when multi-objective) first
+        summary: dict[str, Any] = {"name": "optuna", "study_name": study.study_name, "storage": self.storage_url,
                                    "trials": {k: v for k, v in counts.items() if v}}
         complete = [t for t in trials if t.state == TrialState.COMPLETE]
         if complete and len(self.directions) == 1:
@@ -407,8 +439,8 @@ class OptunaSweeperImpl(StudySweeper):
             if verdict is not None:
                 summary["benchmark"], beats = verdict
         elif complete:
-            summary["best_trials"] = [{"number": t.number, "values": t.values, "params": t.params}
-                                      for t in study.best_trials]
+            summary["solutions"] = [{"number": t.number, "params": t.params, "values": t.values}
+                                    for t in study.best_trials]
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(OmegaConf.create(summary), self.sweep_dir / "optimization_results.yaml")
         log.info("study %r: %s", study.study_name, ", ".join(f"{v} {k.lower()}" for k, v in summary["trials"].items()))
