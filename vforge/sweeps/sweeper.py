@@ -48,6 +48,11 @@ BEAT_MARGIN = 0.01  # a best trial less than 1% better than its benchmark is rep
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
+# Overrides that change how a trial runs or is logged, not what it measures: a study may be continued with others.
+NOT_THE_QUESTION = ("logger", "trainer.num_threads", "trainer.progress", "trainer.device", "trainer.resume",
+                    "trainer.compile", "trainer.checkpoint")
+
+
 def _directions(direction: Any) -> list[str]:
     items = list(direction) if isinstance(direction, Sequence) and not isinstance(direction, str) else [direction]
     out = [str(getattr(d, "name", d)).lower() for d in items]
@@ -190,6 +195,7 @@ class StudySweeper(Sweeper):
 
     def _made_for(self, space: dict[str, BaseDistribution], fixed: list[str]) -> dict[str, Any]:
         """What a study answers: the app's data and optimized metric, the directions, the space, the fixed overrides."""
+        fixed = [o for o in fixed if not o.lstrip("+~").startswith(NOT_THE_QUESTION)]
         made: dict[str, Any] = {"space": {k: str(v) for k, v in sorted(space.items())}, "fixed": sorted(fixed),
                                 "directions": list(getattr(self, "directions", []))}
         for key in ("data", "optimized_metric"):
