@@ -176,6 +176,7 @@ def m_drop_column(rng, case):
 
 def m_duplicate(rng, case):
     idx = _rows(rng, case.df, 0.1)
+    _touch(case, idx)  # dropped with data.duplicates=drop: an ITM neighbour then keeps its own IV
     case.df = pd.concat([case.df, case.df.iloc[idx]], ignore_index=True)
     if rng.random() < 0.5:
         case.options["duplicates"] = str(rng.choice(["drop", "first"]))
@@ -368,6 +369,8 @@ def check_accepted(ds, case: Case, clean: dict) -> list[str]:
         problems.append("a (date, contract) is used twice")
     ivs = np.concatenate([s.iv for s in splits])
     touched = set(_keys(clean_chain(case.kind).iloc[sorted(case.touched)]))
+    # with data.itm_from_otm an ITM row takes the IV of the OTM quote at its strike: that one may be the mutated one
+    touched |= {k for k in keys if k[:3] in {t[:3] for t in touched}}
     if case.options.get("horizon"):  # a row's target is its contract's IV on a later date, which may be the mutated one
         contracts = {k[1:] for k in touched}
         touched |= {k for k in keys if k[1:] in contracts}

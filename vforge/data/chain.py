@@ -537,9 +537,7 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
                              else option_type)
 
     if need_iv.any():
-        if price is None:
-            dropped["drop_missing_iv"] = int(need_iv.sum())
-        else:
+        if price is not None:  # without prices, missing IVs stay missing (or take their OTM quote's below)
             m = need_iv.to_numpy()
             sigma, reason = implied_vol(price[m].to_numpy(), df["forward"][m].to_numpy(), df["strike"][m].to_numpy(),
                                         tau[m], df["rate"][m].to_numpy(), (df["option_type"][m] == "C").to_numpy())
@@ -573,8 +571,9 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         absurd = need_iv & ~bad_iv & ~df["implied_volatility"].between(lo, hi)
         dropped["drop_iv_implausible"] = int(absurd.sum())
         bad_iv = bad_iv | absurd
-    if bad_iv.any():
-        dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(bad_iv[~need_iv].sum())
+    if bad_iv.any():  # counted here, after itm_from_otm filled what it could: every row dropped is counted once
+        unexplained = bad_iv if price is None else bad_iv & ~need_iv
+        dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(unexplained.sum())
     keep = ~bad_iv.to_numpy()
     df, tau, width = df[keep].reset_index(drop=True), tau[keep], width[keep].reset_index(drop=True)
     if price is not None:
