@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import optuna
@@ -98,7 +99,7 @@ def test_a_deadline_in_the_past_stops_the_fit_at_the_epoch_end(tmp_path):
 def job_writing_metrics(values):
     """Completes with val/rmse = 1 + x next to a baseline of 1.05 (as train() writes metrics.json)."""
     trial = S.trial_from_env()
-    out = S._local_file(S.default_storage("x")).parent  # any folder; the real job writes its run folder
+    out = Path("outputs/optuna")  # any folder (the test runs in tmp_path); the real job writes its run folder
     out = out / f"t{trial.number}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps({"val/rmse": 1 + values["x"], "val/baseline_rmse": 1.05}))
