@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob as globlib
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ def _day_first(text: pd.Series, col: str, df: pd.DataFrame) -> bool:
     return bool(day_first.any())
 
 
-def _bound(value, name: str, default: str) -> pd.Timestamp:
+def _bound(value: str | None, name: str, default: str) -> pd.Timestamp:
     """``data.start_date`` / ``data.end_date`` as a date (a time zone suffix is dropped, as in the columns)."""
     parsed = pd.to_datetime(_date_strings(pd.Series([str(value or default)])), errors="coerce", format="ISO8601")[0]
     if pd.isna(parsed):
@@ -231,7 +231,7 @@ def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> p
     return out.dt.normalize()
 
 
-def check_renames(raw: pd.DataFrame, columns: dict[str, str | None]) -> None:
+def check_renames(raw: pd.DataFrame, columns: Mapping[str, str | None]) -> None:
     """``data.columns`` must map each canonical name to its own column, onto no column the table already has."""
     mapped = {k: v for k, v in columns.items() if v is not None and v != k}
     sources = set(mapped.values())
@@ -252,7 +252,10 @@ def plausible_ranges(plausible: dict | None) -> dict[str, tuple[float, float]]:
     unknown = set(plausible or {}) - set(PLAUSIBLE)
     if unknown:
         raise ValueError(f"data.plausible has unknown key(s) {sorted(unknown)}; valid: {', '.join(PLAUSIBLE)}")
-    ranges = {k: tuple(float(x) for x in (plausible or {}).get(k, v)) for k, v in PLAUSIBLE.items()}
+    ranges: dict[str, tuple[float, float]] = {}
+    for k, v in PLAUSIBLE.items():
+        lo, hi = (plausible or {}).get(k, v)
+        ranges[k] = (float(lo), float(hi))
     for k, (lo, hi) in ranges.items():
         if not lo < hi:
             raise ValueError(f"data.plausible.{k} must be [low, high] with low < high, got {[lo, hi]}")
@@ -400,8 +403,8 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
         df["option_type"] = spelled.map(OPTION_TYPES)
         bad = df["option_type"].isna()
         if bad.any():
-            shown = sorted({"<missing>" if v != v else str(v) for v in spelled[bad]})[:5]  # NaN != NaN
-            raise ValueError(f"option_type: unknown spellings {shown} in {_rows(bad, df)}; "
+            spellings = sorted({"<missing>" if v != v else str(v) for v in spelled[bad]})[:5]  # NaN != NaN
+            raise ValueError(f"option_type: unknown spellings {spellings} in {_rows(bad, df)}; "
                              f"accepted: {', '.join(OPTION_TYPES)} (any case)")
 
     # Impossible values: errors, never silent drops. (rule, offending rows, columns to show, how to fix)

@@ -23,7 +23,7 @@ def sqlite_file(tracking_uri: str) -> str | None:
     return path if path and path != ":memory:" else None
 
 
-def _run_exists(client, run_id: str) -> bool:
+def _run_exists(client: Any, run_id: str) -> bool:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -131,7 +131,7 @@ class MLflowLogger:
         with file_lock(sqlite_file(self.tracking_uri)):  # a fresh store is created (migrated) by one process
             client = mlflow.MlflowClient(self.tracking_uri)
             exp_id = experiment_id(client, self.experiment)
-        self._logged_steps: dict[str, int] = {}
+        self._logged_steps = {}
         if run_id and not _run_exists(client, run_id):
             log.warning("MLflow run %s is not in %s (deleted, or another store): starting a new run", run_id,
                         self.tracking_uri)
@@ -186,7 +186,7 @@ class MLflowLogger:
             return None
         return None if run.info.status == "FINISHED" else run.info.run_id
 
-    def _claim_folder(self, client, exp_id: str, run_dir: str | Path | None) -> None:
+    def _claim_folder(self, client: Any, exp_id: str, run_dir: str | Path | None) -> None:
         """Write this run's id into ``run_dir`` and close the folder's other RUNNING runs as KILLED."""
         if run_dir is None:
             return
