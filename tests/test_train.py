@@ -56,3 +56,10 @@ def test_registering_a_model_that_is_not_logged_is_refused():
 
     with pytest.raises(ValueError, match=r"registered_model='iv' needs logger.log_model=true"):
         MLflowLogger(tracking_uri="sqlite:///unused.db", experiment="x", log_model=False, registered_model="iv")
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(make_cfg, capfd):
+    # trainer.progress=auto draws a bar only on a terminal; under pytest stderr is a pipe
+    cfg = make_cfg("trainer.progress=auto")
+    train(cfg)
+    assert "step/s" not in capfd.readouterr().err

@@ -87,7 +87,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     status = "FAILED"
     try:
         cbs: list[Callback] = [*averaging, EarlyStopping(patience=tr.patience), EpochLog(logger),
-                               Progress(tr.progress and strategy.is_main)]
+                               Progress(tr.progress if strategy.is_main else False)]
         if tr.checkpoint and strategy.is_main:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
             ckpt_dir = resume_path.parent if resume_path else out_dir / "checkpoints"
             cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name, "config": config,
