@@ -48,7 +48,7 @@ def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, tru
     """The blend to keep, and why. Returns ``w_model, w_linear, score`` (of the chosen blend), ``scores`` (of the
     model alone, the linear model alone, persistence) and ``why``."""
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
-    pairs = [(m, l) for m, l in itertools.product(grid, grid if linear_change is not None else [0.0]) if m + l <= 1 + 1e-9]
+    pairs = [(m, w) for m, w in itertools.product(grid, grid if linear_change is not None else [0.0]) if m + w <= 1 + 1e-9]
     lin = np.zeros_like(model_change) if linear_change is None else linear_change
     score = {p: robust_score(per_date_ratio(p[0] * model_change + p[1] * lin, true_change, dates), trim) for p in pairs}
     best = min(score.values())
