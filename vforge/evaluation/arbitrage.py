@@ -18,22 +18,12 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from scipy.special import ndtr
 
+from vforge.data.iv import bs_price
 from vforge.evaluation.metrics import VOL_POINTS
 
 W_TOL = 1e-7  # total variance (a 0.2 vol at one day is w ~ 1e-4)
 PRICE_TOL = 1e-7  # in units of the forward
-
-
-def black_price(fwd: np.ndarray, strike: np.ndarray, tau: np.ndarray, vol: np.ndarray, is_call: np.ndarray) -> np.ndarray:
-    """Undiscounted Black price (n,) of calls (``is_call``) and puts."""
-    sd = vol * np.sqrt(tau)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d1 = np.log(fwd / strike) / sd + 0.5 * sd
-    d2 = d1 - sd
-    call = fwd * ndtr(d1) - strike * ndtr(d2)
-    return np.where(is_call, call, call - fwd + strike)
 
 
 def butterfly(frame: pd.DataFrame, iv: str) -> pd.DataFrame:
@@ -42,7 +32,7 @@ def butterfly(frame: pd.DataFrame, iv: str) -> pd.DataFrame:
     f = frame[np.isfinite(frame[iv].to_numpy(np.float64))]
     f = f.sort_values(["target_date", "option_type", "expiry", "strike"])
     fwd, k, tau = (f[c].to_numpy(np.float64) for c in ("forward", "strike", "tau"))
-    price = black_price(fwd, k, tau, f[iv].to_numpy(np.float64), (f["option_type"] == "C").to_numpy()) / fwd
+    price = bs_price(fwd, k, tau, f[iv].to_numpy(np.float64), 0.0, (f["option_type"] == "C").to_numpy()) / fwd
     x = k / fwd
     group = f.groupby(["target_date", "option_type", "expiry"], sort=False).ngroup().to_numpy()
     same = (group[1:-1] == group[:-2]) & (group[1:-1] == group[2:])

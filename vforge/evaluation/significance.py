@@ -25,6 +25,8 @@ import numpy as np
 import pandas as pd
 from scipy.special import stdtr  # Student t CDF; scipy.stats costs ~1 s to import
 
+from vforge.evaluation.metrics import VOL_POINTS
+
 
 @dataclass(frozen=True)
 class DMResult:
@@ -81,8 +83,8 @@ def per_date_sq_errors(dates: np.ndarray, pred: np.ndarray, bench: np.ndarray, t
     keep = np.isfinite(pred) & np.isfinite(bench) & np.isfinite(true)
     if mask is not None:
         keep &= mask
-    e = pd.DataFrame({"date": np.asarray(dates)[keep], "model": ((pred - true)[keep] * 100) ** 2,
-                      "bench": ((bench - true)[keep] * 100) ** 2})
+    e = pd.DataFrame({"date": np.asarray(dates)[keep], "model": ((pred - true)[keep] * VOL_POINTS) ** 2,
+                      "bench": ((bench - true)[keep] * VOL_POINTS) ** 2})
     return e.groupby("date", sort=True).mean()
 
 
