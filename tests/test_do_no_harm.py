@@ -18,7 +18,7 @@ from vforge.data import features as F
 from vforge.data import messy, synthetic
 from vforge.data.dataset import format_report
 from vforge.models.linear import Blend, Ridge
-from vforge.training.gating import choose_blend, per_date_ratio, robust_score
+from vforge.training.gating import choose_blend, do_no_harm, per_date_ratio, robust_score
 
 
 def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():
@@ -61,6 +61,18 @@ def test_one_jump_does_not_decide_and_a_useless_model_falls_back_to_persistence(
     # Equal evidence: the simpler candidate (the linear model alone) beats a blend that scores the same.
     choice = choose_blend(true * 0.5, true * 0.5, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.3)
     assert choice["w_model"] == 0.0 and choice["w_linear"] > 0
+
+
+def test_do_no_harm_leaves_the_model_alone_where_it_does_not_apply():
+    from types import SimpleNamespace
+
+    model, config = torch.nn.Linear(2, 1), {"model": {"_target_": "x"}, "run_name": "m"}
+    on = OmegaConf.create({"enabled": True, "weights": [0, 1], "trim": 0.2, "tolerance": 0.0})
+    change, level = SimpleNamespace(target="change", val=[1]), SimpleNamespace(target="level", val=[1])
+    for settings, data, d_out in [(None, change, 1), (OmegaConf.merge(on, {"enabled": False}), change, 1),
+                                  (on, level, 1), (on, change, 3), (on, SimpleNamespace(target="change", val=[]), 1)]:
+        kept = do_no_harm(settings, model, data, config, d_out=d_out)  # type: ignore[arg-type]
+        assert kept.module is model and kept.config is config and kept.note == "" and kept.metrics == {}
 
 
 def test_blend_rebuilds_from_its_config_and_mixes_outputs():

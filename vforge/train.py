@@ -25,7 +25,7 @@ from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
 from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume, remove_stale_temp
 from vforge.training.distributed import make_strategy
-from vforge.training.gating import gate
+from vforge.training.gating import do_no_harm
 from vforge.training.loop import FitResult, evaluate, fit, val_rmse
 from vforge.training.losses import as_loss
 from vforge.training.optim import param_groups
@@ -111,18 +111,11 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                 callbacks=[*cbs, *extra, *callbacks], generator=torch.Generator().manual_seed(cfg.seed), resume=resume,
                 strategy=strategy,
             )
-        final, gate_note = result.model, ""
-        dnh = cfg.get("do_no_harm")
-        if dnh and dnh.enabled and data.target == "change" and loss_fn.d_out == 1 and len(data.val):
-            final, blend_cfg, choice = gate(result.model, data, model_cfg=config["model"], model_name=cfg.run_name,
-                                            weights=list(dnh.weights), trim=dnh.trim, tolerance=dnh.tolerance,
-                                            batch_size=tr.eval_batch_size)
-            gate_note = "\n" + choice["note"]
-            if blend_cfg is not None:
-                config = {**config, "model": blend_cfg}
+        kept = do_no_harm(cfg.get("do_no_harm"), result.model, data, config, d_out=loss_fn.d_out,
+                          batch_size=tr.eval_batch_size)
+        final, config = kept.module, kept.config
         metrics, predictions = evaluate(final, model, data, loss_fn, tr.eval_batch_size)
-        if gate_note:
-            metrics |= {"do_no_harm/w_model": choice["w_model"], "do_no_harm/w_linear": choice["w_linear"]}
+        metrics |= kept.metrics
         metrics |= {"best_epoch": result.best_epoch, "epochs": result.epochs, "train_seconds": result.seconds,
                     "n_params": sum(p.numel() for p in final.parameters())}  # the saved predictor
         strategy.check_agree(metrics)
@@ -131,7 +124,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
             return metrics
         report = evaluate_run(data, predictions, out_dir, cfg.evaluation, logger=logger, history=result.history)
         metrics |= report.metrics
-        log.info("%s%s\nevaluation took %.2f s", report.text, gate_note, report.seconds)
+        log.info("%s%s\nevaluation took %.2f s", report.text, kept.note, report.seconds)
         checkpoint = out_dir / "model.pt"
         atomic_save({"state_dict": final.state_dict(), "config": config,
                      "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,

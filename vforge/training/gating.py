@@ -11,7 +11,8 @@ A blend that cannot beat persistence leaves persistence.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -114,3 +115,30 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
         blend.linear.load_state_dict(linear.state_dict())
     device = next(model.parameters()).device
     return blend.to(device).eval(), cfg, choice
+
+
+@dataclass
+class DoNoHarm:
+    """What ``do_no_harm`` kept: the module to evaluate and save, the run config that rebuilds it, the note printed
+    under the results table and the metrics it adds (``do_no_harm/w_model``, ``do_no_harm/w_linear``)."""
+
+    module: nn.Module
+    config: dict[str, Any]
+    note: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def do_no_harm(settings: Any, model: nn.Module, data: Dataset, config: dict[str, Any], *, d_out: int,
+               batch_size: int = 8192) -> DoNoHarm:
+    """The do-no-harm step of a training run (``settings``: ``cfg.do_no_harm``; ``config``: the resolved run config,
+    its ``model`` and ``run_name`` used): the trained model unchanged where the step does not apply (off, a level
+    target, a multi-output loss, no validation rows), else the blend ``gate`` chooses."""
+    if not (settings and settings.get("enabled") and data.target == "change" and d_out == 1 and len(data.val)):
+        return DoNoHarm(model, config)
+    module, blend_cfg, choice = gate(model, data, model_cfg=config["model"], model_name=str(config.get("run_name")),
+                                     weights=list(settings["weights"]), trim=float(settings["trim"]),
+                                     tolerance=float(settings["tolerance"]), batch_size=batch_size)
+    if blend_cfg is not None:
+        config = {**config, "model": blend_cfg}
+    return DoNoHarm(module, config, "\n" + choice["note"],
+                    {"do_no_harm/w_model": choice["w_model"], "do_no_harm/w_linear": choice["w_linear"]})
