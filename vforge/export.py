@@ -15,93 +15,17 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vforge import CONF_DIR
+from vforge.serving import Serving, load_serving, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "quantized": "model.quantized.pt"}
 MAX_DIFF = 1e-5  # IV (decimal) tolerance of onnx/torchscript against eager torch
 VOL_POINTS = 100.0
-
-
-class Serving(nn.Module):
-    """A trained model with the data pipeline's scaling folded in.
-
-    Shape:
-        x_num: (batch, n_num) unscaled features in the order of ``feature_names``
-        base: (batch,) the IV a predicted change is added to (ignored for target 'level')
-        returns: (batch,) the IV level (decimal)
-    """
-
-    x_mean: Tensor  # buffers
-    x_std: Tensor
-
-    def __init__(self, model: nn.Module, *, x_mean: np.ndarray, x_std: np.ndarray, y_center: float, y_scale: float,
-                 target: str, output_index: int) -> None:
-        super().__init__()
-        if target not in ("level", "change"):
-            raise ValueError(f"target must be 'level' or 'change', got {target!r}")
-        self.model = model
-        self.register_buffer("x_mean", torch.as_tensor(np.asarray(x_mean), dtype=torch.float32))
-        self.register_buffer("x_std", torch.as_tensor(np.asarray(x_std), dtype=torch.float32))
-        self.y_center, self.y_scale = float(y_center), float(y_scale)
-        self.change, self.output_index = target == "change", int(output_index)
-
-    def forward(self, x_num: Tensor, base: Tensor) -> Tensor:
-        out = self.model((x_num - self.x_mean) / self.x_std, None)[:, self.output_index]  # (batch,)
-        level = out * self.y_scale + self.y_center
-        # zeros_like keeps ``base`` an input of every exported graph (ONNX drops unused ones), so all artifacts share
-        # one signature, and a NaN base still cannot reach a level prediction.
-        return level + base if self.change else level + torch.zeros_like(base)
-
-
-def resolve_checkpoint(run: str | Path, tracking_uri: str | None = None) -> Path:
-    """``run`` -> a local model.pt path. ``run`` is a run folder, a model.pt, or an MLflow run as ``runs:/<run_id>``
-    (its logged ``model/model.pt`` is downloaded; ``tracking_uri`` or ``MLFLOW_TRACKING_URI`` says where)."""
-    if str(run).startswith("runs:/"):
-        import mlflow
-
-        run_id = str(run).removeprefix("runs:/").strip("/").split("/")[0]
-        try:
-            return Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="model/model.pt",
-                                                            tracking_uri=tracking_uri))
-        except Exception as e:  # MLflow raises several types for a missing run or artifact
-            raise FileNotFoundError(f"run={run!r}: could not fetch model/model.pt from MLflow at "
-                                    f"{tracking_uri or mlflow.get_tracking_uri()} ({e})") from e
-    path = Path(run)
-    if path.is_dir():
-        if not (path / "model.pt").is_file():
-            raise FileNotFoundError(
-                f"run={str(run)!r} has no model.pt; a finished `python -m vforge.train` run writes one into its "
-                "folder (outputs/runs/<time>_<model>); pass that folder or the model.pt itself")
-        return path / "model.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"run={str(run)!r} does not exist; pass a training run's folder, its model.pt or "
-                                "runs:/<mlflow run id>")
-    return path
-
-
-def load_serving(checkpoint: Path) -> tuple[Serving, dict]:
-    """Rebuild the model from ``checkpoint`` (a model.pt of vforge.train); return it wrapped in ``Serving`` (eval mode)
-    and the checkpoint."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = ckpt["config"]
-    cat_cardinalities = list(ckpt.get("cat_cardinalities") or [])
-    cat_features = list(config.get("data", {}).get("cat_features") or [])
-    if cat_cardinalities or cat_features:
-        raise ValueError(
-            f"{checkpoint} was trained with categorical features ({cat_features or cat_cardinalities}); export "
-            "supports numeric-only models for now; retrain with data.cat_features=[]")
-    model = instantiate(config["model"], n_num=len(ckpt["feature_names"]), cat_cardinalities=cat_cardinalities,
-                        d_out=ckpt["d_out"])
-    model.load_state_dict(ckpt["state_dict"])
-    serving = Serving(model, x_mean=ckpt["x_mean"], x_std=ckpt["x_std"], y_center=ckpt["y_center"],
-                      y_scale=ckpt["y_scale"], target=ckpt["target"], output_index=ckpt["output_index"])
-    return serving.eval(), ckpt
 
 
 def sample_inputs(ckpt: dict, n: int, spread: float = 1.0, seed: int = 0) -> tuple[Tensor, Tensor]:

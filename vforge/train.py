@@ -20,10 +20,11 @@ from vforge import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import format_report
 from vforge.evaluation.report import evaluate_run
+from vforge.serving import ModelBundle
 from vforge.sweeps.console import ONCE_PER_SWEEP
 from vforge.tracking.mlflow import run_tags
 from vforge.training.callbacks import Callback, EarlyStopping, EpochLog, Progress
-from vforge.training.checkpoint import Checkpoint, atomic_save, check_compatible, find_resume, remove_stale_temp
+from vforge.training.checkpoint import Checkpoint, check_compatible, find_resume, remove_stale_temp
 from vforge.training.distributed import make_strategy
 from vforge.training.gating import do_no_harm
 from vforge.training.loop import FitResult, evaluate, fit, val_rmse
@@ -126,12 +127,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         metrics |= report.metrics
         log.info("%s%s\nevaluation took %.2f s", report.text, kept.note, report.seconds)
         checkpoint = out_dir / "model.pt"
-        atomic_save({"state_dict": final.state_dict(), "config": config,
-                     "feature_names": data.feature_names, "x_mean": data.x_mean, "x_std": data.x_std,
-                     "y_center": data.y_center, "y_scale": data.y_scale, "target": data.target,
-                     "d_out": loss_fn.d_out, "output_index": getattr(loss_fn, "median", 0),
-                     "quantiles": getattr(loss_fn, "quantiles", None),
-                     "cat_cardinalities": data.cat_cardinalities}, checkpoint)
+        ModelBundle.of(final, data, loss_fn, config).save(checkpoint)
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1))
         if logger:
             logger.log_metrics(metrics)

@@ -16,6 +16,7 @@ import torch
 
 from vforge.data import features as F
 from vforge.data.iv import bs_delta
+from vforge.data.target import to_level
 
 CONTRACT = ["expiry", "strike", "option_type"]
 
@@ -79,6 +80,8 @@ class Dataset:
     # log_moneyness, forward, iv. What a surface fit on an information date (SSVI) starts from.
     quotes: pd.DataFrame | None = None
     horizon: int = 0
+    # The canonical chain rows of the last quote date: the surface a served model re-marks the next date from.
+    last_chain: pd.DataFrame | None = None
 
     @property
     def n_num(self) -> int:
@@ -86,8 +89,8 @@ class Dataset:
 
     def to_level(self, pred: np.ndarray, split: Split) -> np.ndarray:
         """Model outputs (n,) in target units -> IV levels (decimal)."""
-        level = np.asarray(pred, dtype=np.float64) * self.y_scale + self.y_center
-        return level + split.base if self.target == "change" else level
+        return to_level(np.asarray(pred, dtype=np.float64), y_center=self.y_center, y_scale=self.y_scale,
+                        base=split.base if self.target == "change" else None)
 
 
 def add_lagged(chain: pd.DataFrame, horizon: int) -> pd.DataFrame:
@@ -374,7 +377,12 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     return Dataset(**splits, feature_names=list(features), cat_cardinalities=[len(vocab[c]) + 1 for c in cat_features],
                    target=target, y_center=center, y_scale=scale, x_mean=x_mean, x_std=x_std, report=report,
                    cat_features=cat_features, cat_vocab=vocab, quotes=quotes[0].reset_index(drop=True),
-                   horizon=horizon)
+                   horizon=horizon, last_chain=last_date_chain(chain))
+
+
+def last_date_chain(chain: pd.DataFrame) -> pd.DataFrame:
+    """The canonical chain rows of the last quote date (the surface the next date is re-marked from)."""
+    return chain[chain["quote_date"] == chain["quote_date"].max()].reset_index(drop=True)
 
 
 def format_report(report: dict) -> str:

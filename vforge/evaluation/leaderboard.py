@@ -24,6 +24,7 @@ from vforge.evaluation.ensemble import fit_weights
 from vforge.evaluation.metrics import METRICS, WORDS, iv_errors
 from vforge.evaluation.report import frame_metrics, predictions_frame
 from vforge.evaluation.ssvi import ssvi_predictions
+from vforge.serving import ModelBundle
 from vforge.training.loop import predict_outputs
 
 log = logging.getLogger(__name__)
@@ -114,17 +115,6 @@ def load_data(ckpt: dict[str, Any]) -> Dataset:
     return instantiate(ckpt["config"]["data"], _convert_="all")
 
 
-def load_model(ckpt: dict[str, Any], data: Dataset) -> torch.nn.Module:
-    """Rebuild the checkpoint's model; an averaged model's weights (``module.*``) load into the plain model."""
-    model = instantiate(ckpt["config"]["model"], n_num=len(ckpt["feature_names"]),
-                        cat_cardinalities=data.cat_cardinalities, d_out=int(ckpt.get("d_out", 1)))
-    state = ckpt["state_dict"]
-    if any(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items() if k.startswith("module.")}
-    model.load_state_dict(state)
-    return model.eval()
-
-
 def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency_rows: int = 1000,
                 info: dict[str, Any] | None = None) -> tuple[Entry, Dataset]:
     """Re-evaluate the checkpoint ``output_dir/model.pt`` of a finished run on its own data."""
@@ -138,7 +128,7 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
     if list(ckpt["feature_names"]) != list(data.feature_names):
         raise ValueError(f"{name}: trained on features {ckpt['feature_names']}, leaderboard data has "
                          f"{data.feature_names}; AutoML models must share one data config")
-    model = load_model(ckpt, data)
+    model = ModelBundle.from_dict(ckpt).build_model()
     idx = int(ckpt.get("output_index", 0))
     preds = {s: data.to_level(predict_outputs(model, getattr(data, s))[:, idx], getattr(data, s))
              for s in ("val", "test")}

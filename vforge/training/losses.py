@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vforge.data.target import to_level
+
 MIN_IV = 1e-4  # floor for predicted IV levels inside logs and divisions
 
 
@@ -41,8 +43,8 @@ class Batch:
 
     def level(self, scaled: Tensor) -> Tensor:
         """Scaled target units (batch,) -> IV levels (batch,)."""
-        out = scaled * self.y_scale + self.y_center
-        return out + self.require("base") if self.change else out
+        return to_level(scaled, y_center=self.y_center, y_scale=self.y_scale,
+                        base=self.require("base") if self.change else None)
 
     def require(self, key: str) -> Tensor:
         try:
