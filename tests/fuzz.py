@@ -15,7 +15,6 @@ or ``wrong`` (accepted, but an invariant above fails).
 from __future__ import annotations
 
 import functools
-import inspect
 import io
 import traceback
 from dataclasses import dataclass, field
@@ -323,9 +322,9 @@ def baseline(kind: str, tmp: Path, options: dict | None = None) -> dict:
         path = tmp / f"clean-{kind}.csv"
         clean_chain(kind).to_csv(path, index=False)
         opts = load_options(str(path))
-        read = {k: v for k, v in opts.items() if k in inspect.signature(C.normalize).parameters and k != "raw"}
-        chain = C.normalize(C.read_table(path), **(read | {"report": {}}))
-        rows, _ = D.build_rows(chain, horizon=horizon)
+        read, _ = C.ChainOptions.pick(opts)
+        chain = C.normalize(C.read_table(path), read, report={})
+        rows = D.build_rows(chain, horizon=horizon).rows
         _BASELINES[key] = dict(zip(_keys(rows), rows["iv"]))
     return _BASELINES[key]
 

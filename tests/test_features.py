@@ -78,7 +78,7 @@ def test_previous_surface_fallback_is_the_neighbours_smile_at_the_strike():
         for k in strikes:
             rows.append({"quote_date": d, "expiry": expiry, "strike": k, "option_type": "P", "underlying_price": 100.0,
                          "implied_volatility": 0.2 + 0.001 * (100 - k), "rate": 0.0, "dividend_yield": 0.0})
-    out, report = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
+    out, _, report = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
     new = out[out["strike"] == 95.0].iloc[0]
     assert new["prev_iv_missing"] == 1.0 and np.isnan(new["persistence"])
     tau = (expiry - dates[0]).days / 365
@@ -101,10 +101,10 @@ def test_moneyness_fallback_reads_the_previous_surface_at_todays_coordinates():
         for k in strikes:
             rows.append({"quote_date": d, "expiry": expiry, "strike": k, "option_type": "P", "underlying_price": spot,
                          "implied_volatility": 0.2 - 0.2 * np.log(k / spot), "rate": 0.0, "dividend_yield": 0.0})
-    out, _ = build_rows(pd.DataFrame(rows), horizon=0, fallback="moneyness")
+    out = build_rows(pd.DataFrame(rows), horizon=0, fallback="moneyness").rows
     new = out[out["strike"] == 120.0].iloc[0]  # at the money today: yesterday's ATM IV, 0.2
     assert new["prev_iv_missing"] == 1.0 and new["prev_iv"] == pytest.approx(0.2, rel=1e-12)
-    strike, _ = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
+    strike = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike").rows
     # Sticky strike reads yesterday's smile at K=120 (beyond its strikes: the rising left wing is not there, flat).
     assert strike[strike["strike"] == 120.0].iloc[0]["prev_iv"] == pytest.approx(0.2 - 0.2 * np.log(1.1), rel=1e-12)
 

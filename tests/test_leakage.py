@@ -27,7 +27,7 @@ def chain() -> pd.DataFrame:
 
 
 def features_by_key(chain: pd.DataFrame, horizon: int) -> pd.DataFrame:
-    rows, _ = build_rows(chain, horizon=horizon)
+    rows = build_rows(chain, horizon=horizon).rows
     return rows.set_index(["quote_date", *CONTRACT])[ALL + ["base", "persistence"]].sort_index()
 
 

@@ -8,7 +8,7 @@ from their terms, the day's spot and the previous date's surface (``data.horizon
 from __future__ import annotations
 
 import contextlib
-import inspect
+import dataclasses
 import logging
 import re
 from collections.abc import Iterator
@@ -22,7 +22,7 @@ import torch
 from omegaconf import DictConfig
 
 from vforge import CONF_DIR
-from vforge.data.chain import normalize, parse_dates, read_table
+from vforge.data.chain import ChainOptions, normalize, parse_dates, read_table
 from vforge.data.dataset import CONTRACT, build_rows
 from vforge.export import load_serving, resolve_checkpoint
 
@@ -32,7 +32,7 @@ DUMMY_IV = 0.2  # stands in for an unquoted contract's IV: no feature of a row r
 
 def normalize_options(data_cfg: dict) -> dict:
     """The run's loader settings (column names, units, quote filters) as ``normalize`` keyword arguments."""
-    accepted = set(inspect.signature(normalize).parameters) - {"raw", "report"}
+    accepted = {f.name for f in dataclasses.fields(ChainOptions)}
     options = {k: v for k, v in data_cfg.items() if k in accepted}
     options.setdefault("columns", {})
     options.setdefault("iv_unit", "decimal")
@@ -78,7 +78,7 @@ def chain_rows(raw: pd.DataFrame, data_cfg: dict, date: str | None, report: dict
     unquoted[iv_col] = DUMMY_IV * (100.0 if options["iv_unit"] == "percent" else 1.0)
     parts = [history, today[quoted], unquoted]
     chain = pd.concat([normalize(p, report=report, **options) for p in parts if len(p)], ignore_index=True)
-    rows, _ = build_rows(chain, horizon=0, fallback=data_cfg.get("fallback", "moneyness"))
+    rows = build_rows(chain, horizon=0, fallback=data_cfg.get("fallback", "moneyness")).rows
     rows = rows[rows["quote_date"] == target].reset_index(drop=True)
     rows.attrs.clear()  # the pipeline's date index: internal, and it breaks later merges
     return rows

@@ -12,6 +12,7 @@ import glob as globlib
 import re
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ import numpy as np
 import pandas as pd
 
 from vforge.data import dataset as D
-from vforge.data.iv import REASONS, bs_vega, implied_vol
+from vforge.data.dataset import iv_drop_key
+from vforge.data.iv import bs_vega, implied_vol
 
 # Drops made by the pipeline after loading (dataset.build_rows / prepare): not quotes lost at load.
-PIPELINE_DROPS = ("drop_first_date", "drop_no_target", "drop_no_previous_surface", "drop_missing_feature")
+PIPELINE_DROPS = tuple(D.PIPELINE_DROPS)
 REQUIRED = ["quote_date", "expiry", "strike", "option_type"]
 OPTION_TYPES = {"c": "C", "call": "C", "calls": "C", "p": "P", "put": "P", "puts": "P"}
 FORWARDS = ("spot", "column", "parity")
@@ -31,34 +33,8 @@ UNITS = {"decimal": 1.0, "percent": 0.01}
 # Values outside these ranges (decimal units; moneyness is strike / spot, or strike / forward) are an error
 # naming the rows, or with data.implausible=drop dropped and counted; data.plausible.<name>=[lo,hi] widens one.
 PLAUSIBLE = {"iv": (0.005, 5.0), "moneyness": (0.01, 20.0), "rate": (-0.1, 1.0), "dividend_yield": (-0.1, 1.0)}
-
-# Quotes dropped at load time (the pipeline's own reasons are in dataset.DROP_REASONS).
-D.DROP_REASONS.update({
-    "drop_outside_dates": "quote date outside data.start_date..data.end_date (selected out, not bad)",
-    "drop_duplicate": "duplicate contract on a quote date (data.duplicates: drop = every copy, first = the others)",
-    "drop_expired": "expiry on the quote date (zero time to expiry)",
-    "drop_zero_bid": "zero (or missing) bid",
-    "drop_missing_price": "no price: IV, bid/ask and price all missing",
-    "drop_missing_iv": "implied_volatility missing or not positive",
-    "drop_no_parity_forward": "no call/put pair on the same expiry to take a parity forward from",
-    "drop_min_price": "price below data.min_price (a minimum-tick price does not identify IV)",
-    "drop_short_expiry": "fewer than data.min_days calendar days to expiry",
-    "drop_iv_range": "IV outside the plausible range data.iv_range",
-    "drop_wide_spread": "bid/ask spread wider than data.max_spread_vol in volatility",
-    "drop_iv_outside_quote": "given IV outside its own bid/ask IV band by more than data.max_iv_outside_quote",
-    "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
-    "drop_missing_terms": "strike, underlying_price or forward missing",
-    "drop_implausible": "outside data.plausible ranges (data.implausible=drop)",
-    "drop_iv_implausible": "IV inversion: outside data.plausible.iv (a stale or torn price)",
-})
-for _code, _text in REASONS.items():
-    if _code:
-        D.DROP_REASONS[f"drop_iv_{_text.split(' (')[0].replace(' ', '_').replace('-', '_')}"] = f"IV inversion: {_text}"
-
-
-def _reason_key(code: int) -> str:
-    return f"drop_iv_{REASONS[code].split(' (')[0].replace(' ', '_').replace('-', '_')}"
-
+# Columns that travel with the quotes inside ``normalize`` (file, time to expiry, price to invert, ...), not returned.
+INTERNAL = ["_file", "_iv_given", "_tau", "_price", "_need_iv", "_inv_reason", "_width"]
 
 def read_table(path: str | Path, *, read_options: dict | None = None,
                quote_date_from_path: str | None = None) -> pd.DataFrame:
@@ -328,25 +304,107 @@ def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, p
     return drop
 
 
-def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
-              report: dict, forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
-              max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
-              end_date: str | None = None, min_price: float | None = None, itm_from_otm: bool = False,
-              min_days: int | None = None, iv_range: tuple[float, float] | None = None,
-              max_iv_outside_quote: float | None = None, date_format: str | None = None,
-              rate_unit: str = "decimal", dividend_unit: str = "decimal", plausible: dict | None = None,
-              implausible: str = "error") -> pd.DataFrame:
+@dataclass(frozen=True)
+class ChainOptions:
+    """How to read a raw chain and which of its quotes to keep: the loader keys of ``conf/data/chain.yaml``.
+
+    Quote filters are off at None/False: ``min_days`` calendar days to expiry, ``iv_range`` (lo, hi) plausible IVs,
+    ``max_spread_vol`` the bid/ask spread in vol, ``max_iv_outside_quote`` how far (vol) a given IV may lie outside
+    its own bid/ask band (``iv_outside_quote``), ``min_price``, ``otm_only``; ``itm_from_otm`` gives an in-the-money
+    row its OTM counterpart's IV.
+    """
+
+    columns: Mapping[str, str | None] = field(default_factory=dict)
+    iv_unit: str = "decimal"
+    rate_unit: str = "decimal"
+    dividend_unit: str = "decimal"
+    date_format: str | None = None
+    plausible: Mapping[str, Any] | None = None
+    implausible: str = "error"
+    forward: str = "spot"
+    rate: float = 0.0
+    dividend_yield: float = 0.0
+    option_type: str | None = None
+    duplicates: str = "error"
+    start_date: str | None = None
+    end_date: str | None = None
+    min_days: int | None = None
+    iv_range: tuple[float, float] | None = None
+    max_spread_vol: float | None = None
+    max_iv_outside_quote: float | None = None
+    min_price: float | None = None
+    otm_only: bool = False
+    itm_from_otm: bool = False
+
+    @classmethod
+    def pick(cls, options: Mapping[str, Any]) -> tuple[ChainOptions, dict[str, Any]]:
+        """The keys of ``options`` that are loader options, as ``ChainOptions``, and the rest."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in options.items() if k in names}), {
+            k: v for k, v in options.items() if k not in names}
+
+
+class Quotes:
+    """One frame of quotes: ``drop(mask, reason)`` removes the rows of ``mask`` and counts them under ``reason``
+    (``DROP_REASONS``) in the report's ``dropped``. Values that travel with the rows are columns of the frame."""
+
+    def __init__(self, df: pd.DataFrame, dropped: dict[str, int]):
+        self.df, self.dropped = df, dropped
+
+    def drop(self, mask: Any, reason: str) -> None:
+        mask = np.asarray(mask, dtype=bool)
+        self.dropped[reason] = self.dropped.get(reason, 0) + int(mask.sum())
+        self.df = self.df[~mask].reset_index(drop=True)
+
+
+def _itm(df: pd.DataFrame) -> np.ndarray:
+    return np.where(df["option_type"] == "C", df["strike"] < df["forward"], df["strike"] > df["forward"])
+
+
+# Quote filters a quant applies before fitting anything: (reason, whether an option turns it on, the rows it drops),
+# applied in this order once the IVs are known, each counted under its own reason.
+QUOTE_FILTERS: list[tuple[str, Callable[[ChainOptions], bool], Callable[[pd.DataFrame, ChainOptions], Any]]] = [
+    ("drop_short_expiry", lambda o: bool(o.min_days),
+     lambda df, o: ((df["expiry"] - df["quote_date"]).dt.days < o.min_days).to_numpy()),
+    ("drop_iv_range", lambda o: bool(o.iv_range),
+     lambda df, o: ~df["implied_volatility"].between(*(o.iv_range or (0.0, np.inf))).to_numpy()),
+    ("drop_wide_spread", lambda o: o.max_spread_vol is not None,
+     lambda df, o: (df["_width"] > o.max_spread_vol).to_numpy()),
+    ("drop_iv_outside_quote", lambda o: o.max_iv_outside_quote is not None,
+     lambda df, o: iv_outside_quote(df, df["_tau"].to_numpy()) > o.max_iv_outside_quote),
+    ("drop_in_the_money", lambda o: o.otm_only, lambda df, o: _itm(df)),
+]
+
+
+def normalize(raw: pd.DataFrame, options: ChainOptions | None = None, *, report: dict,
+              **kwargs: Any) -> pd.DataFrame:
     """Rename, type and check a raw table; fill IV by inversion where it is missing; apply the quote filters.
 
-    Unusable rows are dropped and counted in ``report['dropped']`` by reason; impossible values
-    raise ``ValueError`` naming the rule and the rows. Quote filters (None turns one off): ``min_days`` calendar
-    days to expiry, ``iv_range`` (lo, hi) plausible IVs, ``max_spread_vol`` the bid/ask spread in vol,
-    ``max_iv_outside_quote`` how far (vol) a given IV may lie outside its own bid/ask band (``iv_outside_quote``).
+    ``options`` (or its fields as keyword arguments) says how. Unusable rows are dropped and counted in
+    ``report['dropped']`` by reason; impossible values raise ``ValueError`` naming the rule and the rows.
     """
-    if iv_unit not in IV_RANGE:
-        raise ValueError(f"data.iv_unit must be 'decimal' or 'percent', got {iv_unit!r}")
-    if forward not in FORWARDS:
-        raise ValueError(f"data.forward must be one of {', '.join(FORWARDS)}, got {forward!r}")
+    o = options if options is not None else ChainOptions(**kwargs)
+    df = canonical(raw, o, report)
+    q = Quotes(df, report.setdefault("dropped", {}))
+    drop_unusable(q, o, report)
+    fill_iv(q, o, report)
+    for reason, enabled, rows in QUOTE_FILTERS:
+        if enabled(o):
+            q.drop(rows(q.df, o), reason)
+    df = q.df
+    if "time_to_expiry" in df.columns:
+        df["time_to_expiry"] = df["_tau"]
+    return df.drop(columns=[c for c in INTERNAL if c in df.columns])
+
+
+def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict) -> pd.DataFrame:
+    """The table in canonical names and types, every rule of the contract checked (an error names the rule, the
+    column and the rows), rate and dividend yield in decimal (the defaults where missing)."""
+    if o.iv_unit not in IV_RANGE:
+        raise ValueError(f"data.iv_unit must be 'decimal' or 'percent', got {o.iv_unit!r}")
+    if o.forward not in FORWARDS:
+        raise ValueError(f"data.forward must be one of {', '.join(FORWARDS)}, got {o.forward!r}")
+    columns = dict(o.columns)
     check_renames(raw, columns)
     df = raw.rename(columns={v: k for k, v in columns.items() if v is not None and v != k})
     if "_file" not in df.columns:
@@ -354,8 +412,8 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
     dropped = report.setdefault("dropped", {})
     report["loaded"] = report.get("loaded", 0) + len(df)
 
-    need = [c for c in REQUIRED if not (c == "option_type" and option_type)]
-    need += {"spot": ["underlying_price"], "column": ["forward"], "parity": []}[forward]
+    need = [c for c in REQUIRED if not (c == "option_type" and o.option_type)]
+    need += {"spot": ["underlying_price"], "column": ["forward"], "parity": []}[o.forward]
     missing = [c for c in need if c not in df.columns]
     if missing:
         hints = {"underlying_price": " (or data.forward=parity to take forwards from call/put pairs)",
@@ -374,15 +432,15 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             "data.columns.bid=... and data.columns.ask=..., or data.columns.price=<column>"
         )
 
-    df["quote_date"] = parse_dates(df, "quote_date", date_format)
-    df["expiry"] = parse_dates(df, "expiry", date_format)
-    if start_date or end_date:
-        keep = df["quote_date"].between(_bound(start_date, "start_date", "1900-01-01"),
-                                        _bound(end_date, "end_date", "2200-01-01"))
-        dropped["drop_outside_dates"] = int((~keep).sum())
+    df["quote_date"] = parse_dates(df, "quote_date", o.date_format)
+    df["expiry"] = parse_dates(df, "expiry", o.date_format)
+    if o.start_date or o.end_date:
+        keep = df["quote_date"].between(_bound(o.start_date, "start_date", "1900-01-01"),
+                                        _bound(o.end_date, "end_date", "2200-01-01"))
+        dropped["drop_outside_dates"] = dropped.get("drop_outside_dates", 0) + int((~keep).sum())
         df = df[keep].reset_index(drop=True)
         if df.empty:
-            raise ValueError(f"no quote dates between data.start_date={start_date} and data.end_date={end_date}")
+            raise ValueError(f"no quote dates between data.start_date={o.start_date} and data.end_date={o.end_date}")
     numeric = [c for c in ("strike", "underlying_price", "forward", "implied_volatility", "iv_bid", "iv_ask", "bid",
                            "ask", "price", "rate", "dividend_yield", "time_to_expiry") if c in df.columns]
     for col in numeric:
@@ -392,12 +450,12 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             raise ValueError(f"{col}: non-numeric values in {_rows(bad, df)}, values {df.loc[bad, col].head(3).tolist()}")
         df[col] = values.astype(np.float64)
 
-    if option_type:
+    if o.option_type:
         if "option_type" in df.columns:
-            raise ValueError(f"data.option_type={option_type!r} but the table has an option_type column; "
+            raise ValueError(f"data.option_type={o.option_type!r} but the table has an option_type column; "
                              "set data.option_type=null")
-        if option_type not in ("otm", "C", "P"):
-            raise ValueError(f"data.option_type must be null, 'otm', 'C' or 'P', got {option_type!r}")
+        if o.option_type not in ("otm", "C", "P"):
+            raise ValueError(f"data.option_type must be null, 'otm', 'C' or 'P', got {o.option_type!r}")
     else:
         spelled = df["option_type"].astype(str).str.strip().str.lower()
         df["option_type"] = spelled.map(OPTION_TYPES)
@@ -406,8 +464,27 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             spellings = sorted({"<missing>" if v != v else str(v) for v in spelled[bad]})[:5]  # NaN != NaN
             raise ValueError(f"option_type: unknown spellings {spellings} in {_rows(bad, df)}; "
                              f"accepted: {', '.join(OPTION_TYPES)} (any case)")
+    check_rules(df)
 
-    # Impossible values: errors, never silent drops. (rule, offending rows, columns to show, how to fix)
+    units = {"rate": o.rate_unit, "dividend_yield": o.dividend_unit}
+    for col, default in (("rate", o.rate), ("dividend_yield", o.dividend_yield)):
+        if col not in df.columns:
+            df[col] = float(default)
+            report.setdefault("assumed", {})[col] = f"{float(default):g} used (data.{col}): the table has no {col} column"
+        else:
+            if units[col] not in UNITS:
+                raise ValueError(f"data.{'rate' if col == 'rate' else 'dividend'}_unit must be 'decimal' or "
+                                 f"'percent', got {units[col]!r}")
+            df[col] = df[col] * UNITS[units[col]]
+            if df[col].isna().any():
+                report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
+                                                         f"{int(df[col].isna().sum()):,} rows where {col} is missing")
+        df[col] = df[col].fillna(float(default))
+    return df
+
+
+def check_rules(df: pd.DataFrame) -> None:
+    """Impossible values are errors, never silent drops: the rule, the offending rows and how to fix it."""
     mapping = "check data.columns.{} points at the right column"
     rules = [
         ("strike must be > 0", df["strike"] <= 0, ["strike"], mapping.format("strike")),
@@ -432,177 +509,129 @@ def normalize(raw: pd.DataFrame, *, columns: dict[str, str], iv_unit: str, rate:
             shown = "; ".join(", ".join(f"{c}={_show(df.at[i, c])}" for c in cols) for i in df.index[bad][:3])
             raise ValueError(f"{rule}: violated by {_rows(bad, df)}: {shown}. To fix: {fix}")
 
-    units = {"iv": iv_unit, "rate": rate_unit, "dividend_yield": dividend_unit}
-    for col, default in (("rate", rate), ("dividend_yield", dividend_yield)):
-        if col not in df.columns:
-            df[col] = float(default)
-            report.setdefault("assumed", {})[col] = f"{float(default):g} used (data.{col}): the table has no {col} column"
-        else:
-            if units[col] not in UNITS:
-                raise ValueError(f"data.{'rate' if col == 'rate' else 'dividend'}_unit must be 'decimal' or "
-                                 f"'percent', got {units[col]!r}")
-            df[col] = df[col] * UNITS[units[col]]
-            if df[col].isna().any():
-                report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
-                                                         f"{int(df[col].isna().sum()):,} rows where {col} is missing")
-        df[col] = df[col].fillna(float(default))
 
+def drop_unusable(q: Quotes, o: ChainOptions, report: dict) -> None:
+    """Drop (and count) quotes without terms, outside ``data.plausible``, duplicated or expired; the IV as given
+    (in decimal), the time to expiry (``_tau``) and the price to invert from (``_price``) become columns."""
+    df = q.df
     missing_terms = df["strike"].isna()
     for col in ("underlying_price", "forward"):
-        if col in df.columns and (forward == "spot") == (col == "underlying_price") and forward != "parity":
+        if col in df.columns and (o.forward == "spot") == (col == "underlying_price") and o.forward != "parity":
             missing_terms |= df[col].isna()
-    dropped["drop_missing_terms"] = int(missing_terms.sum())
-    df = df[~missing_terms].reset_index(drop=True)
-    bad = implausible_rows(df, units=units, forward=forward, plausible=plausible, implausible=implausible)
-    dropped["drop_implausible"] = int(bad.sum())
-    df = df[~bad].reset_index(drop=True)
+    q.drop(missing_terms, "drop_missing_terms")
+    units = {"iv": o.iv_unit, "rate": o.rate_unit, "dividend_yield": o.dividend_unit}
+    q.drop(implausible_rows(q.df, units=units, forward=o.forward, plausible=dict(o.plausible or {}) or None,
+                            implausible=o.implausible), "drop_implausible")
 
-    key = ["quote_date", "expiry", "strike"] + ([] if option_type else ["option_type"])
+    df = q.df
+    key = ["quote_date", "expiry", "strike"] + ([] if o.option_type else ["option_type"])
     dup = df.duplicated(key, keep=False)
     if dup.any():
-        if duplicates == "error":
+        if o.duplicates == "error":
             raise ValueError(f"duplicate contracts (same {', '.join(key)}) in {_rows(dup, df)}. "
                              "Set data.duplicates=drop to drop every copy, or first to keep the first")
-        drop = dup if duplicates == "drop" else df.duplicated(key, keep="first")
-        dropped["drop_duplicate"] = int(drop.sum())
-        df = df[~drop].reset_index(drop=True)
+        q.drop(dup if o.duplicates == "drop" else df.duplicated(key, keep="first"), "drop_duplicate")
+    q.drop(q.df["expiry"] == q.df["quote_date"], "drop_expired")
 
-    expired = df["expiry"] == df["quote_date"]
-    dropped["drop_expired"] = int(expired.sum())
-    df = df[~expired].reset_index(drop=True)
+    df = q.df
     if "time_to_expiry" in df.columns:
-        tau = df["time_to_expiry"].to_numpy()
+        df["_tau"] = df["time_to_expiry"].to_numpy()
     else:
-        tau = (df["expiry"] - df["quote_date"]).dt.days.to_numpy() / 365.0
-
-    # Implied volatility given: check its unit against what the values say.
-    iv = pd.Series(np.nan, index=df.index)
-    if "implied_volatility" in df.columns:
-        iv = df["implied_volatility"]
-    elif {"iv_bid", "iv_ask"} <= set(df.columns):
-        iv = 0.5 * (df["iv_bid"] + df["iv_ask"])
-        zero_bid = df["iv_bid"].isna() | (df["iv_bid"] <= 0)
-        dropped["drop_zero_bid"] = dropped.get("drop_zero_bid", 0) + int(zero_bid.sum())
-        iv = iv.where(~zero_bid)
-        df = df[~zero_bid].reset_index(drop=True)
-        iv, tau = iv[~zero_bid].reset_index(drop=True), tau[~zero_bid.to_numpy()]
-    scale = UNITS[iv_unit]  # the unit was checked against the values in implausible_rows
-    df["implied_volatility"] = iv * scale
-    for col in ("iv_bid", "iv_ask"):
+        df["_tau"] = (df["expiry"] - df["quote_date"]).dt.days.to_numpy() / 365.0
+    # Implied volatility given (its unit was checked against the values in implausible_rows).
+    if "implied_volatility" not in df.columns:
+        df["implied_volatility"] = np.nan
+        if {"iv_bid", "iv_ask"} <= set(df.columns):
+            zero_bid = df["iv_bid"].isna() | (df["iv_bid"] <= 0)
+            df["implied_volatility"] = (0.5 * (df["iv_bid"] + df["iv_ask"])).where(~zero_bid)
+            q.drop(zero_bid, "drop_zero_bid")
+            df = q.df
+    scale = UNITS[o.iv_unit]
+    for col in ("implied_volatility", "iv_bid", "iv_ask"):
         if col in df.columns:
             df[col] = df[col] * scale
-
     # Price to invert from where IV is absent: the bid/ask mid, else a price (e.g. a close).
-    price = None
     if {"bid", "ask"} <= set(df.columns):
-        price = 0.5 * (df["bid"] + df["ask"])
+        df["_price"] = 0.5 * (df["bid"] + df["ask"])
     elif "price" in df.columns:
-        price = df["price"]
-    need_iv = df["implied_volatility"].isna() | (df["implied_volatility"] <= 0)
-    df["_iv_given"] = ~need_iv
-    if price is not None:
-        for reason in ("drop_zero_bid", "drop_missing_price"):
-            if reason == "drop_zero_bid":
-                if "bid" not in df.columns:
-                    continue
-                bad = need_iv & ((df["bid"] <= 0) | df["bid"].isna())
-            else:
-                bad = need_iv & price.isna()
-            dropped[reason] = dropped.get(reason, 0) + int(bad.sum())
-            keep = ~bad.to_numpy()
-            df, price, need_iv, tau = (df[keep].reset_index(drop=True), price[keep].reset_index(drop=True),
-                                       need_iv[keep].reset_index(drop=True), tau[keep])
+        df["_price"] = df["price"]
+    df["_need_iv"] = df["implied_volatility"].isna() | (df["implied_volatility"] <= 0)
+    df["_iv_given"] = ~df["_need_iv"]
+    if "_price" in df.columns:
+        if "bid" in df.columns:
+            q.drop(df["_need_iv"] & ((df["bid"] <= 0) | df["bid"].isna()), "drop_zero_bid")
+        q.drop(q.df["_need_iv"] & q.df["_price"].isna(), "drop_missing_price")
+        if o.min_price:
+            q.drop(q.df["_need_iv"] & (q.df["_price"] < o.min_price), "drop_min_price")
 
-    if price is not None and min_price:
-        cheap = need_iv & (price < min_price)
-        dropped["drop_min_price"] = int(cheap.sum())
-        keep = ~cheap.to_numpy()
-        df, price, need_iv, tau = (df[keep].reset_index(drop=True), price[keep].reset_index(drop=True),
-                                   need_iv[keep].reset_index(drop=True), tau[keep])
 
-    # Forward: the spot carried at r - q, a given column, or put-call parity per (date, expiry).
+def fill_iv(q: Quotes, o: ChainOptions, report: dict) -> None:
+    """Forwards (spot carried, a column, or put-call parity), IVs inverted where missing (failures dropped and
+    counted by the inverter's reason), ITM IVs from their OTM counterparts, and the spread in vol (``_width``)."""
+    df = q.df
+    has_price = "_price" in df.columns
+    tau = df["_tau"].to_numpy()
     carry = np.exp((df["rate"] - df["dividend_yield"]).to_numpy() * tau)
-    if forward == "spot":
+    if o.forward == "spot":
         df["forward"] = df["underlying_price"].to_numpy() * carry
-    elif forward == "parity":
-        if price is None:
+    elif o.forward == "parity":
+        if not has_price:
             raise ValueError("data.forward=parity needs prices (bid/ask or price) of calls and puts")
-        df["forward"] = parity_forward(df, price, tau)
-        nofwd = df["forward"].isna()
-        dropped["drop_no_parity_forward"] = int(nofwd.sum())
-        keep = ~nofwd.to_numpy()
-        df, price, need_iv, tau = df[keep].reset_index(drop=True), price[keep].reset_index(drop=True), \
-            need_iv[keep].reset_index(drop=True), tau[keep]
+        df["forward"] = parity_forward(df, df["_price"], tau)
+        q.drop(df["forward"].isna(), "drop_no_parity_forward")
+        df = q.df
+        tau = df["_tau"].to_numpy()
     if "underlying_price" not in df.columns:
         df["underlying_price"] = df["forward"] / np.exp((df["rate"] - df["dividend_yield"]).to_numpy() * tau)
-    if option_type:
-        df["option_type"] = (np.where(df["strike"] >= df["forward"], "C", "P") if option_type == "otm"
-                             else option_type)
+    if o.option_type:
+        df["option_type"] = (np.where(df["strike"] >= df["forward"], "C", "P") if o.option_type == "otm"
+                             else o.option_type)
 
-    if need_iv.any():
-        if price is not None:  # without prices, missing IVs stay missing (or take their OTM quote's below)
-            m = need_iv.to_numpy()
-            sigma, reason = implied_vol(price[m].to_numpy(), df["forward"][m].to_numpy(), df["strike"][m].to_numpy(),
-                                        tau[m], df["rate"][m].to_numpy(), (df["option_type"][m] == "C").to_numpy())
-            df.loc[m, "implied_volatility"] = sigma
-            inv_reason = np.zeros(len(df), dtype=np.int8)
-            inv_reason[m] = reason
-    width = spread_vol(df, tau)
-    if itm_from_otm:
+    need_iv = df["_need_iv"].to_numpy()
+    inverted = bool(need_iv.any()) and has_price  # without prices, missing IVs stay missing (or take their OTM's)
+    if inverted:
+        m = need_iv
+        sigma, reason = implied_vol(df["_price"][m].to_numpy(), df["forward"][m].to_numpy(),
+                                    df["strike"][m].to_numpy(), tau[m], df["rate"][m].to_numpy(),
+                                    (df["option_type"][m] == "C").to_numpy())
+        df.loc[m, "implied_volatility"] = sigma
+        inv_reason = np.zeros(len(df), dtype=np.int8)
+        inv_reason[m] = reason
+        df["_inv_reason"] = inv_reason
+    df["_width"] = spread_vol(df, tau)
+    if o.itm_from_otm:
         # The IV of a strike is its out-of-the-money quote's: an ITM row takes it (and its spread)
         # where the OTM counterpart exists; deep ITM quotes carry little information about volatility.
         key = ["quote_date", "expiry", "strike"]
-        itm = np.where(df["option_type"] == "C", df["strike"] < df["forward"], df["strike"] > df["forward"])
-        otm = df.loc[~itm, key].assign(_iv=df.loc[~itm, "implied_volatility"], _w=width[~itm])
+        itm = _itm(df)
+        otm = df.loc[~itm, key].assign(_iv=df.loc[~itm, "implied_volatility"], _w=df["_width"][~itm])
         otm = otm[np.isfinite(otm["_iv"]) & (otm["_iv"] > 0)].drop_duplicates(key)
         counterpart = df[key].merge(otm, on=key, how="left")
         take = itm & counterpart["_iv"].notna().to_numpy()
         df.loc[take, "implied_volatility"] = counterpart.loc[take, "_iv"].to_numpy()
         df.loc[take, "_iv_given"] = False
-        width = width.where(~take, counterpart["_w"])
+        df["_width"] = df["_width"].where(~take, counterpart["_w"])
         report["itm_iv_from_otm"] = report.get("itm_iv_from_otm", 0) + int(take.sum())
-    bad_iv = ~(np.isfinite(df["implied_volatility"]) & (df["implied_volatility"] > 0))
-    if need_iv.any() and price is not None:
-        failed = inv_reason[bad_iv.to_numpy()]
+
+    # Every row without a usable IV is dropped once, counted under why: the inverter's reason, an absurd inverted
+    # IV (a stale or torn price: data.plausible.iv), or no IV at all.
+    dropped = q.dropped
+    bad_iv = ~(np.isfinite(df["implied_volatility"]) & (df["implied_volatility"] > 0)).to_numpy()
+    if inverted:
+        failed = df["_inv_reason"].to_numpy()[bad_iv]
         for code, count in zip(*np.unique(failed[failed != 0], return_counts=True)):
-            dropped[_reason_key(int(code))] = dropped.get(_reason_key(int(code)), 0) + int(count)
+            dropped[iv_drop_key(int(code))] = dropped.get(iv_drop_key(int(code)), 0) + int(count)
         unexplained = int((failed == 0).sum())  # e.g. a NaN price: no inversion reason, still counted
         if unexplained:
             dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + unexplained
-        # An IV inverted from a stale or torn price can be absurd (1e-9, 40): dropped and counted, not learned
-        lo, hi = plausible_ranges(plausible)["iv"]
-        absurd = need_iv & ~bad_iv & ~df["implied_volatility"].between(lo, hi)
-        dropped["drop_iv_implausible"] = int(absurd.sum())
+        lo, hi = plausible_ranges(dict(o.plausible or {}) or None)["iv"]
+        absurd = need_iv & ~bad_iv & ~df["implied_volatility"].between(lo, hi).to_numpy()
+        dropped["drop_iv_implausible"] = dropped.get("drop_iv_implausible", 0) + int(absurd.sum())
         bad_iv = bad_iv | absurd
-    if bad_iv.any():  # counted here, after itm_from_otm filled what it could: every row dropped is counted once
-        unexplained = bad_iv if price is None else bad_iv & ~need_iv
-        dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(unexplained.sum())
-    keep = ~bad_iv.to_numpy()
-    df, tau, width = df[keep].reset_index(drop=True), tau[keep], width[keep].reset_index(drop=True)
-    if price is not None:
-        price = price[keep].reset_index(drop=True)
-
-    # Quote filters a quant applies before fitting anything, each counted under its own reason, in this order.
-    filters: dict[str, Callable[[], Any] | None] = {
-        "drop_short_expiry": None if not min_days else
-        lambda: ((df["expiry"] - df["quote_date"]).dt.days < min_days).to_numpy(),
-        "drop_iv_range": None if not iv_range else lambda: ~df["implied_volatility"].between(*iv_range).to_numpy(),
-        "drop_wide_spread": None if max_spread_vol is None else lambda: (width > max_spread_vol).to_numpy(),
-        "drop_iv_outside_quote": None if max_iv_outside_quote is None else
-        lambda: iv_outside_quote(df, tau) > max_iv_outside_quote,
-    }
-    for reason, check in filters.items():
-        if check is not None:
-            bad = check()
-            dropped[reason] = int(bad.sum())
-            df, tau, width = df[~bad].reset_index(drop=True), tau[~bad], width[~bad].reset_index(drop=True)
-    if otm_only:
-        itm = np.where(df["option_type"] == "C", df["strike"] < df["forward"], df["strike"] > df["forward"])
-        dropped["drop_in_the_money"] = int(itm.sum())
-        df, tau = df[~itm].reset_index(drop=True), tau[~itm]
-    if "time_to_expiry" in df.columns:
-        df["time_to_expiry"] = tau
-    return df.drop(columns=["_file", "_iv_given"])
+    if bad_iv.any():
+        unexplained_rows = bad_iv if not has_price else bad_iv & ~need_iv
+        dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + int(unexplained_rows.sum())
+    q.df = df[~bad_iv].reset_index(drop=True)
 
 
 def iv_outside_quote(df: pd.DataFrame, tau: np.ndarray) -> np.ndarray:
@@ -673,31 +702,25 @@ def check_usable(chain: pd.DataFrame, report: dict, path: str) -> None:
             f"{': ' + str(dropped) if dropped else ''})")
 
 
-def load(*, path: str, columns: dict[str, str], iv_unit: str, rate: float, dividend_yield: float,
-         features: list[str], target: str, horizon: int, val_fraction: float, test_fraction: float,
-         forward: str = "spot", option_type: str | None = None, duplicates: str = "error",
-         max_spread_vol: float | None = None, otm_only: bool = False, start_date: str | None = None,
-         end_date: str | None = None, quote_date_from_path: str | None = None, read_options: dict | None = None,
-         min_price: float | None = None, itm_from_otm: bool = False, min_days: int | None = None,
-         iv_range: tuple[float, float] | None = None, max_iv_outside_quote: float | None = None,
-         winsorize: float | None = None, date_format: str | None = None,
-         rate_unit: str = "decimal", dividend_unit: str = "decimal", plausible: dict | None = None,
-         implausible: str = "error",
-         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
-         train_dates: int | None = None) -> D.Dataset:
-    """A chain file as a ready-to-train ``Dataset``; the data report says what was dropped and why."""
-    report: dict = {}
+def load(*, path: str, read_options: dict | None = None, quote_date_from_path: str | None = None,
+         **options: Any) -> D.Dataset:
+    """A chain file (or glob of files) as a ready-to-train ``Dataset``; the data report says what was dropped and why.
+
+    ``options``: the loader keys of ``ChainOptions`` and the pipeline keys of ``dataset.prepare``.
+    """
+    chain_options, pipeline = ChainOptions.pick(options)
     raw = read_table(path, read_options=dict(read_options or {}), quote_date_from_path=quote_date_from_path)
-    chain = normalize(raw, columns=dict(columns), iv_unit=iv_unit, rate=rate, dividend_yield=dividend_yield,
-                      report=report, forward=forward, option_type=option_type, duplicates=duplicates,
-                      max_spread_vol=max_spread_vol, otm_only=otm_only, start_date=start_date, end_date=end_date,
-                      min_price=min_price, itm_from_otm=itm_from_otm, min_days=min_days, iv_range=iv_range,
-                      max_iv_outside_quote=max_iv_outside_quote, date_format=date_format, rate_unit=rate_unit,
-                      dividend_unit=dividend_unit, plausible=plausible, implausible=implausible)
-    check_usable(chain, report, path)
-    ds = D.prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
-                   test_fraction=test_fraction, source=str(path), cat_features=cat_features, n_folds=n_folds,
-                   fold=fold, fallback=fallback, train_dates=train_dates, winsorize=winsorize)
+    return build_dataset(raw, source=str(path), options=chain_options, **pipeline)
+
+
+def build_dataset(raw: pd.DataFrame, *, source: str, options: ChainOptions, **pipeline: Any) -> D.Dataset:
+    """The one path from a source's raw chain rows to a ``Dataset``: ``normalize`` (checks, IVs, quote filters),
+    then ``dataset.prepare`` (features, targets, split, scaling), their reports merged in that order."""
+    D.check_pipeline_keys(pipeline)
+    report: dict = {}
+    chain = normalize(raw, options, report=report)
+    check_usable(chain, report, source)
+    ds = D.prepare(chain, source=source, **pipeline)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

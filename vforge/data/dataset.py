@@ -9,24 +9,54 @@ and ``prepare`` scales them on train only and makes tensors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
 
 from vforge.data import features as F
-from vforge.data.iv import bs_delta
+from vforge.data.iv import REASONS
 from vforge.data.target import to_level
 
 CONTRACT = ["expiry", "strike", "option_type"]
 
-# Report keys of rows the pipeline drops, and what they mean (printed by ``format_report``).
-DROP_REASONS = {
+# Every drop reason of the data report and what it means (printed by ``format_report``): the one place they are
+# declared. The pipeline's own (``build_rows`` / ``prepare``), not quotes lost at load:
+PIPELINE_DROPS = {
     "drop_first_date": "first quote date: no previous date to take features from",
     "drop_no_target": "no quote of the contract `horizon` quote dates later",
     "drop_no_previous_surface": "no quote of the same option type on the previous date (no base)",
     "drop_missing_feature": "a selected feature is missing",
 }
+# Quotes dropped at load time (``chain.normalize``), in the order the loader checks them.
+LOAD_DROPS = {
+    "drop_outside_dates": "quote date outside data.start_date..data.end_date (selected out, not bad)",
+    "drop_missing_terms": "strike, underlying_price or forward missing",
+    "drop_implausible": "outside data.plausible ranges (data.implausible=drop)",
+    "drop_duplicate": "duplicate contract on a quote date (data.duplicates: drop = every copy, first = the others)",
+    "drop_expired": "expiry on the quote date (zero time to expiry)",
+    "drop_zero_bid": "zero (or missing) bid",
+    "drop_missing_price": "no price: IV, bid/ask and price all missing",
+    "drop_min_price": "price below data.min_price (a minimum-tick price does not identify IV)",
+    "drop_no_parity_forward": "no call/put pair on the same expiry to take a parity forward from",
+    "drop_missing_iv": "implied_volatility missing or not positive",
+    "drop_iv_implausible": "IV inversion: outside data.plausible.iv (a stale or torn price)",
+    "drop_short_expiry": "fewer than data.min_days calendar days to expiry",
+    "drop_iv_range": "IV outside the plausible range data.iv_range",
+    "drop_wide_spread": "bid/ask spread wider than data.max_spread_vol in volatility",
+    "drop_iv_outside_quote": "given IV outside its own bid/ask IV band by more than data.max_iv_outside_quote",
+    "drop_in_the_money": "in the money (data.otm_only=true keeps puts below the forward, calls above)",
+}
+
+
+def iv_drop_key(code: int) -> str:
+    """The report key of an IV the inverter could not find, by its reason code (``iv.REASONS``)."""
+    return f"drop_iv_{REASONS[code].split(' (')[0].replace(' ', '_').replace('-', '_')}"
+
+
+DROP_REASONS = {**PIPELINE_DROPS, **LOAD_DROPS,
+                **{iv_drop_key(code): f"IV inversion: {text}" for code, text in REASONS.items() if code}}
 
 
 @dataclass
@@ -112,60 +142,28 @@ def add_lagged(chain: pd.DataFrame, horizon: int) -> pd.DataFrame:
     return rows.merge(prev, on=[*CONTRACT, "info_idx"], how="left")
 
 
-FALLBACKS = ("strike", "moneyness")
-
-
-def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, sticky: str = "strike") -> np.ndarray:
-    """For each row, the info date's smile of the same option type at the contract's strike and expiry.
-
-    ``sticky="strike"``, like the contract's own previous quote: the query point is
-    ``(ln(K / F_info(T)), T)`` with ``T`` the expiry's time from the info date and ``F_info`` the
-    info date's spot carried forward. ``sticky="moneyness"``: the row's own log-moneyness and time
-    to expiry (better across long gaps, where the spot has moved far). See ``features.surface_at``.
-    NaN where the info date has no quote of that type.
-
-    Args:
-        nodes: the chain with ``date_idx, tau, log_moneyness`` and IVs in ``iv``.
-    """
-    out = np.full(len(rows), np.nan)
-    cols = [nodes[c].to_numpy(np.float64) for c in ("tau", "log_moneyness", "iv")]
-    groups = nodes.groupby(["date_idx", "option_type"], sort=False).indices
-    info_dates = nodes.groupby("date_idx")["quote_date"].first()
-    for (info, opt), pos in rows.groupby(["info_idx", "option_type"], sort=False).indices.items():
-        sel = groups.get((info, opt))
-        if sel is None:
-            continue
-        g = rows.iloc[pos]
-        if sticky == "moneyness":
-            k, tau = g["log_moneyness"].to_numpy(np.float64), g["tau"].to_numpy(np.float64)
-        else:
-            tau = (pd.DatetimeIndex(g["expiry"]) - info_dates[info]).days.to_numpy() / 365.0
-            fwd = spot[info] * np.exp((g["rate"] - g["dividend_yield"]).to_numpy() * tau)
-            k = np.log(g["strike"].to_numpy() / fwd)
-        out[pos] = F.surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], k, np.maximum(tau, 1e-6))
-    return out
-
-
 QUOTE_COLUMNS = ["date_idx", "quote_date", *CONTRACT, "tau", "log_moneyness", "forward", "iv"]
 
 
-def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness",
-               quotes: list[pd.DataFrame] | None = None) -> tuple[pd.DataFrame, dict]:
-    """Canonical chain (IV filled) -> one row per (contract, terms date) with every feature, unscaled.
+class Built(NamedTuple):
+    """What ``build_rows`` returns: the model rows, the chain's quotes (``QUOTE_COLUMNS``, what a surface fit on an
+    information date starts from) and the report."""
 
-    Returns ``rows, report``; ``quotes``, a list, receives the chain's quotes in ``QUOTE_COLUMNS``. No feature of a row uses data after its terms date (surface data after
-    its info date): tests/test_leakage.py changes later rows and checks that nothing moves.
-    """
-    if horizon < 0:
-        raise ValueError(f"data.horizon must be >= 0, got {horizon}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"data.fallback must be one of {', '.join(FALLBACKS)}, got {fallback!r}")
+    rows: pd.DataFrame
+    quotes: pd.DataFrame
+    report: dict
+
+
+def enrich(chain: pd.DataFrame, dates: pd.DatetimeIndex | None = None, first_idx: int = 0) -> pd.DataFrame:
+    """The chain sorted by quote date and contract, with ``date_idx`` (the quote date's position in ``dates``, by
+    default the chain's own, plus ``first_idx``), ``tau`` (years to expiry from the quote date), ``forward`` and
+    ``log_moneyness``, and rate and dividend yield (0 where absent)."""
     chain = chain.sort_values(["quote_date", *CONTRACT]).reset_index(drop=True)
     for col in ("rate", "dividend_yield"):
         if col not in chain.columns:
             chain[col] = 0.0
-    dates = pd.DatetimeIndex(np.sort(chain["quote_date"].unique()))
-    chain["date_idx"] = dates.get_indexer(chain["quote_date"])
+    dates = pd.DatetimeIndex(np.sort(chain["quote_date"].unique())) if dates is None else dates
+    chain["date_idx"] = dates.get_indexer(chain["quote_date"]) + first_idx
     if "time_to_expiry" in chain.columns:  # given by the data (e.g. with intraday expiry times)
         tau = chain["time_to_expiry"].to_numpy(np.float64)
     else:
@@ -180,52 +178,59 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     chain["forward"] = fwd
     chain["tau"] = tau
     chain["log_moneyness"] = np.log(chain["strike"] / fwd)
-    # Spot per quote date: the median spot implied by that date's forwards (the spot itself when given).
-    spot = pd.Series(fwd / carry).groupby(chain["date_idx"]).median()
-    chain = chain.join(F.market_state(spot), on="date_idx")
-    nodes = chain.rename(columns={"implied_volatility": "iv"})
-    if quotes is not None:
-        quotes.append(nodes[QUOTE_COLUMNS])
+    chain["_spot"] = fwd / carry
+    return chain
+
+
+def daily_spot(chain: pd.DataFrame) -> pd.Series:
+    """Spot per ``date_idx``: the median spot implied by that date's forwards (the spot itself when given)."""
+    return chain["_spot"].groupby(chain["date_idx"]).median()
+
+
+def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness",
+               spot_before: pd.Series | None = None) -> Built:
+    """Canonical chain (IV filled) -> one row per (contract, terms date) with every feature, unscaled.
+
+    Returns ``Built(rows, quotes, report)``. No feature of a row uses data after its terms date (surface data after
+    its info date): tests/test_leakage.py changes later rows and checks that nothing moves. ``spot_before``: the spot
+    (``daily_spot``) of the quote dates before the chain's, indexed by date, when the chain is a chunk of a longer
+    history: its ``date_idx`` continue theirs, the spot-path features see that history as if the chain were one,
+    and rows whose info date is before the chain's first count as ``drop_first_date``.
+    """
+    if horizon < 0:
+        raise ValueError(f"data.horizon must be >= 0, got {horizon}")
+    if fallback not in F.FALLBACKS:
+        raise ValueError(f"data.fallback must be one of {', '.join(F.FALLBACKS)}, got {fallback!r}")
+    before = spot_before if spot_before is not None else pd.Series(dtype=np.float64, index=pd.DatetimeIndex([]))
+    first = len(before)
+    chain = enrich(chain, first_idx=first)
+    spot = daily_spot(chain)
+    dates = before.index.append(pd.DatetimeIndex(np.sort(chain["quote_date"].unique())))
+    history = spot if not first else pd.concat([before.set_axis(np.arange(first)), spot])
+    nodes = chain.drop(columns="_spot").rename(columns={"implied_volatility": "iv"})
     chain["loo_iv"] = F.smile_leave_one_out(nodes)
-    state = F.surface_states(nodes)
+    ctx = F.Context(nodes=nodes, spot=spot, dates=dates, fallback=fallback, market=F.market_state(history))
 
     drops: dict[str, int] = {}
-    rows = add_lagged(chain, horizon)
+    rows = add_lagged(chain.drop(columns="_spot"), horizon)
     drops["drop_no_target"] = len(chain) - len(rows)
-    first = rows["info_idx"] < 0
-    drops["drop_first_date"] = int(first.sum())
-    rows = rows[~first].reset_index(drop=True)
-    target_dates = dates[rows["target_idx"].to_numpy()]
+    no_info = rows["info_idx"] < first
+    drops["drop_first_date"] = int(no_info.sum())
+    rows = rows[~no_info].reset_index(drop=True)
     # Terms at the target date: tau runs to expiry from the date being predicted.
-    rows["tau"] = rows["tau"] - (target_dates - dates[rows["date_idx"].to_numpy()]).days.to_numpy() / 365.0
-    rows["sqrt_tau"] = np.sqrt(rows["tau"])
-    rows["is_call"] = (rows["option_type"] == "C").astype(float)
-    rows["gap_days"] = (target_dates - dates[rows["info_idx"].to_numpy()]).days.to_numpy().astype(float)
-    rows = rows.join(state, on="info_idx")
-    rows["spot_ret_1d_vol"] = rows["spot_ret_1d"] / rows["prev_atm_iv"]
-    rows["spot_ret_5d_vol"] = rows["spot_ret_5d"] / rows["prev_atm_iv"]
-    own = rows["persistence"].notna() & rows["prev_loo_iv"].notna()
-    surface = np.full(len(rows), np.nan)
-    surface[~own.to_numpy()] = previous_surface(rows[~own], nodes, spot, sticky=fallback)
-    rows["prev_surface_iv"] = rows["prev_loo_iv"].where(own, surface)
-    rows["prev_iv_missing"] = rows["persistence"].isna().astype(float)
-    rows["prev_iv"] = rows["persistence"].fillna(rows["prev_surface_iv"])
-    rows["prev_iv_resid"] = rows["prev_iv"] - rows["prev_surface_iv"]
+    rows["tau"] = rows["tau"] - (dates[rows["target_idx"].to_numpy()]
+                                 - dates[rows["date_idx"].to_numpy()]).days.to_numpy() / 365.0
+    rows = F.compute(rows, ctx)
     rows["base"] = rows["prev_iv"]
-    rows = rows.join(F.smile_features(rows, nodes))
-    rows["sticky_moneyness_change"] = rows["prev_smile_iv"] - rows["prev_iv"]
-    rows["moneyness_std"] = rows["log_moneyness"] / (rows["prev_iv"] * rows["sqrt_tau"])
-    rows["spot_ret_gap_z"] = rows["spot_ret_1d"] / (rows["prev_atm_iv"] * np.sqrt(rows["gap_days"] / 365.0))
-    rows["delta"] = bs_delta(rows["forward"], rows["strike"], rows["tau"], rows["prev_iv"], rows["rate"],
-                             rows["dividend_yield"], rows["is_call"])
     no_base = ~np.isfinite(rows["base"])
     drops["drop_no_previous_surface"] = int(no_base.sum())
     rows = rows[~no_base].reset_index(drop=True)
-    report = {"quotes": len(chain), "quote_dates": len(dates), "first_date": str(dates[0].date()),
-              "last_date": str(dates[-1].date()), "dropped": drops,
+    used = dates[first:]
+    report = {"quotes": len(chain), "quote_dates": len(used), "first_date": str(used[0].date()),
+              "last_date": str(used[-1].date()), "dropped": drops,
               "rows_without_previous_quote": int(rows["prev_iv_missing"].sum())}
     rows.attrs["dates"] = dates
-    return rows, report
+    return Built(rows, nodes[QUOTE_COLUMNS], report)
 
 
 def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fraction: float,
@@ -310,8 +315,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     F.validate_names(features, cat_features)
     if target not in ("level", "change"):
         raise ValueError(f"data.target must be 'level' or 'change', got {target!r}")
-    quotes: list[pd.DataFrame] = []
-    rows, report = build_rows(chain, horizon=horizon, fallback=fallback, quotes=quotes)
+    rows, quotes, report = build_rows(chain, horizon=horizon, fallback=fallback)
     dates = rows.attrs["dates"]
     rows["target_date"] = dates[rows["target_idx"].to_numpy()]
     rows["info_date"] = dates[rows["info_idx"].to_numpy()]
@@ -376,13 +380,28 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     report["features"] = list(features)
     return Dataset(**splits, feature_names=list(features), cat_cardinalities=[len(vocab[c]) + 1 for c in cat_features],
                    target=target, y_center=center, y_scale=scale, x_mean=x_mean, x_std=x_std, report=report,
-                   cat_features=cat_features, cat_vocab=vocab, quotes=quotes[0].reset_index(drop=True),
+                   cat_features=cat_features, cat_vocab=vocab, quotes=quotes.reset_index(drop=True),
                    horizon=horizon, last_chain=last_date_chain(chain))
 
 
 def last_date_chain(chain: pd.DataFrame) -> pd.DataFrame:
     """The canonical chain rows of the last quote date (the surface the next date is re-marked from)."""
     return chain[chain["quote_date"] == chain["quote_date"].max()].reset_index(drop=True)
+
+
+PIPELINE_KEYS = ("features", "target", "horizon", "val_fraction", "test_fraction", "cat_features", "n_folds", "fold",
+                 "fallback", "train_dates", "winsorize")
+
+
+def check_pipeline_keys(pipeline: dict) -> None:
+    """Every key is an option of ``prepare`` (a misspelled data option stops here, naming the valid ones); the
+    feature list becomes a plain list."""
+    unknown = sorted(set(pipeline) - set(PIPELINE_KEYS))
+    if "features" in pipeline:
+        pipeline["features"] = list(pipeline["features"])
+    if unknown:
+        raise TypeError(f"unknown data option(s) {unknown}; the pipeline takes {', '.join(PIPELINE_KEYS)} and the "
+                        "loader the keys of vforge.data.chain.ChainOptions")
 
 
 def format_report(report: dict) -> str:

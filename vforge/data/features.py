@@ -11,48 +11,161 @@ Select features with ``data.features=[...]``; ``FEATURES`` lists every valid nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import pandas as pd
 
-# name -> one-line description (information used, as of when)
-FEATURES: dict[str, str] = {
+from vforge.data.iv import bs_delta
+
+
+@dataclass
+class Context:
+    """What features are computed from besides the row itself.
+
+    ``nodes``: every quote of the chain (``date_idx, quote_date, expiry, strike, option_type, tau, log_moneyness,
+    forward, iv``, ...); ``spot``: the spot per ``date_idx``; ``dates``: the quote dates by ``date_idx``;
+    ``fallback``: where the contract has no previous quote, the previous surface at its ``moneyness`` or ``strike``
+    (see ``previous_surface``); ``market``: ``market_state`` per ``date_idx`` (by default of ``spot``, which a
+    chunked pipeline passes with the whole history before); ``state``: ``surface_states`` of the nodes.
+    """
+
+    nodes: pd.DataFrame
+    spot: pd.Series
+    dates: pd.DatetimeIndex
+    fallback: str = "moneyness"
+    market: pd.DataFrame | None = None
+    state: pd.DataFrame | None = None
+    memo: dict[str, pd.DataFrame] = field(default_factory=dict)  # features computed together, per ``compute`` call
+
+    def __post_init__(self) -> None:
+        if self.market is None:
+            self.market = market_state(self.spot)
+        if self.state is None:
+            self.state = surface_states(self.nodes)
+
+
+Compute = Callable[[pd.DataFrame, Context], Any]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """A named feature: what it means (information used, as of when) and how it is computed from the rows
+    (``info_idx``, ``target_idx``, the contract's terms and ``persistence`` / ``prev_loo_iv``, see
+    ``dataset.add_lagged``) and the ``Context``."""
+
+    doc: str
+    compute: Compute
+
+
+def _column(name: str) -> Compute:
+    return lambda rows, ctx: rows[name]
+
+
+def _per_date(table: str, name: str, on: str) -> Compute:
+    """A per-quote-date value (``ctx.market`` or ``ctx.state``) on the row's terms (``date_idx``) or info date."""
+    return lambda rows, ctx: getattr(ctx, table)[name].reindex(rows[on].to_numpy()).to_numpy()
+
+
+def _smile(name: str) -> Compute:
+    def compute(rows: pd.DataFrame, ctx: Context) -> Any:
+        if "smile" not in ctx.memo:
+            ctx.memo["smile"] = smile_features(rows, ctx.nodes)
+        return ctx.memo["smile"][name].to_numpy()
+    return compute
+
+
+def _prev_surface_iv(rows: pd.DataFrame, ctx: Context) -> np.ndarray:
+    own = (rows["persistence"].notna() & rows["prev_loo_iv"].notna()).to_numpy()
+    surface = np.full(len(rows), np.nan)
+    surface[~own] = previous_surface(rows[~own], ctx.nodes, ctx.spot, sticky=ctx.fallback)
+    return rows["prev_loo_iv"].where(own, surface).to_numpy()
+
+
+def _gap_days(rows: pd.DataFrame, ctx: Context) -> np.ndarray:
+    target, info = ctx.dates[rows["target_idx"].to_numpy()], ctx.dates[rows["info_idx"].to_numpy()]
+    return (target - info).days.to_numpy().astype(float)
+
+
+def _delta(rows: pd.DataFrame, ctx: Context) -> Any:
+    return bs_delta(rows["forward"], rows["strike"], rows["tau"], rows["prev_iv"], rows["rate"],
+                    rows["dividend_yield"], rows["is_call"])
+
+
+# name -> Feature, in the order they are computed (a feature may use those above it). Select them with
+# data.features=[...]; a new feature is one entry here.
+REGISTRY: dict[str, Feature] = {
     # contract terms
-    "log_moneyness": "log(K / F) with F the terms-date forward of the contract's expiry",
-    "tau": "years to expiry at the target date (contract terms, known in advance)",
-    "sqrt_tau": "square root of tau",
-    "is_call": "1 for calls, 0 for puts",
-    "delta": "Black-Scholes delta at the previous IV (prev_iv), terms-date forward, target-date tau",
+    "log_moneyness": Feature("log(K / F) with F the terms-date forward of the contract's expiry",
+                             _column("log_moneyness")),
+    "tau": Feature("years to expiry at the target date (contract terms, known in advance)", _column("tau")),
+    "sqrt_tau": Feature("square root of tau", lambda rows, ctx: np.sqrt(rows["tau"])),
+    "is_call": Feature("1 for calls, 0 for puts", lambda rows, ctx: (rows["option_type"] == "C").astype(float)),
+    "gap_days": Feature("calendar days from the info date to the target date", _gap_days),
     # market state (spot path up to the terms date)
-    "spot_ret_1d": "log spot return over the last quote date up to the terms date",
-    "spot_ret_5d": "log spot return over the last 5 quote dates up to the terms date",
-    "spot_ret_21d": "log spot return over the last 21 quote dates up to the terms date",
-    "realized_vol_5d": "annualized realized vol of log returns over 5 quote dates up to the terms date",
-    "realized_vol_21d": "annualized realized vol of log returns over 21 quote dates up to the terms date",
-    "spot_ret_1d_vol": "spot_ret_1d / prev_atm_iv: the last move in units of the previous ATM vol (under "
-                       "stochastic vol the IV response to a move scales like 1 / vol, so this generalizes across regimes)",
-    "spot_ret_5d_vol": "spot_ret_5d / prev_atm_iv",
+    "spot_ret_1d": Feature("log spot return over the last quote date up to the terms date",
+                           _per_date("market", "spot_ret_1d", "date_idx")),
+    "spot_ret_5d": Feature("log spot return over the last 5 quote dates up to the terms date",
+                           _per_date("market", "spot_ret_5d", "date_idx")),
+    "spot_ret_21d": Feature("log spot return over the last 21 quote dates up to the terms date",
+                            _per_date("market", "spot_ret_21d", "date_idx")),
+    "realized_vol_5d": Feature("annualized realized vol of log returns over 5 quote dates up to the terms date",
+                               _per_date("market", "realized_vol_5d", "date_idx")),
+    "realized_vol_21d": Feature("annualized realized vol of log returns over 21 quote dates up to the terms date",
+                                _per_date("market", "realized_vol_21d", "date_idx")),
     # lagged surface (info date)
-    "prev_iv": "the contract's own IV on the info date, filled with prev_surface_iv where it was not quoted",
-    "prev_iv_missing": "1 where the contract was not quoted on the info date",
-    "prev_surface_iv": "the info date's smile at this contract's strike and expiry, leaving the contract's own "
-                       "quote out (neighbouring strikes in log-moneyness; total variance across expiries)",
-    "prev_iv_resid": "prev_iv - prev_surface_iv: how far the contract's own quote sat from its neighbours",
-    "prev_atm_iv": "the info date's ATM IV interpolated to 30 days (OTM quotes, total variance in tau)",
-    "prev_skew": "the info date's 30-day skew: (IV at k = -0.05 - IV at k = +0.05) / 0.1",
-    "prev_term_slope": "the info date's ATM IV at 91 days minus at 30 days",
-    "gap_days": "calendar days from the info date to the target date",
+    "prev_atm_iv": Feature("the info date's ATM IV interpolated to 30 days (OTM quotes, total variance in tau)",
+                           _per_date("state", "prev_atm_iv", "info_idx")),
+    "prev_skew": Feature("the info date's 30-day skew: (IV at k = -0.05 - IV at k = +0.05) / 0.1",
+                         _per_date("state", "prev_skew", "info_idx")),
+    "prev_term_slope": Feature("the info date's ATM IV at 91 days minus at 30 days",
+                               _per_date("state", "prev_term_slope", "info_idx")),
+    "spot_ret_1d_vol": Feature(
+        "spot_ret_1d / prev_atm_iv: the last move in units of the previous ATM vol (under stochastic vol the IV "
+        "response to a move scales like 1 / vol, so this generalizes across regimes)",
+        lambda rows, ctx: rows["spot_ret_1d"] / rows["prev_atm_iv"]),
+    "spot_ret_5d_vol": Feature("spot_ret_5d / prev_atm_iv", lambda rows, ctx: rows["spot_ret_5d"] / rows["prev_atm_iv"]),
+    "prev_surface_iv": Feature(
+        "the info date's smile at this contract's strike and expiry, leaving the contract's own quote out "
+        "(neighbouring strikes in log-moneyness; total variance across expiries)", _prev_surface_iv),
+    "prev_iv_missing": Feature("1 where the contract was not quoted on the info date",
+                               lambda rows, ctx: rows["persistence"].isna().astype(float)),
+    "prev_iv": Feature("the contract's own IV on the info date, filled with prev_surface_iv where it was not quoted",
+                       lambda rows, ctx: rows["persistence"].fillna(rows["prev_surface_iv"])),
+    "prev_iv_resid": Feature("prev_iv - prev_surface_iv: how far the contract's own quote sat from its neighbours",
+                             lambda rows, ctx: rows["prev_iv"] - rows["prev_surface_iv"]),
     # transferable across regimes (the previous surface with one IV per strike and expiry: see one_iv_nodes)
-    "spot_ret_gap_z": "spot_ret_1d / (prev_atm_iv * sqrt(gap_days / 365)): the move over the gap in standard deviations",
-    "moneyness_std": "log_moneyness / (prev_iv * sqrt(tau)): moneyness in standard deviations, the same for a call "
-                     "and a put (unlike delta)",
-    "prev_smile_iv": "the info date's surface (one IV per strike and expiry) at the row's own log-moneyness and tau "
-                     "(sticky moneyness)",
-    "sticky_moneyness_change": "prev_smile_iv - prev_iv: what sticky moneyness says the spot move did to this "
-                               "contract's IV (prev_iv itself is sticky strike)",
-    "prev_smile_slope": "d IV / d log-moneyness of the info date's smile at the row's log-moneyness and tau, times "
-                        "sqrt(tau) (per standard deviation of moneyness)",
-    "prev_smile_curvature": "d2 IV / d log-moneyness2 of the info date's smile there, times tau",
+    "prev_smile_iv": Feature("the info date's surface (one IV per strike and expiry) at the row's own log-moneyness "
+                             "and tau (sticky moneyness)", _smile("prev_smile_iv")),
+    "prev_smile_slope": Feature("d IV / d log-moneyness of the info date's smile at the row's log-moneyness and "
+                                "tau, times sqrt(tau) (per standard deviation of moneyness)", _smile("prev_smile_slope")),
+    "prev_smile_curvature": Feature("d2 IV / d log-moneyness2 of the info date's smile there, times tau",
+                                    _smile("prev_smile_curvature")),
+    "sticky_moneyness_change": Feature(
+        "prev_smile_iv - prev_iv: what sticky moneyness says the spot move did to this contract's IV (prev_iv "
+        "itself is sticky strike)", lambda rows, ctx: rows["prev_smile_iv"] - rows["prev_iv"]),
+    "moneyness_std": Feature(
+        "log_moneyness / (prev_iv * sqrt(tau)): moneyness in standard deviations, the same for a call and a put "
+        "(unlike delta)", lambda rows, ctx: rows["log_moneyness"] / (rows["prev_iv"] * rows["sqrt_tau"])),
+    "spot_ret_gap_z": Feature(
+        "spot_ret_1d / (prev_atm_iv * sqrt(gap_days / 365)): the move over the gap in standard deviations",
+        lambda rows, ctx: rows["spot_ret_1d"] / (rows["prev_atm_iv"] * np.sqrt(rows["gap_days"] / 365.0))),
+    "delta": Feature("Black-Scholes delta at the previous IV (prev_iv), terms-date forward, target-date tau", _delta),
 }
+# name -> one-line description (information used, as of when)
+FEATURES: dict[str, str] = {name: f.doc for name, f in REGISTRY.items()}
+
+
+def compute(rows: pd.DataFrame, ctx: Context) -> pd.DataFrame:
+    """Every feature of ``REGISTRY`` as a column of ``rows`` (in place; returned), in registry order."""
+    ctx.memo.clear()
+    for name, feature in REGISTRY.items():
+        rows[name] = feature.compute(rows, ctx)
+    ctx.memo.clear()
+    return rows
+
 
 # Features with a natural zero (moves, residuals): scaled by their train RMS, never centred on the train mean, so a
 # model cannot learn the training period's average move as a constant drift.
@@ -252,3 +365,37 @@ def smile_features(rows: pd.DataFrame, nodes: pd.DataFrame) -> pd.DataFrame:
         out[pos, 1] = (v[2] - v[0]) / (2 * h) * np.sqrt(tau)
         out[pos, 2] = (v[2] - 2 * v[1] + v[0]) / (h * h) * tau
     return pd.DataFrame(out, columns=["prev_smile_iv", "prev_smile_slope", "prev_smile_curvature"], index=rows.index)
+
+
+FALLBACKS = ("strike", "moneyness")
+
+
+def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, sticky: str = "strike") -> np.ndarray:
+    """For each row, the info date's smile of the same option type at the contract's strike and expiry.
+
+    ``sticky="strike"``, like the contract's own previous quote: the query point is
+    ``(ln(K / F_info(T)), T)`` with ``T`` the expiry's time from the info date and ``F_info`` the
+    info date's spot carried forward. ``sticky="moneyness"``: the row's own log-moneyness and time
+    to expiry (better across long gaps, where the spot has moved far). See ``surface_at``.
+    NaN where the info date has no quote of that type.
+
+    Args:
+        nodes: the chain with ``date_idx, tau, log_moneyness`` and IVs in ``iv``.
+    """
+    out = np.full(len(rows), np.nan)
+    cols = [nodes[c].to_numpy(np.float64) for c in ("tau", "log_moneyness", "iv")]
+    groups = nodes.groupby(["date_idx", "option_type"], sort=False).indices
+    info_dates = nodes.groupby("date_idx")["quote_date"].first()
+    for (info, opt), pos in rows.groupby(["info_idx", "option_type"], sort=False).indices.items():
+        sel = groups.get((info, opt))
+        if sel is None:
+            continue
+        g = rows.iloc[pos]
+        if sticky == "moneyness":
+            k, tau = g["log_moneyness"].to_numpy(np.float64), g["tau"].to_numpy(np.float64)
+        else:
+            tau = (pd.DatetimeIndex(g["expiry"]) - info_dates[info]).days.to_numpy() / 365.0
+            fwd = spot[info] * np.exp((g["rate"] - g["dividend_yield"]).to_numpy() * tau)
+            k = np.log(g["strike"].to_numpy() / fwd)
+        out[pos] = surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], k, np.maximum(tau, 1e-6))
+    return out

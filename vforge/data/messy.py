@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 
 from vforge.data import synthetic as S
-from vforge.data.chain import normalize
-from vforge.data.dataset import Dataset, prepare
+from vforge.data.chain import ChainOptions, build_dataset
+from vforge.data.dataset import Dataset
 
 
 def simulate_regimes(*, n_days: int, spot0: float, rate: float, dividend_yield: float, regimes: list[dict],
@@ -111,17 +111,14 @@ def generate_messy_chain(*, seed: int, n_days: int, spot0: float, rate: float, d
 
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, regimes: list[dict],
          vol_jumps: list[list[float]], jumps: dict, gaps: dict, spot_stamp: dict, junk: dict, listing: dict,
-         quotes: dict, calls_only: bool, cache_dir: str | None, features: list[str], target: str, horizon: int,
-         val_fraction: float, test_fraction: float, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
-         cat_features: list[str] | None = None, winsorize: float | None = None, train_dates: int | None = None,
-         **chain_options: Any) -> Dataset:
+         quotes: dict, calls_only: bool, cache_dir: str | None, **options: Any) -> Dataset:
     """The messy market as a ``Dataset``, through the chain loader's checks and quote filters.
 
-    ``chain_options``: the keys of ``conf/data/chain.yaml`` (the preset inherits them); those that say how to read a
+    ``options``: the keys of ``conf/data/chain.yaml`` (the preset inherits them); those that say how to read a
     file (``path``, ``columns``, ``read_options``, ``quote_date_from_path``, ``iv_unit``) do not apply.
     """
     for key in ("path", "columns", "read_options", "quote_date_from_path", "iv_unit"):
-        chain_options.pop(key, None)
+        options.pop(key, None)
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   regimes=[dict(r, heston=dict(r["heston"])) for r in regimes], vol_jumps=[list(v) for v in vol_jumps],
                   jumps=dict(jumps), gaps=dict(gaps, missing_weeks=[list(w) for w in gaps["missing_weeks"]]),
@@ -129,13 +126,6 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
                   calls_only=calls_only)
     raw = S.cached_chain(cache_dir, generate=generate_messy_chain, name="messy", modules=(sys.modules[__name__],),
                          **params)
-    report: dict = {}
-    chain = normalize(raw.drop(columns=["model_iv", "regime"]), columns={}, iv_unit="decimal", rate=rate,
-                      dividend_yield=dividend_yield, report=report, **chain_options)
+    chain_options, pipeline = ChainOptions.pick({**options, "rate": rate, "dividend_yield": dividend_yield})
     source = "synthetic_messy" + (" (calls only)" if calls_only else "")
-    ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
-                 test_fraction=test_fraction, source=source, cat_features=cat_features, n_folds=n_folds, fold=fold,
-                 fallback=fallback, winsorize=winsorize, train_dates=train_dates)
-    ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
-    ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
-    return ds
+    return build_dataset(raw.drop(columns=["model_iv", "regime"]), source=source, options=chain_options, **pipeline)

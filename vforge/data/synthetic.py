@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from vforge.data.chain import normalize
-from vforge.data.dataset import Dataset, prepare
+from vforge.data.chain import ChainOptions, build_dataset
+from vforge.data.dataset import Dataset
 from vforge.data.heston import heston_price
 from vforge.data.iv import bs_price, implied_vol
 
@@ -164,23 +164,13 @@ def cached_chain(cache_dir: str | Path | None, *, generate: Callable[..., pd.Dat
 
 
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
-         listing: dict, quotes: dict, cache_dir: str | None, features: list[str], target: str, horizon: int,
-         val_fraction: float, test_fraction: float, max_spread_vol: float | None = None, otm_only: bool = False,
-         itm_from_otm: bool = False, min_days: int | None = None, iv_range: tuple[float, float] | None = None,
-         max_iv_outside_quote: float | None = None, winsorize: float | None = None,
-         cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0, fallback: str = "moneyness",
-         train_dates: int | None = None) -> Dataset:
-    """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file."""
+         listing: dict, quotes: dict, cache_dir: str | None, **options: Any) -> Dataset:
+    """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file.
+
+    ``options``: quote filters (``ChainOptions``) and the pipeline keys of ``dataset.prepare``.
+    """
     params: dict[str, Any] = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
     raw = cached_chain(cache_dir, **params)
-    report: dict = {}
-    chain = normalize(raw, columns={}, iv_unit="decimal", rate=rate, dividend_yield=dividend_yield, report=report,
-                      max_spread_vol=max_spread_vol, otm_only=otm_only, itm_from_otm=itm_from_otm, min_days=min_days,
-                      iv_range=iv_range, max_iv_outside_quote=max_iv_outside_quote)
-    ds = prepare(chain, features=list(features), target=target, horizon=horizon, val_fraction=val_fraction,
-                 test_fraction=test_fraction, source="synthetic", cat_features=cat_features, n_folds=n_folds,
-                 fold=fold, fallback=fallback, train_dates=train_dates, winsorize=winsorize)
-    ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
-    ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
-    return ds
+    chain_options, pipeline = ChainOptions.pick({**options, "rate": rate, "dividend_yield": dividend_yield})
+    return build_dataset(raw, source="synthetic", options=chain_options, **pipeline)
