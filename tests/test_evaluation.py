@@ -32,6 +32,8 @@ def test_diebold_mariano_matches_a_hand_computation():
     swapped = sig.diebold_mariano(bench, model)  # one-sided: the benchmark "beating" the model is not significant
     assert swapped.stat == pytest.approx(-got.stat) and swapped.pvalue == pytest.approx(1 - got.pvalue)
     assert math.isnan(sig.diebold_mariano(model[:2], bench[:2]).stat)  # too few dates
+    same = sig.diebold_mariano(bench, bench)  # the benchmark itself: no evidence either way, not NaN
+    assert (same.stat, same.pvalue) == (0.0, 0.5)
 
 
 def test_compare_averages_squared_errors_per_date_and_counts_dates_won():
@@ -176,12 +178,31 @@ def test_ssvi_fit_recovers_the_parameters_of_surfaces_it_generated():
     assert np.isnan(S.implied_vol(fit, np.array([7]), np.array([0.0]), np.array([0.1]))[0])  # a date not fit
 
 
+def test_ssvi_fit_of_a_saturating_date_stays_finite():
+    import json
+    import warnings
+    from pathlib import Path
+
+    from vforge.evaluation import ssvi as S
+
+    # A calls-only messy date whose fit drove rho to -1 and eta to 0 (phi / eta = 0 / 0 in the Jacobian: NaN, stuck).
+    q = json.loads((Path(__file__).parent / "data" / "ssvi_calls_only_date.json").read_text())
+    tau, k, iv = (np.array(q[c]) for c in ("tau", "log_moneyness", "iv"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fit = S.fit(np.zeros(len(k)), tau, k, iv)
+    assert np.isfinite(fit.rmse[0]) and fit.rmse[0] < 0.1 and abs(fit.rho[0]) < 1 and fit.eta[0] > 0
+    assert np.isfinite(S.implied_vol(fit, np.zeros(len(k)), k, tau)).all()
+
+
 def test_a_run_leaves_plots_predictions_and_the_new_metrics(make_cfg):
     from pathlib import Path
 
     from vforge.train import train
 
-    cfg = make_cfg("trainer.max_epochs=1", "evaluation.plots=true")
+    # the network itself (do no harm off): on the tiny market the step may fall back to persistence, whose dates
+    # won against itself are undefined
+    cfg = make_cfg("trainer.max_epochs=1", "evaluation.plots=true", "do_no_harm.enabled=false")
     metrics = train(cfg)
     for key in ("test/dm_pvalue", "test/dates_beaten", "test/arb_calendar", "test/arb_butterfly", "test/ssvi_rmse",
                 "test/cp_gap_vol_pts", "test/market_arb_calendar", "test/persistence_arb_butterfly"):

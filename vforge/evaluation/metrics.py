@@ -98,7 +98,7 @@ def logged_metric_names(averaging: bool = False, coverages: tuple[float, ...] = 
     """
     kinds = ("", "baseline_", "persistence_", "prev_quoted_")
     extra = ("dm_stat", "dm_pvalue", "dates_beaten", "baseline_dm_stat", "baseline_dm_pvalue",
-             "baseline_dates_beaten", "n_dates", "ssvi_rmse", "ssvi_prev_quoted_rmse")
+             "baseline_dates_beaten", "n_dates", "ssvi_rmse", "ssvi_prev_quoted_rmse", "ssvi_missing_rows")
     if walk_forward:
         return [f"wf/{k}{m}" for k in kinds for m in METRICS] + [f"wf/{k}" for k in extra] + ["wf/val_rmse", "val/rmse"]
     names = [f"{s}/{kind}{m}" for s in ("val", "test") for kind in kinds for m in METRICS]
@@ -142,7 +142,12 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
             vals = ["".join(f"{g(prefix + m):>7.3f}" for m in METRICS) for prefix in (model, bench)]
             share = g(dm + "dates_beaten")
             won = f"{share:>9.0%}" if share == share else f"{'-':>9}"
-            lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}  {g(dm + 'dm_pvalue'):>7.3f} {won}  {g(ssvi):>6.3f}")
+            fit = f"{g(ssvi):>6.3f}" if g(ssvi) == g(ssvi) else f"{'-':>6}"
+            lines.append(f"{s:<5} {label:<13}{n:>7}{vals[0]}   {vals[1]}  {g(dm + 'dm_pvalue'):>7.3f} {won}  {fit}")
+    missing = {s: int(metrics.get(f"{s}/ssvi_missing_rows", 0.0)) for s in rows}
+    if any(missing.values()):
+        lines.append("SSVI: no surface for " + ", ".join(f"{n:,} {s} rows" for s, n in missing.items() if n) +
+                     " (their info date had < 5 quotes or its fit failed): left out of the SSVI column")
     return "\n".join(lines) + (
         "\nerrors in vol points (IV x 100). benchmark on 'all' rows: the baseline, " + WORDS["baseline"] +
         ";\non 'prev. quoted' rows: persistence, " + WORDS["persistence"] + ".\nSSVI: " + WORDS["ssvi"] +

@@ -76,6 +76,7 @@ def frame_metrics(prefix: str, frame: pd.DataFrame, horizon: int = 0) -> dict[st
         ok = np.isfinite(ssvi)
         out[f"{prefix}/ssvi_rmse"] = iv_errors(ssvi[ok], cols["market"][ok])["rmse"]
         out[f"{prefix}/ssvi_prev_quoted_rmse"] = iv_errors(ssvi[ok & prev], cols["market"][ok & prev])["rmse"]
+        out[f"{prefix}/ssvi_missing_rows"] = float((~ok).sum())  # info dates with < 5 quotes or a failed fit
     return out
 
 

@@ -56,13 +56,17 @@ def diebold_mariano(loss_model: np.ndarray, loss_bench: np.ndarray, *, horizon: 
         horizon: forecast steps ``h`` (1 for a re-mark from yesterday's surface).
         lags: Newey-West lags; default ``floor(T^(1/3))``.
 
-    NaN when there are fewer than 3 dates or the differential has no variance.
+    NaN when there are fewer than 3 dates or the differential has no variance; a model whose losses equal the
+    benchmark's on every date (e.g. the do-no-harm step fell back to persistence) is no evidence either way:
+    statistic 0, p-value 0.5.
     """
     d = np.asarray(loss_model, dtype=np.float64) - np.asarray(loss_bench, dtype=np.float64)
     d = d[np.isfinite(d)]
     n = len(d)
     if n < 3:
         return DMResult(math.nan, math.nan, n, float(d.mean()) if n else math.nan)
+    if not np.any(d):
+        return DMResult(0.0, 0.5, n, 0.0)
     lags = newey_west_lags(n) if lags is None else min(lags, n - 1)
     dbar = float(d.mean())
     c = d - dbar

@@ -29,6 +29,13 @@ if TYPE_CHECKING:
     import pandas as pd
 
 MIN_QUOTES = 5
+# Box on the unconstrained parameters [a, b, c, u_1..]: |rho| <= tanh(8), eta and gamma's sigmoids kept off 0 and 1,
+# each theta step in [softplus(-30), 60] (total variance up to 60 a step: IV 5 at 2 years is 50). Unbounded,
+# a near-singular Levenberg-Marquardt step could drive them to +-1e300: theta overflowed, eta underflowed to 0 and
+# phi / eta was 0 / 0 in the Jacobian, and the date's fit stayed there (NaN or a wrong surface).
+LOWER = np.array([-8.0, -30.0, -30.0])
+UPPER = np.array([8.0, 30.0, 30.0])
+U_BOUNDS = (-30.0, 60.0)
 
 
 @dataclass
@@ -73,7 +80,8 @@ def _expiry_grid(date_pos: np.ndarray, tau: np.ndarray, n_dates: int) -> tuple[n
 def fit(date: np.ndarray, tau: np.ndarray, k: np.ndarray, iv: np.ndarray, *, max_iter: int = 15) -> SSVIFit:
     """Fit one SSVI surface per distinct ``date`` to quotes ``(k, tau, iv)`` (one row each; use OTM quotes).
 
-    Dates with fewer than ``MIN_QUOTES`` quotes get NaN parameters.
+    Dates with fewer than ``MIN_QUOTES`` quotes, and dates whose fit failed (a non-finite parameter or RMSE), get NaN
+    parameters: their rows have no SSVI value (``implied_vol`` gives NaN), which the evaluation counts and leaves out.
     """
     date, tau, k, iv = (np.asarray(a) for a in (date, tau, k, iv))
     ok = np.isfinite(tau) & np.isfinite(k) & np.isfinite(iv) & (tau > 0) & (iv > 0)
@@ -103,17 +111,28 @@ def fit(date: np.ndarray, tau: np.ndarray, k: np.ndarray, iv: np.ndarray, *, max
     p[:, 0] = np.arctanh(-0.3)
     p[:, 3:] = np.log(np.expm1(steps))
     counts = np.bincount(pos, minlength=n)
-    p = _levenberg_marquardt(p, pos, col, k, tau, iv, counts, max_iter=max_iter)
-    theta, rho, eta, gamma = _params(p)
-    w = total_variance(k, theta[pos, col], rho[pos], eta[pos], gamma[pos])
-    sq = (np.sqrt(np.maximum(w, 1e-12) / tau) - iv) ** 2
-    rmse = np.sqrt(np.bincount(pos, weights=sq, minlength=n) / counts)
+    with np.errstate(all="ignore"):  # a failed date is found below and marked, not warned about row by row
+        p = _levenberg_marquardt(_clip(p), pos, col, k, tau, iv, counts, max_iter=max_iter)
+        theta, rho, eta, gamma = _params(p)
+        w = total_variance(k, theta[pos, col], rho[pos], eta[pos], gamma[pos])
+        sq = (np.sqrt(np.maximum(w, 1e-12) / tau) - iv) ** 2
+        rmse = np.sqrt(np.bincount(pos, weights=sq, minlength=n) / counts)
     theta[~valid] = np.nan
-    bad = counts < MIN_QUOTES
+    finite = np.isfinite(rmse) & np.isfinite(rho) & np.isfinite(eta) & np.isfinite(gamma) & (eta > 0)
+    finite &= np.all(np.isfinite(theta) | ~valid, axis=1)
+    bad = (counts < MIN_QUOTES) | ~finite
     for arr in (rho, eta, gamma, rmse):
         arr[bad] = np.nan
     theta[bad] = np.nan
     return SSVIFit(dates, taus, theta, rho, eta, gamma, rmse)
+
+
+def _clip(p: np.ndarray) -> np.ndarray:
+    """``p`` inside the parameter box (``LOWER``/``UPPER``, ``U_BOUNDS``); NaN stays NaN."""
+    out = p.copy()
+    out[:, :3] = np.clip(out[:, :3], LOWER, UPPER)
+    out[:, 3:] = np.clip(out[:, 3:], *U_BOUNDS)
+    return out
 
 
 def _params(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +162,7 @@ def _residuals(p: np.ndarray, pos: np.ndarray, col: np.ndarray, k: np.ndarray, t
     dw_dphi = 0.5 * theta * k * (rho + z / root)
     dw_drho = 0.5 * theta * phi * k * (1.0 + 1.0 / root)
     dw_dtheta = w / theta + dw_dphi * phi * (-gamma / theta + (gamma - 1.0) / (1.0 + theta))
-    dphi_deta = phi / eta
+    dphi_deta = 1.0 / (theta**gamma * (1.0 + theta) ** (1.0 - gamma))  # phi / eta, without dividing by eta
     jac = np.empty((len(r), p.shape[1]))
     drho_da = 1.0 - rho * rho
     deta_drho = -eta * np.sign(rho) / (1.0 + np.abs(rho))
@@ -174,11 +193,17 @@ def _levenberg_marquardt(p: np.ndarray, pos: np.ndarray, col: np.ndarray, k: np.
         for d in range(n):
             jd, rd = jac[bounds[d]:bounds[d + 1]], r[bounds[d]:bounds[d + 1]]
             a = jd.T @ jd
-            step[d] = -np.linalg.solve(a + lam[d] * np.diag(np.diag(a)) + 1e-12 * eye, jd.T @ rd)
-        trial = p + step
+            g = jd.T @ rd
+            if not (np.all(np.isfinite(a)) and np.all(np.isfinite(g))):
+                continue  # a Jacobian that is not finite: no step (the date is marked failed if it stays so)
+            try:
+                step[d] = -np.linalg.solve(a + lam[d] * np.diag(np.diag(a)) + 1e-12 * eye, g)
+            except np.linalg.LinAlgError:
+                continue
+        trial = _clip(p + np.nan_to_num(step, nan=0.0, posinf=0.0, neginf=0.0))
         r_new = _residuals(trial, pos, col, k, tau, iv)
         cost_new = np.bincount(pos, weights=r_new * r_new, minlength=n)
-        better = cost_new < cost
+        better = np.isfinite(cost_new) & (cost_new < cost)
         gain = np.where(better, (cost - cost_new) / np.maximum(cost, 1e-300), 0.0)
         p = np.where(better[:, None], trial, p)
         cost = np.where(better, cost_new, cost)
