@@ -1,9 +1,22 @@
-"""Walk-forward accuracy of models on one data option, from the existing chronological folds (data.n_folds/fold).
+"""Accuracy of the default command on data nobody tuned for, and walk-forward accuracy of models on one data option.
 
-    python scripts/accuracy.py data=china50etf --models linear mlp --folds 4 [-- extra overrides]
+Suite (the honest harness of issue 10): the default command (holdout, default model, do no harm) on several seeds of
+several data options; its test RMSE on the previously quoted rows over persistence's, as a distribution::
 
-Each (model, fold) is one ``train(cfg)`` with ``logger=none``; the table gives per-fold test RMSE on all rows and on
-previously quoted rows beside the baseline and persistence, and the folds pooled (root mean square over folds).
+    python scripts/accuracy.py suite --groups default messy messy_calls thin china50etf [--epochs 12] [-- overrides]
+
+Each (group, seed) trains once with the do-no-harm step off (``<out>/<group>-<seed>/model.pt``, kept: a second call
+reuses it) and then applies the do-no-harm step of the code as it is now to the trained network, exactly as the
+default command does after training; so a change to the selection rule is measured again in seconds. Seeds are split
+into ``tune`` seeds (look at them while developing) and ``held-out`` seeds (report them, never tune on them); the
+summary gives the median and the worst ratio of each (group, kind). JSON lines of every run go to ``<out>/suite.jsonl``.
+
+Folds: each (model, fold) of the existing chronological folds (data.n_folds/fold) is one ``train(cfg)``::
+
+    python scripts/accuracy.py folds data=china50etf --models linear mlp --folds 4 [-- extra overrides]
+
+with per-fold test RMSE on all rows and on previously quoted rows beside the baseline and persistence, and the folds
+pooled (root mean square over folds).
 """
 
 from __future__ import annotations
@@ -15,54 +28,163 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import open_dict
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vforge.train import train
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
+# group -> (overrides, tune seeds, held-out seeds); a seed of None: the option's own configured seed.
+GROUPS: dict[str, tuple[list[str], list[int | None], list[int | None]]] = {
+    "default": ([], [None], [8, 9]),
+    "messy": (["data=synthetic_messy"], [11, 12], [21, 22]),
+    "messy_calls": (["data=synthetic_messy", "data.calls_only=true"], [11, 12], [21, 22]),
+    "thin": (["data=synthetic_messy_thin"], [11, 12, 13], [21, 22, 23]),
+    "china50etf": (["data=china50etf"], [None], []),
+}
+
+
+def compose_cfg(overrides: list[str], out: Path, run_name: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["logger=none", *overrides])
+    with open_dict(cfg):
+        cfg.output_dir, cfg.run_name = str(out), run_name
+    return cfg
+
 
 def run(overrides: list[str], model: str, n_folds: int, fold: int, out: Path) -> dict:
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=[f"model={model}", "logger=none", f"data.n_folds={n_folds}",
-                                          f"data.fold={fold}", *overrides])
-    with open_dict(cfg):
-        cfg.output_dir, cfg.run_name = str(out), model
+    cfg = compose_cfg([f"model={model}", f"data.n_folds={n_folds}", f"data.fold={fold}", *overrides], out, model)
     return train(cfg)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    p = argparse.ArgumentParser()
-    p.add_argument("overrides", nargs="*")
-    p.add_argument("--models", nargs="+", default=["linear", "mlp"])
-    p.add_argument("--folds", type=int, default=4)
-    p.add_argument("--only", type=int, nargs="*", help="fold indices to run (default: all)")
-    p.add_argument("--out", default="outputs/accuracy")
-    args = p.parse_args()
+def prev_quoted_ratio(level: np.ndarray, split: Any) -> float:
+    """Test RMSE of ``level`` on the previously quoted rows over persistence's on them."""
+    prev = np.isfinite(split.persistence)
+    model = np.sqrt(np.mean((level[prev] - split.iv[prev]) ** 2))
+    return float(model / np.sqrt(np.mean((split.persistence[prev] - split.iv[prev]) ** 2)))
+
+
+def suite_one(group: str, seed: int | None, kind: str, extra: list[str], out: Path) -> dict:
+    """Train (once) and gate one (group, seed); the row of the suite table."""
+    from vforge.training.gating import do_no_harm
+    from vforge.training.loop import predict
+
+    overrides = [*GROUPS[group][0], *([f"data.seed={seed}"] if seed is not None else []), "evaluation.plots=false",
+                 *extra]
+    run_dir = out / f"{group}-{seed if seed is not None else 'default'}"
+    cfg = compose_cfg(overrides, run_dir, f"mlp-{group}")
+    start = time.perf_counter()
+    if not (run_dir / "model.pt").exists():
+        raw_cfg = cfg.copy()
+        with open_dict(raw_cfg):
+            raw_cfg.do_no_harm.enabled = False
+        train(raw_cfg)
+    trained = time.perf_counter() - start
+    saved = torch.load(run_dir / "model.pt", weights_only=False)
+    data = instantiate(cfg.data, _convert_="all")
+    net = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+    net.load_state_dict(saved["state_dict"])
+    net.eval()
+    config = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(config, dict)
+    kept = do_no_harm(cfg.do_no_harm, net, data, config, d_out=1)
+    level = {name: data.to_level(predict(m, data.test), data.test) for name, m in (("final", kept.module),
+                                                                                   ("net", net))}
+    dropped = data.report.get("dropped", {})
+    return {"group": group, "seed": seed, "kind": kind, "ratio": prev_quoted_ratio(level["final"], data.test),
+            "net_ratio": prev_quoted_ratio(level["net"], data.test), **kept.metrics,
+            "test_dates": int(len(np.unique(data.test.aux["quote_date_idx"].numpy()))),
+            "short_dropped": int(sum(v for k, v in dropped.items() if "short_expiry" in k or "days to expiry" in k)),
+            "note": kept.note.strip(), "train_seconds": round(trained, 1),
+            "gate_seconds": round(time.perf_counter() - start - trained, 1)}
+
+
+def summary(rows: list[dict]) -> str:
+    lines = [f"{'group':<13}{'kind':<10}{'n':>3}{'median':>8}{'worst':>8}{'best':>8}{'net med':>8}  ratios "
+             "(test RMSE on prev. quoted rows / persistence's)"]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for kind in ("tune", "held-out"):
+            mine = [r for r in rows if r["group"] == group and r["kind"] == kind]
+            if not mine:
+                continue
+            ratios = np.array([r["ratio"] for r in mine])
+            nets = np.array([r["net_ratio"] for r in mine])
+            lines.append(f"{group:<13}{kind:<10}{len(mine):>3}{np.median(ratios):>8.3f}{ratios.max():>8.3f}"
+                         f"{ratios.min():>8.3f}{np.median(nets):>8.3f}  "
+                         + " ".join(f"{r['seed']}:{r['ratio']:.3f}" for r in mine))
+    return "\n".join(lines)
+
+
+def suite(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    extra = [*args.overrides, *([f"trainer.max_epochs={args.epochs}"] if args.epochs else []),
+             *([f"trainer.patience={args.patience}"] if args.patience else [])]
+    rows = []
+    for group in args.groups:
+        _, tune, held = GROUPS[group]
+        for kind, seeds in (("tune", tune), ("held-out", held)):
+            for seed in seeds:
+                if args.kind and kind != args.kind:
+                    continue
+                row = suite_one(group, seed, kind, extra, out)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                with open(out / "suite.jsonl", "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print("\n" + summary(rows))
+
+
+def folds(args: argparse.Namespace) -> None:
     rows = []
     for model in args.models:
         for fold in args.only if args.only is not None else range(args.folds):
             start = time.perf_counter()
             m = run(args.overrides, model, args.folds, fold, Path(args.out) / f"{model}-{fold}")
             row = {"model": model, "fold": fold, "seconds": round(time.perf_counter() - start, 1),
-                   **{k: m.get(f"test/{k}", math.nan) for k in ("rmse", "baseline_rmse", "matched_rmse",
+                   **{k: m.get(f"test/{k}", math.nan) for k in ("rmse", "baseline_rmse", "prev_quoted_rmse",
                                                                  "persistence_rmse")},
                    "w_model": m.get("do_no_harm/w_model", 1.0), "w_linear": m.get("do_no_harm/w_linear", 0.0)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"\n{'model':<16}{'fold':>5}{'all':>8}{'base':>8}{'ratio':>7}{'prevq':>8}{'persist':>8}{'ratio':>7}"
           f"{'w_m':>6}{'w_l':>6}")
+    keys = ("rmse", "baseline_rmse", "prev_quoted_rmse", "persistence_rmse")
     for model in args.models:
         mine = [r for r in rows if r["model"] == model]
-        for r in mine + [{"fold": "pool", **{k: math.sqrt(sum(x[k] ** 2 for x in mine) / len(mine))
-                                             for k in ("rmse", "baseline_rmse", "matched_rmse", "persistence_rmse")},
-                          "w_model": math.nan, "w_linear": math.nan}]:
+        pooled = {"fold": "pool", **{k: math.sqrt(sum(x[k] ** 2 for x in mine) / len(mine)) for k in keys},
+                  "w_model": math.nan, "w_linear": math.nan}
+        for r in [*mine, pooled]:
             print(f"{model:<16}{r['fold']!s:>5}{r['rmse']:8.3f}{r['baseline_rmse']:8.3f}"
-                  f"{r['rmse'] / r['baseline_rmse']:7.3f}{r['matched_rmse']:8.3f}{r['persistence_rmse']:8.3f}"
-                  f"{r['matched_rmse'] / r['persistence_rmse']:7.3f}{r['w_model']:6.2f}{r['w_linear']:6.2f}")
+                  f"{r['rmse'] / r['baseline_rmse']:7.3f}{r['prev_quoted_rmse']:8.3f}{r['persistence_rmse']:8.3f}"
+                  f"{r['prev_quoted_rmse'] / r['persistence_rmse']:7.3f}{r['w_model']:6.2f}{r['w_linear']:6.2f}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    p = argparse.ArgumentParser()
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("suite", help="the default command over seeds and data options")
+    s.add_argument("overrides", nargs="*")
+    s.add_argument("--groups", nargs="+", default=list(GROUPS), choices=list(GROUPS))
+    s.add_argument("--kind", choices=["tune", "held-out"], help="only these seeds (default: both)")
+    s.add_argument("--epochs", type=int, help="trainer.max_epochs (CPU is scarce; say so when you quote a figure)")
+    s.add_argument("--patience", type=int)
+    s.add_argument("--out", default="outputs/accuracy_suite")
+    f = sub.add_parser("folds", help="models on the chronological folds of one data option")
+    f.add_argument("overrides", nargs="*")
+    f.add_argument("--models", nargs="+", default=["linear", "mlp"])
+    f.add_argument("--folds", type=int, default=4)
+    f.add_argument("--only", type=int, nargs="*", help="fold indices to run (default: all)")
+    f.add_argument("--out", default="outputs/accuracy")
+    args = p.parse_args()
+    suite(args) if args.command == "suite" else folds(args)
 
 
 if __name__ == "__main__":
