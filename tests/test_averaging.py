@@ -12,7 +12,7 @@ from torch import nn
 
 from vforge.train import train
 from vforge.training.averaging import EMA, SWA, Polyak, has_batch_norm
-from vforge.training.loop import FitState
+from vforge.training.state import FitState
 
 # the unit tests step SWALR without optimizer steps, which torch warns about
 pytestmark = pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)`")

@@ -211,3 +211,41 @@ def test_sigkill_right_after_the_mlflow_run_starts_then_resume_leaves_one_finish
     client = mlflow.MlflowClient(tracking_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("vforge").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED"]
+
+
+class CountSteps(Callback):
+    """State that a resume must restore: the optimizer steps this callback has seen."""
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def on_step_end(self, state) -> None:
+        self.seen += 1
+
+    def state_dict(self) -> dict:
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seen = state["seen"]
+
+
+class ConfigCountSteps(CountSteps):
+    """The same, built from ``trainer.callbacks`` (another name, so the checkpoint keeps both)."""
+
+
+def test_user_and_config_callbacks_state_survives_a_resume(make_cfg):
+    extra = "+trainer.callbacks.count._target_=tests.test_resume.ConfigCountSteps"
+    cfg = make_cfg(*RUN, extra)
+    with pytest.raises(TrainingInterrupted):
+        train(cfg, callbacks=[CountSteps(), InterruptAfter(epoch=0)])
+    last = Path(cfg.output_dir) / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=False)
+    steps_per_epoch = saved["step"]
+    assert saved["callbacks"].get("CountSteps") == {"seen": steps_per_epoch}
+    assert saved["callbacks"].get("ConfigCountSteps") == {"seen": steps_per_epoch}
+    cfg.trainer.resume = "auto"
+    counter = CountSteps()
+    train(cfg, callbacks=[counter])
+    final = torch.load(last, weights_only=False)
+    assert counter.seen == final["step"] == 3 * steps_per_epoch  # counted on from the checkpoint, not from 0
+    assert final["callbacks"]["ConfigCountSteps"] == {"seen": 3 * steps_per_epoch}

@@ -91,8 +91,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                                Progress(tr.progress if strategy.is_main else False)]
         if tr.checkpoint and strategy.is_main:  # last.pt / best.pt next to the checkpoint we resume from, else in this run's folder
             ckpt_dir = resume_path.parent if resume_path else out_dir / "checkpoints"
-            cbs.append(Checkpoint(ckpt_dir, cbs, extra={"run_name": cfg.run_name, "config": config,
-                                                        "mlflow_run_id": logger.run_id if logger else None}))
+            cbs.append(Checkpoint(ckpt_dir, extra={"run_name": cfg.run_name, "config": config,  # saves every callback
+                                                   "mlflow_run_id": logger.run_id if logger else None}))
         if resume:
             log.info("resuming from %s after epoch %d", resume_path, resume["epoch"])
         if tr.grad_checkpointing:  # after averaging's deepcopy of the model (see enable_grad_checkpointing)

@@ -17,7 +17,7 @@ from torch.optim.swa_utils import SWALR, AveragedModel, get_ema_multi_avg_fn, up
 from vforge.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from vforge.training.loop import FitState
+    from vforge.training.state import FitState
 
 
 def has_batch_norm(model: nn.Module) -> bool:

@@ -24,7 +24,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from vforge.training.loop import FitState
+    from vforge.training.state import FitState
 
 log = logging.getLogger(__name__)
 

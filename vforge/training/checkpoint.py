@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import torch
 from vforge.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from vforge.training.loop import FitState
+    from vforge.training.state import FitState, Stateful
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +73,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator | None) -> N
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def training_state(state: FitState, callbacks: list[Callback]) -> dict[str, Any]:
-    """Everything the loop needs to continue after ``state.epoch``."""
+def training_state(state: FitState, callbacks: Sequence[Stateful] | None = None) -> dict[str, Any]:
+    """Everything the loop needs to continue after ``state.epoch``: the state of ``callbacks`` (default: all of
+    the fit's, ``state.callbacks``) among it."""
+    callbacks = state.callbacks if callbacks is None else callbacks
     return {
         "epoch": state.epoch, "step": state.step, "history": state.history, "stop": state.stop,
         "best_epoch": state.best_epoch, "best_value": state.best_value,
@@ -85,7 +88,7 @@ def training_state(state: FitState, callbacks: list[Callback]) -> dict[str, Any]
     }
 
 
-def restore(state: FitState, callbacks: list[Callback], ckpt: dict[str, Any]) -> None:
+def restore(state: FitState, callbacks: Sequence[Stateful], ckpt: dict[str, Any]) -> None:
     """Load a ``last.pt`` dict into a freshly built state (after ``on_fit_start``)."""
     state.model.load_state_dict(ckpt["model"])
     state.optimizer.load_state_dict(ckpt["optimizer"])
@@ -104,13 +107,15 @@ def restore(state: FitState, callbacks: list[Callback], ckpt: dict[str, Any]) ->
 class Checkpoint(Callback):
     """Write ``<dir>/last.pt`` after every epoch and ``<dir>/best.pt`` when validation improved.
 
-    ``extra`` (e.g. the MLflow run id) is stored in both. ``last.pt`` is marked ``finished`` at the end of the
+    ``last.pt`` holds the state of every callback of the fit (``state.callbacks``: built-in, config and user
+    callbacks alike), or of ``callbacks`` when given. ``extra`` (e.g. the MLflow run id) is stored in both. ``last.pt`` is marked ``finished`` at the end of the
     fit, so ``trainer.resume=auto`` does not pick a run that completed.
     """
 
-    def __init__(self, dirpath: str | Path, callbacks: list[Callback], extra: dict[str, Any] | None = None) -> None:
+    def __init__(self, dirpath: str | Path, callbacks: Sequence[Stateful] | None = None,
+                 extra: dict[str, Any] | None = None) -> None:
         self.dir = Path(dirpath)
-        self.callbacks = callbacks  # whose state goes into last.pt (all of the fit's callbacks)
+        self.callbacks = callbacks  # whose state goes into last.pt; None: all of the fit's
         self.extra = extra or {}
 
     @property

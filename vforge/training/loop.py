@@ -11,7 +11,6 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -24,50 +23,13 @@ from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.distributed import Single
 from vforge.training.losses import Batch, Loss, Quantile
+from vforge.training.state import FitResult, FitState
 
 log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the epoch, the step and the likely cause."""
-
-
-@dataclass
-class FitState:
-    """What callbacks see. ``eval_model`` is what validation, test and the saved model use: ``model`` itself,
-    or the averaged copy once averaging has started."""
-
-    model: nn.Module
-    data: Dataset
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    max_epochs: int
-    batch_size: int
-    steps_per_epoch: int
-    generator: torch.Generator | None = None
-    grad_scaler: torch.amp.GradScaler | None = None
-    eval_model: nn.Module = None  # type: ignore[assignment]  # __post_init__: ``model`` until averaging starts
-    epoch: int = 0  # the current epoch; after a resume, the first one to run
-    step: int = 0  # optimizer steps taken
-    metrics: dict[str, float] = field(default_factory=dict)
-    history: list[dict[str, float]] = field(default_factory=list)
-    improved: bool = False
-    best_epoch: int = -1
-    best_value: float = float("inf")
-    stop: bool = False
-
-    def __post_init__(self) -> None:
-        self.eval_model = self.eval_model or self.model
-
-
-@dataclass
-class FitResult:
-    best_epoch: int
-    best_val_rmse: float
-    epochs: int
-    seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-    model: nn.Module = None  # type: ignore[assignment]  # the evaluated (possibly averaged) model, holding its best weights
 
 
 def split_aux(data: Dataset, split: Split) -> dict[str, Tensor]:
@@ -175,6 +137,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
                      steps_per_epoch=math.ceil(batches_per_epoch / accumulate), generator=generator,
                      grad_scaler=scaler)
     callbacks = list(callbacks)
+    state.callbacks = list(callbacks)  # the checkpoint saves every one's state
     for cb in callbacks:
         cb.on_fit_start(state)
     if resume is not None:

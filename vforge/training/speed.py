@@ -13,7 +13,7 @@ from torch.utils.checkpoint import checkpoint
 from vforge.training.callbacks import Callback
 
 if TYPE_CHECKING:
-    from vforge.training.loop import FitState
+    from vforge.training.state import FitState
 
 
 def resolve_device(device: str) -> torch.device:
