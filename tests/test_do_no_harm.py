@@ -17,8 +17,9 @@ from tests.test_data import load, make_chain, write
 from vforge.data import features as F
 from vforge.data import messy, synthetic
 from vforge.data.dataset import format_report
+from vforge.evaluation.metrics import per_date_ratio, robust_score
 from vforge.models.linear import Blend, Ridge
-from vforge.training.gating import choose_blend, do_no_harm, per_date_ratio, robust_score
+from vforge.training.gating import choose_blend, do_no_harm
 
 
 def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():

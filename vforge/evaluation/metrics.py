@@ -154,3 +154,25 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
         ".\nDM p: one-sided Diebold-Mariano p-value that the model's squared error is lower (per-date losses, "
         "Newey-West, HLN);\ndates won: share of quote dates on which the model's RMSE is below the benchmark's."
     )
+
+
+def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray) -> np.ndarray:
+    """Per date: MSE of the predicted change over the MSE of predicting no change (persistence); one value a date."""
+    err = (np.asarray(pred_change) - np.asarray(true_change)) ** 2
+    base = np.asarray(true_change) ** 2
+    _, inv = np.unique(dates, return_inverse=True)
+    model, persistence = np.bincount(inv, err), np.bincount(inv, base)
+    return model / np.maximum(persistence, 1e-300)
+
+
+def robust_score(ratios: np.ndarray, trim: float) -> float:
+    """Trimmed mean of per-date ratios: the lowest and highest ``trim`` share of dates left out (the median when
+    ``trim`` is 0.5)."""
+    r = np.sort(np.asarray(ratios, dtype=np.float64))
+    r = r[np.isfinite(r)]
+    if not len(r):
+        return float("nan")
+    if trim >= 0.5:
+        return float(np.median(r))
+    cut = int(np.floor(trim * len(r)))
+    return float(np.mean(r[cut : len(r) - cut]))

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from vforge.training.gating import per_date_ratio, robust_score
+from vforge.evaluation.metrics import per_date_ratio, robust_score
 
 
 class Ridge(nn.Module):

@@ -16,32 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from vforge.evaluation.metrics import per_date_ratio, robust_score
+
 if TYPE_CHECKING:
     from torch import nn
 
     from vforge.data.dataset import Dataset
-
-
-def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray) -> np.ndarray:
-    """Per date: MSE of the predicted change over the MSE of predicting no change (persistence); one value a date."""
-    err = (np.asarray(pred_change) - np.asarray(true_change)) ** 2
-    base = np.asarray(true_change) ** 2
-    _, inv = np.unique(dates, return_inverse=True)
-    model, persistence = np.bincount(inv, err), np.bincount(inv, base)
-    return model / np.maximum(persistence, 1e-300)
-
-
-def robust_score(ratios: np.ndarray, trim: float) -> float:
-    """Trimmed mean of per-date ratios: the lowest and highest ``trim`` share of dates left out (the median when
-    ``trim`` is 0.5)."""
-    r = np.sort(np.asarray(ratios, dtype=np.float64))
-    r = r[np.isfinite(r)]
-    if not len(r):
-        return float("nan")
-    if trim >= 0.5:
-        return float(np.median(r))
-    cut = int(np.floor(trim * len(r)))
-    return float(np.mean(r[cut : len(r) - cut]))
 
 
 def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, true_change: np.ndarray,
