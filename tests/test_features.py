@@ -118,3 +118,25 @@ def test_unknown_feature_lists_valid_names():
 
 def test_every_feature_documents_what_it_uses():
     assert all(len(text) > 15 for text in F.FEATURES.values())
+
+
+def test_at_terms_at_a_rows_own_terms_gives_back_its_features_and_moves_only_terms_features(make_cfg):
+    from hydra.utils import instantiate
+
+    names = ["log_moneyness", "tau", "sqrt_tau", "moneyness_std", "delta", "prev_iv_resid", "gap_days",
+             "sticky_moneyness_change", "prev_smile_slope", "prev_smile_curvature", "prev_smile_iv", "spot_ret_1d_vol"]
+    data = instantiate(make_cfg(f"data.features=[{','.join(names)}]").data, _convert_="all")
+    split, rows = data.train, data.train.rows
+    contracts = pd.DataFrame({"prev_iv": split.base, "is_call": (rows["option_type"] == "C").astype(float),
+                              "rate": rows["rate"], "dividend_yield": rows["dividend_yield"],
+                              "info_idx": rows["info_idx"]})
+    x = split.x_num.double().numpy()
+    k, tau = rows["log_moneyness"].to_numpy(), rows["tau"].to_numpy()
+    same = F.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k, tau)
+    np.testing.assert_allclose(same, x, atol=2e-5)  # x_num is float32
+    moved = F.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k + 0.05, tau + 0.1)
+    changed = {n for j, n in enumerate(names) if not np.allclose(moved[:, j], x[:, j], atol=1e-4)}
+    assert changed == set(names) & set(F.TERMS_FEATURES)
+    j = names.index("moneyness_std")  # by hand: (k / (prev_iv sqrt(tau)) - mean) / std at the new terms
+    expect = ((k + 0.05) / (split.base * np.sqrt(tau + 0.1)) - data.x_mean[j]) / data.x_std[j]
+    np.testing.assert_allclose(moved[:, j], expect, rtol=1e-12)

@@ -26,7 +26,7 @@ def t(*v: float) -> torch.Tensor:
     return torch.tensor(v, dtype=torch.float64)
 
 
-def grad_of(loss: L.Loss, pred: torch.Tensor, target: torch.Tensor, batch: L.Batch | None = None) -> torch.Tensor:
+def grad_of(loss: L.Loss, pred: torch.Tensor, target: torch.Tensor, batch: L.RowContext | None = None) -> torch.Tensor:
     loss(pred, target, batch).backward()
     return pred.grad[:, 0]
 
@@ -41,7 +41,7 @@ def test_every_configured_loss_gives_a_finite_scalar_and_gradient(make_cfg, opti
     pred = torch.randn(64, loss.d_out, requires_grad=True)
     target = torch.randn(64)
     k, tau = torch.linspace(-0.3, 0.3, 64), torch.linspace(0.05, 1.0, 64)
-    batch = L.Batch({"log_moneyness": k, "tau": tau, "base": torch.full((64,), 0.2)}, 0.0, 0.01, change=True,
+    batch = L.RowContext({"log_moneyness": k, "tau": tau, "base": torch.full((64,), 0.2)}, 0.0, 0.01, change=True,
                     probe=lambda dk, dtau: torch.full((256,), 0.2) + 0 * pred.sum())
     value = loss(pred, target, batch)
     assert value.ndim == 0 and torch.isfinite(value)
@@ -133,9 +133,9 @@ def test_cvar_is_the_mean_of_the_worst_alpha_share():
     assert L.CVaR(alpha=0.1, base="l1")(col(1, -5, 2), t(0, 0, 0)).item() == pytest.approx(5.0)  # ceil(0.3) = 1
 
 
-def level_batch(change: bool = False, **aux) -> L.Batch:
+def level_batch(change: bool = False, **aux) -> L.RowContext:
     """Scaled target u -> IV 0.1 u + 0.2 (+ base)."""
-    return L.Batch({k: t(*v) for k, v in aux.items()}, y_center=0.2, y_scale=0.1, change=change)
+    return L.RowContext({k: t(*v) for k, v in aux.items()}, y_center=0.2, y_scale=0.1, change=change)
 
 
 def test_relative_and_log_iv_work_on_levels():
@@ -206,3 +206,46 @@ def test_surface_loss_needs_moneyness_and_tau_features(make_cfg):
 def test_plain_torch_losses_are_wrapped():
     loss = L.as_loss(torch.nn.L1Loss())
     assert isinstance(loss, L.TorchLoss) and loss(col(1, -3), t(0, 0)).item() == pytest.approx(2.0)
+
+
+class SmileInMoneynessStd(torch.nn.Module):
+    """IV level = 0.1 + 0.2 exp(-m^2), m = moneyness_std = k / (prev_iv sqrt(tau)): a known function of strike and
+    tenor that reaches them only through the moneyness_std column (a bump: concave at the money, where Durrleman's
+    condition fails)."""
+
+    def __init__(self, data) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # fit() asks for a device and an optimizer
+        self.j = data.feature_names.index("moneyness_std")
+        self.mean, self.std = float(data.x_mean[self.j]), float(data.x_std[self.j])
+        self.center, self.scale = data.y_center, data.y_scale
+
+    @staticmethod
+    def iv(m):
+        return 0.1 + 0.2 * torch.exp(-(m**2))
+
+    def forward(self, x_num, x_cat=None):
+        m = x_num[:, self.j].double() * self.std + self.mean
+        return ((self.iv(m) - self.center) / self.scale + 0 * self.unused)[:, None]
+
+
+def test_surface_penalties_follow_strike_through_every_feature_computed_from_it(make_cfg):
+    """The probe moves strike and tenor, not only the log_moneyness column: penalties of a surface the model sees
+    through moneyness_std alone match Durrleman's condition on the closed form (held fixed, they would be 0)."""
+    from vforge.training.loop import fit
+
+    data = instantiate(make_cfg("data.features=[log_moneyness,tau,moneyness_std]", "data.target=level").data,
+                       _convert_="all")
+    model = SmileInMoneynessStd(data)
+    n, dk, dtau = len(data.train), 0.02, 0.02
+    loss = L.Surface(dk=dk, dtau=dtau, n_probe=n)  # every training row is probed: one batch of all of them
+    result = fit(model, data, loss_fn=loss, optimizer=torch.optim.SGD(model.parameters(), lr=0.0), max_epochs=1,
+                 batch_size=n, generator=torch.Generator().manual_seed(0))
+    k, tau = (torch.tensor(data.train.rows[c].to_numpy()) for c in ("log_moneyness", "tau"))
+    prev_iv = torch.tensor(data.train.base)  # moneyness_std's vol: the contract's previous IV
+    w = lambda kk, tt: SmileInMoneynessStd.iv(kk / (prev_iv * tt.sqrt())) ** 2 * tt  # noqa: E731
+    calendar, butterfly = L.arbitrage_penalties(w(k, tau), w(k + dk, tau), w(k - dk, tau), w(k, tau + dtau), k, dk,
+                                                dtau)
+    assert butterfly.item() > 0.05  # the closed form does violate it
+    assert result.history[0]["train/butterfly_penalty"] == pytest.approx(butterfly.item(), rel=1e-3)
+    assert result.history[0]["train/calendar_penalty"] == pytest.approx(calendar.item(), rel=1e-3, abs=1e-6)

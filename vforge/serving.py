@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from vforge.data.target import to_level
 from vforge.training.checkpoint import atomic_save
+from vforge.training.losses import Loss
 
 
 @dataclass
@@ -48,13 +49,13 @@ class ModelBundle:
     surface: dict[str, np.ndarray] | None = None
 
     @classmethod
-    def of(cls, model: nn.Module, data: Any, loss_fn: Any, config: dict[str, Any]) -> ModelBundle:
+    def of(cls, model: nn.Module, data: Any, loss_fn: Loss, config: dict[str, Any]) -> ModelBundle:
         """The bundle of a trained ``model`` on ``data`` (a ``vforge.data.dataset.Dataset``) with ``loss_fn``."""
         last = getattr(data, "last_chain", None)
         return cls(state_dict=model.state_dict(), config=config, feature_names=list(data.feature_names),
                    x_mean=data.x_mean, x_std=data.x_std, y_center=data.y_center, y_scale=data.y_scale,
-                   target=data.target, d_out=loss_fn.d_out, output_index=getattr(loss_fn, "median", 0),
-                   quantiles=getattr(loss_fn, "quantiles", None), cat_cardinalities=list(data.cat_cardinalities),
+                   target=data.target, d_out=loss_fn.d_out, output_index=loss_fn.point_index,
+                   quantiles=loss_fn.quantiles, cat_cardinalities=list(data.cat_cardinalities),
                    surface=None if last is None else {c: last[c].to_numpy() for c in last.columns})
 
     def to_dict(self) -> dict[str, Any]:

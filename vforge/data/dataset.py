@@ -68,7 +68,7 @@ class Split:
     ``base`` (n,) what a predicted change is added to; ``persistence`` (n,) the contract's own
     previous IV (NaN where it was not quoted); ``rows`` the identifying columns (``quote_date``, the terms date, and
     the contract) and the terms evaluation needs: ``target_date``, ``info_date``, ``target_idx``, ``info_idx``,
-    ``tau``, ``log_moneyness``, ``forward``, ``delta``, ``rate`` and, where the chain has them, ``bid``, ``ask``,
+    ``tau``, ``log_moneyness``, ``forward``, ``delta``, ``rate``, ``dividend_yield`` and, where the chain has them, ``bid``, ``ask``,
     ``iv_bid``, ``iv_ask`` (of the terms date).
 
     ``aux`` holds unscaled per-row values for losses and diagnostics, each a (n,) tensor:
@@ -327,7 +327,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     parts = split_rows(rows, horizon=horizon, val_fraction=val_fraction, test_fraction=test_fraction,
                        n_folds=n_folds, fold=fold, train_dates=train_dates)
     row_columns = ["quote_date", *CONTRACT, "target_date", "info_date", "target_idx", "info_idx", "tau",
-                   "log_moneyness", "forward", "delta", "rate"]
+                   "log_moneyness", "forward", "delta", "rate", "dividend_yield"]
     row_columns += [c for c in ("bid", "ask", "iv_bid", "iv_ask") if c in rows.columns]
 
     # Scaling and categorical vocabularies from the train part only.

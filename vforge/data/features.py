@@ -399,3 +399,49 @@ def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, s
             k = np.log(g["strike"].to_numpy() / fwd)
         out[pos] = surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], k, np.maximum(tau, 1e-6))
     return out
+
+
+# Features computed from a contract's terms, its log-moneyness k and years to expiry tau (with the contract's previous
+# IV and the info date's smile held where they are); every other feature (the contract's history, the market state,
+# the gap) stays what it is when the terms move.
+TERMS_FEATURES = ("log_moneyness", "tau", "sqrt_tau", "delta", "moneyness_std", "prev_smile_iv",
+                  "sticky_moneyness_change", "prev_smile_slope", "prev_smile_curvature")
+
+
+def at_terms(x_num: np.ndarray, names: list[str], x_mean: np.ndarray, x_std: np.ndarray, contracts: pd.DataFrame,
+             nodes: pd.DataFrame | None, log_moneyness: np.ndarray, tau: np.ndarray) -> np.ndarray:
+    """Scaled features ``x_num`` (n, n_num) of ``contracts`` as they would read at ``log_moneyness`` and ``tau``
+    (n,): every feature of ``TERMS_FEATURES`` among ``names`` recomputed there by its ``REGISTRY`` entry, as the
+    dataset computes it, then scaled as the dataset scales (``(x - x_mean) / x_std``); the other columns are
+    returned unchanged.
+
+    What a surface loss needs to move along strike and tenor: moving the ``log_moneyness`` column alone would hold
+    ``delta``, ``moneyness_std`` and the smile features at the old strike.
+
+    Args:
+        contracts: per row, ``prev_iv`` (the contract's previous IV, which ``delta`` and ``moneyness_std`` are
+            taken at), ``is_call`` (1/0), ``rate`` and ``dividend_yield`` (for ``delta``), ``info_idx`` (the
+            info date, for the smile features).
+        nodes: the quotes the smile features read (``Dataset.quotes``); needed only when ``names`` has one.
+    """
+    k = np.asarray(log_moneyness, dtype=np.float64)
+    wanted = [n for n in REGISTRY if n in TERMS_FEATURES and n in names]
+    reads_smile = {"prev_smile_iv", "sticky_moneyness_change", "prev_smile_slope", "prev_smile_curvature"}
+    smile = reads_smile & set(wanted)
+    if smile and nodes is None:
+        raise ValueError(f"features {sorted(smile)} read the info date's smile: pass the quotes (Dataset.quotes)")
+    rows = pd.DataFrame({"log_moneyness": k, "tau": np.asarray(tau, dtype=np.float64),
+                         "forward": 1.0, "strike": np.exp(k),  # per unit forward: log(K / F) = k
+                         **{c: contracts[c].to_numpy() for c in ("prev_iv", "is_call", "rate", "dividend_yield",
+                                                                 "info_idx")}})
+    # what the terms features read besides the rows: only the info dates' quotes (no spot path, no state)
+    ctx = Context(nodes=pd.DataFrame() if nodes is None else nodes, spot=pd.Series(dtype=float),
+                  dates=pd.DatetimeIndex([]), market=pd.DataFrame(), state=pd.DataFrame())
+    for name in [n for n in REGISTRY if n in TERMS_FEATURES]:  # registry order: a feature may use those above it
+        if smile or name not in reads_smile:  # the smile (the costly part) only when a selected feature reads it
+            rows[name] = REGISTRY[name].compute(rows, ctx)
+    out = np.array(x_num, dtype=np.float64, copy=True)
+    for name in wanted:
+        j = names.index(name)
+        out[:, j] = (rows[name].to_numpy(np.float64) - x_mean[j]) / x_std[j]
+    return out

@@ -17,8 +17,7 @@ def training_loss(cfg: DictConfig) -> Loss:
 
 def coverages(cfg: DictConfig) -> tuple[float, ...]:
     """Nominal coverages of the intervals the configured loss predicts (quantile loss), else ()."""
-    intervals = getattr(training_loss(cfg), "intervals", None)
-    return tuple(nominal for _, _, nominal in intervals()) if intervals else ()
+    return tuple(nominal for _, _, nominal in training_loss(cfg).intervals())
 
 
 def validate_training(cfg: DictConfig) -> None:
@@ -41,10 +40,7 @@ def validate_training(cfg: DictConfig) -> None:
         raise ValueError(
             f"model.d_out={d_model} does not match the loss: {type(loss).__name__} needs d_out={loss.d_out} "
             f"(one output per quantile for loss=quantile). Remove model.d_out; train() sets it from the loss")
-    features = list(cfg.data.get("features") or [])
-    if hasattr(loss, "penalties") and ("log_moneyness" not in features or not {"tau", "sqrt_tau"} & set(features)):
-        raise ValueError(f"loss=surface probes the model in log_moneyness and tau, so data.features must include "
-                         f"log_moneyness and tau (or sqrt_tau); got {features}")
+    loss.check_features(list(cfg.data.get("features") or []))
     if tr.callbacks and not hasattr(tr.callbacks, "items"):
         raise ValueError("trainer.callbacks must map names to {_target_: ...} nodes, e.g. "
                          "+trainer.callbacks.mine._target_=my.module.MyCallback")

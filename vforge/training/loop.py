@@ -11,7 +11,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_me
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.distributed import Single
-from vforge.training.losses import Batch, Loss, Quantile
+from vforge.training.losses import Loss, RowContext
 from vforge.training.state import FitResult, FitState
 
 log = logging.getLogger(__name__)
@@ -37,39 +37,6 @@ def split_aux(data: Dataset, split: Split) -> dict[str, Tensor]:
     aux = {k: torch.as_tensor(v) for k, v in (getattr(split, "aux", None) or {}).items()}
     aux.setdefault("base", torch.as_tensor(np.asarray(split.base, dtype=np.float32)))
     return {k: v.float() if v.is_floating_point() else v for k, v in aux.items()}
-
-
-def surface_probe(model: nn.Module, data: Dataset, x_num: Tensor, x_cat: Tensor | None, batch: Batch,
-                  n: int) -> Callable[[float, float], Tensor]:
-    """``probe(dk, dtau)``: IV levels (4n,) of the first ``n`` rows at (k, tau), (k+dk, tau), (k-dk, tau),
-    (k, tau+dtau), from one eval-mode forward pass with the scaled ``log_moneyness``/``tau``/``sqrt_tau``
-    features moved accordingly."""
-    names = data.feature_names
-    if "log_moneyness" not in names or "tau" not in names and "sqrt_tau" not in names:
-        raise ValueError(f"loss=surface needs log_moneyness and tau (or sqrt_tau) in data.features, got {names}")
-    col = {f: names.index(f) for f in ("log_moneyness", "tau", "sqrt_tau") if f in names}
-    std = lambda f: float(data.x_std[col[f]])  # noqa: E731
-    mean = lambda f: float(data.x_mean[col[f]])  # noqa: E731
-
-    def probe(dk: float, dtau: float) -> Tensor:
-        x = x_num[:n].repeat(4, 1)  # (4n, n_num): center, k+dk, k-dk, tau+dtau
-        x[n : 2 * n, col["log_moneyness"]] += dk / std("log_moneyness")
-        x[2 * n : 3 * n, col["log_moneyness"]] -= dk / std("log_moneyness")
-        tau = batch.require("tau")[:n]
-        if "tau" in col:
-            x[3 * n :, col["tau"]] += dtau / std("tau")
-        if "sqrt_tau" in col:
-            x[3 * n :, col["sqrt_tau"]] = ((tau + dtau).sqrt() - mean("sqrt_tau")) / std("sqrt_tau")
-        was_training = model.training
-        model.eval()  # dropout noise would swamp the finite differences
-        try:
-            out = model(x, None if x_cat is None else x_cat[:n].repeat(4, 1))[:, 0].float()
-        finally:
-            model.train(was_training)
-        sub = Batch({k: v[:n].repeat(4) for k, v in batch.aux.items()}, batch.y_center, batch.y_scale, batch.change)
-        return sub.level(out)
-
-    return probe
 
 
 @torch.inference_mode()
@@ -127,7 +94,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
     x_num, y = train.x_num.to(device), train.y.to(device)
     x_cat = None if train.x_cat is None else train.x_cat.to(device)
     # per-row context only for losses that use it: slicing it every step is not free
-    aux = {k: v.to(device) for k, v in split_aux(data, train).items()} if getattr(loss_fn, "needs_levels", 0) else {}
+    aux = {k: v.to(device) for k, v in split_aux(data, train).items()} if loss_fn.needs_levels else {}
     # drop a straggler batch too small to give every rank two rows (one row breaks BatchNorm)
     batches_per_epoch = math.ceil(n / batch_size) - (1 if 0 < n % batch_size < 2 * strategy.world_size
                                                      and n > batch_size else 0)
@@ -146,8 +113,9 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
     forward = torch.compile(forward) if compile else forward
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
     auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
-    output = getattr(loss_fn, "median", 0)
-    change, plain, probe = data.target == "change", Batch(), hasattr(loss_fn, "penalties")
+    output = loss_fn.point_index
+    change, plain = data.target == "change", RowContext()
+    loss_fn.bind(model, data)  # e.g. the surface loss's probe inputs
     autocast = (lambda: torch.autocast(device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
     start = time.perf_counter()
     for epoch in range(state.epoch, max_epochs if not state.stop else state.epoch):
@@ -157,13 +125,11 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         batches = [strategy.shard(b) for b in perm.split(batch_size)[:batches_per_epoch]]  # this rank's rows
         losses = []  # per-step losses, checked once an epoch: no per-step sync
         for i, idx in enumerate(batches):
-            batch = Batch({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change) if aux else plain
-            if probe:  # the surface loss probes the model around the batch
-                batch.probe = surface_probe(model, data, x_num[idx], None if x_cat is None else x_cat[idx], batch,
-                                            min(len(idx), cast(int, loss_fn.n_probe)))
+            context = RowContext({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change,
+                                 rows=idx) if aux else plain
             with autocast():
                 pred = forward(x_num[idx], None if x_cat is None else x_cat[idx])
-            loss = loss_fn(pred.float(), y[idx], batch)
+            loss = loss_fn(pred.float(), y[idx], context)
             if auxiliary is not None:
                 loss = loss + auxiliary()
             losses.append(loss.detach())
@@ -199,7 +165,7 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         state.metrics = {"train/loss": strategy.mean(float((loss_log * sizes).sum() / sizes.sum())),
                          "val/rmse_epoch": val_rmse(state.eval_model, data, eval_batch_size, output),
                          "lr": optimizer.param_groups[0]["lr"]}
-        state.metrics |= {f"train/{k}_penalty": float(v) for k, v in getattr(loss_fn, "last", {}).items()}
+        state.metrics |= {f"train/{k}_penalty": v for k, v in loss_fn.metrics().items()}
         if state.eval_model is not model:  # averaging: the raw weights' score beside the averaged ones
             state.metrics["val/raw_rmse_epoch"] = val_rmse(model, data, eval_batch_size, output)
         if plateau and state.scheduler is not None:
@@ -219,7 +185,7 @@ def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss,
              batch_size: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Val/test metrics of the final (averaged, best-epoch) model; interval coverage for quantile losses; the raw
     weights' val RMSE when averaging is on. Also returns the point predictions, IV levels (n,) per split."""
-    out_idx = getattr(loss_fn, "median", 0)
+    out_idx = loss_fn.point_index
     metrics: dict[str, float] = {}
     levels: dict[str, np.ndarray] = {}
     points: dict[str, np.ndarray] = {}
@@ -228,12 +194,11 @@ def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss,
         outputs = predict_outputs(final, split, batch_size)
         points[name] = data.to_level(outputs[:, out_idx], split)
         metrics |= split_metrics(name, points[name], split.iv, split.persistence, split.base)
-        if isinstance(loss_fn, Quantile):
+        if loss_fn.intervals():
             levels[name] = np.stack([data.to_level(outputs[:, j], split) for j in range(outputs.shape[1])], axis=1)
             metrics |= interval_metrics(name, levels[name], split.iv, loss_fn.intervals())
     if levels:
-        metrics |= conformal_metrics(levels["val"], data.val.iv, levels["test"], data.test.iv,
-                                     cast(Quantile, loss_fn).intervals())
+        metrics |= conformal_metrics(levels["val"], data.val.iv, levels["test"], data.test.iv, loss_fn.intervals())
     if final is not raw:
         metrics["val/raw_rmse"] = val_rmse(raw, data, batch_size, out_idx)
     return metrics, points

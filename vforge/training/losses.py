@@ -1,13 +1,13 @@
-"""The loss zoo: every loss takes ``(pred, target, batch)`` and returns a scalar.
+"""The loss zoo: every loss takes ``(pred, target, context)`` and returns a scalar.
 
 ``pred`` is the model output (batch, d_out) in scaled target units, ``target`` (batch,) the scaled
-target, ``batch`` a :class:`Batch` with the unscaled per-row context (``aux``) and the affine map to
-IV levels. Losses on target units (mse, mae, huber, ...) ignore ``batch``; losses that need IV levels
-(relative, log_iv, vega_weighted, surface) use ``batch.level``. A plain torch loss
+target, ``context`` a :class:`RowContext` with the unscaled per-row context (``aux``) and the affine map to
+IV levels. Losses on target units (mse, mae, huber, ...) ignore ``context``; losses that need IV levels
+(relative, log_iv, vega_weighted, surface) use ``context.level``. A plain torch loss
 (``_target_: torch.nn.L1Loss``) still works: :func:`as_loss` wraps it.
 
-Each loss documents when to use it. ``d_out`` is the number of model outputs the loss needs
-(several for quantile); ``point(pred)`` is the point prediction (the median for quantile).
+Each loss documents when to use it. :class:`Loss` declares every hook the training loop, the evaluation and
+the saved model ask a loss for, each with its default.
 """
 
 from __future__ import annotations
@@ -15,24 +15,32 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vforge.data import features as feats
 from vforge.data.target import to_level
+
+if TYPE_CHECKING:
+    from vforge.data.dataset import Dataset
 
 MIN_IV = 1e-4  # floor for predicted IV levels inside logs and divisions
 
 
 @dataclass
-class Batch:
-    """Per-row context of one batch.
+class RowContext:
+    """Per-row context of one batch, for the losses that need more than predictions and targets.
 
     ``aux`` holds unscaled (batch,) tensors: ``log_moneyness``, ``tau``, ``base`` (the IV a predicted
     change is added to), ``vega``, ``is_call``, ``quote_date_idx`` (whichever the data provides).
+    ``rows`` (batch,) are the rows' indices in the training split (what a loss bound to the data looks up).
     ``probe(d_log_moneyness, d_tau)`` (optional) evaluates the model on the same rows with shifted
-    contract terms and returns IV levels (batch,): the surface loss uses it for finite differences.
+    contract terms and returns IV levels: given here, it takes the place of the surface loss's own probe.
     """
 
     aux: dict[str, Tensor] = field(default_factory=dict)
@@ -40,6 +48,7 @@ class Batch:
     y_scale: float = 1.0
     change: bool = False
     probe: Callable[[float, float], Tensor] | None = None
+    rows: Tensor | None = None
 
     def level(self, scaled: Tensor) -> Tensor:
         """Scaled target units (batch,) -> IV levels (batch,)."""
@@ -56,16 +65,40 @@ class Batch:
 
 
 class Loss(nn.Module):
-    """Base class. Subclasses implement ``forward(pred, target, batch) -> scalar``."""
+    """Base class: subclasses implement ``forward(pred, target, context) -> scalar``.
 
-    d_out: int = 1
-    needs_levels: bool = False  # True: uses batch.level, so needs y_scale/y_center/base
+    The hooks below are everything the loop (vforge/training/loop.py), the evaluation and the saved
+    ``model.pt`` ask of a loss; override the ones that differ from the default.
+    """
+
+    d_out: int = 1  # model outputs the loss needs (one per quantile for loss=quantile)
+    needs_levels: bool = False  # True: uses the per-row context (context.level, aux), which the loop then builds
+    quantiles: list[float] | None = None  # the quantile each output predicts (saved with the model), or None
+
+    @property
+    def point_index(self) -> int:
+        """The output column that is the point prediction (the median's for a quantile loss)."""
+        return 0
 
     def point(self, pred: Tensor) -> Tensor:
         """The point prediction (batch,) from the model output (batch, d_out)."""
-        return pred[:, 0]
+        return pred[:, self.point_index]
 
-    def context(self, batch: Batch | None) -> Batch:
+    def intervals(self) -> list[tuple[int, int, float]]:
+        """Prediction intervals among the outputs, (i_lo, i_hi, nominal coverage); none by default."""
+        return []
+
+    def metrics(self) -> dict[str, float]:
+        """Extra training metrics of the latest batch, logged each epoch as ``train/<name>_penalty``."""
+        return {}
+
+    def check_features(self, features: Sequence[str]) -> None:
+        """Raise if the loss cannot work with ``data.features`` (run by ``validate`` before any data is built)."""
+
+    def bind(self, model: nn.Module, data: Dataset) -> None:
+        """Called once by the loop before training: a loss that probes ``model`` on ``data`` prepares it here."""
+
+    def context(self, batch: RowContext | None) -> RowContext:
         """The batch's per-row context, which a loss with ``needs_levels`` cannot do without."""
         if batch is None:
             raise ValueError(f"{type(self).__name__} needs the batch's per-row context (levels, base); the loop passes "
@@ -76,14 +109,14 @@ class Loss(nn.Module):
 class MSE(Loss):
     """Mean squared error. The default: optimizes RMSE (the headline metric) directly."""
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         return F.mse_loss(pred[:, 0], target)
 
 
 class MAE(Loss):
     """Mean absolute error (L1). Estimates the conditional median: robust to bad quotes, optimizes MAE."""
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         return F.l1_loss(pred[:, 0], target)
 
 
@@ -96,7 +129,7 @@ class Huber(Loss):
             raise ValueError(f"delta must be > 0, got {delta=}")
         self.delta = delta
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         return F.huber_loss(pred[:, 0], target, delta=self.delta)
 
 
@@ -110,14 +143,14 @@ class SmoothL1(Loss):
             raise ValueError(f"beta must be > 0, got {beta=}")
         self.beta = beta
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         return F.smooth_l1_loss(pred[:, 0], target, beta=self.beta)
 
 
 class LogCosh(Loss):
     """log(cosh(e)): ~e^2/2 near zero, ~|e| - log 2 far away; a Huber that is smooth everywhere."""
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         e = pred[:, 0] - target
         # log(cosh(e)) = |e| + log1p(exp(-2|e|)) - log 2, which does not overflow for large |e|
         a = e.abs()
@@ -132,6 +165,7 @@ class Quantile(Loss):
     """
 
     q: Tensor  # buffer (n_quantiles,)
+    quantiles: list[float]
 
     def __init__(self, quantiles: Sequence[float] = (0.05, 0.5, 0.95)) -> None:
         super().__init__()
@@ -145,8 +179,9 @@ class Quantile(Loss):
         self.median = qs.index(0.5)
         self.register_buffer("q", torch.tensor(qs), persistent=False)
 
-    def point(self, pred: Tensor) -> Tensor:
-        return pred[:, self.median]
+    @property
+    def point_index(self) -> int:
+        return self.median
 
     def intervals(self) -> list[tuple[int, int, float]]:
         """Symmetric pairs (i_lo, i_hi, nominal coverage), e.g. (0, 2, 0.9) for 0.05/0.95."""
@@ -158,7 +193,7 @@ class Quantile(Loss):
                     out.append((i, hi[0], round(1 - 2 * q, 6)))
         return out
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         if pred.shape[1] != self.d_out:
             raise ValueError(f"quantile loss with {self.d_out} quantiles needs d_out={self.d_out}, got {pred.shape[1]}")
         e = target[:, None] - pred  # (batch, n_quantiles); > 0 means under-prediction
@@ -177,7 +212,7 @@ class Wing(Loss):
         self.width, self.curvature = width, curvature
         self.c = width - width * math.log1p(width / curvature)  # makes the two pieces meet at |e| = width
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         a = (pred[:, 0] - target).abs()
         small = self.width * torch.log1p(a / self.curvature)
         return torch.where(a < self.width, small, a - self.c).mean()
@@ -194,7 +229,7 @@ class Focal(Loss):
             raise ValueError(f"base must be 'mse' or 'l1', got {base=}")
         self.beta, self.gamma, self.base = beta, gamma, base
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         e = pred[:, 0] - target
         rows = e**2 if self.base == "mse" else e.abs()
         return (rows * torch.tanh(self.beta * e.abs()) ** self.gamma).mean()
@@ -213,7 +248,7 @@ class Asymmetric(Loss):
             raise ValueError(f"under and over must be > 0 and power >= 1, got {under=}, {over=}, {power=}")
         self.under, self.over, self.power = under, over, power
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         e = pred[:, 0] - target
         weight = torch.where(e < 0, self.under, self.over)
         return (weight * e.abs() ** self.power).mean()
@@ -233,7 +268,7 @@ class CVaR(Loss):
             raise ValueError(f"base must be 'mse' or 'l1', got {base=}")
         self.alpha, self.base = alpha, base
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         e = pred[:, 0] - target
         rows = e**2 if self.base == "mse" else e.abs()
         k = max(1, math.ceil(self.alpha * rows.numel()))
@@ -246,7 +281,7 @@ class Relative(Loss):
 
     needs_levels = True
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         batch = self.context(batch)
         iv = batch.level(target)
         return (((batch.level(pred[:, 0]) - iv) / iv.clamp_min(MIN_IV)) ** 2).mean()
@@ -258,7 +293,7 @@ class LogIV(Loss):
 
     needs_levels = True
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         batch = self.context(batch)
         iv = batch.level(target)
         return ((torch.log(batch.level(pred[:, 0]).clamp_min(MIN_IV)) - torch.log(iv.clamp_min(MIN_IV))) ** 2).mean()
@@ -282,14 +317,14 @@ class VegaWeighted(Loss):
 
     needs_levels = True
 
-    def weights(self, batch: Batch) -> Tensor:
+    def weights(self, batch: RowContext) -> Tensor:
         vega = batch.aux.get("vega")
         if vega is None:
             vega = bs_vega(batch.require("log_moneyness"), batch.require("tau"), batch.require("base"))
         w = vega**2
         return w / w.mean().clamp_min(1e-12)
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         batch = self.context(batch)
         iv = batch.level(target)
         return (self.weights(batch) * (batch.level(pred[:, 0]) - iv) ** 2).mean()
@@ -318,10 +353,11 @@ def arbitrage_penalties(w: Tensor, w_up: Tensor, w_down: Tensor, w_later: Tensor
 class Surface(Loss):
     """A base loss (mse) plus penalties for calendar and butterfly arbitrage on the predicted surface.
 
-    The model is probed around each of up to ``n_probe`` rows of the batch, with contract terms moved by
-    ``dk`` in log-moneyness and ``dtau`` years (other features, the contract's history, held fixed), in eval
-    mode so dropout does not swamp the finite differences. Use it when the surface will be used to price
-    or to compute greeks, where arbitrage gives negative densities; see :func:`arbitrage_penalties`.
+    The model is probed around each of up to ``n_probe`` rows of the batch at log-moneyness ``k + dk``, ``k - dk``
+    and at ``tau + dtau`` years, with every feature that is computed from the contract's terms recomputed there
+    (``vforge.data.features.at_terms``: delta, moneyness_std, the smile features, ...; the contract's history
+    held fixed), in eval mode so dropout does not swamp the finite differences. Use it when the surface will be
+    used to price or to compute greeks, where arbitrage gives negative densities; see :func:`arbitrage_penalties`.
     """
 
     needs_levels = True
@@ -335,19 +371,67 @@ class Surface(Loss):
         self.dk, self.dtau, self.n_probe = dk, dtau, n_probe
         self.base = base if base is not None else MSE()
         self.last: dict[str, Tensor] = {}  # the latest batch's penalties
+        # (model, training inputs (n, n_num), the same at k + dk, k - dk, tau + dtau (3, n, n_num), x_cat): bind()
+        self._probe_inputs: tuple[nn.Module, Tensor, Tensor, Tensor | None] | None = None
 
-    def penalties(self, batch: Batch) -> tuple[Tensor, Tensor]:
-        if batch.probe is None:
-            raise ValueError("the surface loss needs a surface probe (log_moneyness and tau among data.features)")
+    def metrics(self) -> dict[str, float]:
+        return {k: float(v) for k, v in self.last.items()}
+
+    def check_features(self, features: Sequence[str]) -> None:
+        if "log_moneyness" not in features or not {"tau", "sqrt_tau"} & set(features):
+            raise ValueError(f"loss=surface probes the model in log_moneyness and tau, so data.features must include "
+                             f"log_moneyness and tau (or sqrt_tau); got {list(features)}")
+
+    def bind(self, model: nn.Module, data: Dataset) -> None:
+        """Compute once the training rows' inputs at the probe's shifted terms, scaled as the dataset scales."""
+        self.check_features(data.feature_names)
+        train, device = data.train, next(model.parameters()).device
+        rows = train.rows
+        k, tau = rows["log_moneyness"].to_numpy(np.float64), rows["tau"].to_numpy(np.float64)
+        contracts = pd.DataFrame({"prev_iv": train.base,  # the base is the contract's previous IV (prev_iv)
+                                  "is_call": (rows["option_type"] == "C").to_numpy(np.float64),
+                                  "rate": rows["rate"], "dividend_yield": rows["dividend_yield"],
+                                  "info_idx": rows["info_idx"]})
+        x = train.x_num.double().numpy()
+        at = lambda kk, tt: feats.at_terms(x, data.feature_names, data.x_mean, data.x_std, contracts,  # noqa: E731
+                                           data.quotes, kk, tt)
+        shifted = np.stack([at(k + self.dk, tau), at(k - self.dk, tau), at(k, tau + self.dtau)])
+        x_cat = None if train.x_cat is None else train.x_cat.to(device)
+        self._probe_inputs = (model, train.x_num.to(device), torch.as_tensor(shifted, dtype=torch.float32,
+                                                                              device=device), x_cat)
+
+    def probe(self, batch: RowContext) -> Tensor:
+        """IV levels (4n,) of the batch's first n <= ``n_probe`` rows at (k, tau), (k + dk, tau), (k - dk, tau),
+        (k, tau + dtau), from one eval-mode forward pass (a probe given with the context instead, if any)."""
+        if batch.probe is not None:
+            return batch.probe(self.dk, self.dtau)
+        if self._probe_inputs is None or batch.rows is None:
+            raise ValueError("the surface loss needs a surface probe: the loop binds it to the model and the data "
+                             "(log_moneyness and tau among data.features)")
+        model, x_num, shifted, x_cat = self._probe_inputs
+        rows = batch.rows[: self.n_probe]
+        n = len(rows)
+        x = torch.cat([x_num[rows], shifted[:, rows].reshape(3 * n, -1)])  # (4n, n_num): center, k+dk, k-dk, tau+dtau
+        was_training = model.training
+        model.eval()  # dropout noise would swamp the finite differences
+        try:
+            out = model(x, None if x_cat is None else x_cat[rows].repeat(4, 1))[:, 0].float()
+        finally:
+            model.train(was_training)
+        sub = RowContext({k: v[:n].repeat(4) for k, v in batch.aux.items()}, batch.y_center, batch.y_scale,
+                         batch.change)
+        return sub.level(out)
+
+    def penalties(self, batch: RowContext) -> tuple[Tensor, Tensor]:
         # one forward for all probe points: (4 * n,) IV levels, then split
-        iv, up, down, later = batch.probe(self.dk, self.dtau).chunk(4)
+        iv, up, down, later = self.probe(batch).chunk(4)
         k = batch.require("log_moneyness")[: len(iv)]
         tau = batch.require("tau")[: len(iv)]
         w = lambda s, t: s.clamp_min(0) ** 2 * t  # noqa: E731
         return arbitrage_penalties(w(iv, tau), w(up, tau), w(down, tau), w(later, tau + self.dtau), k, self.dk,
                                    self.dtau)
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         batch = self.context(batch)
         loss = self.base(pred, target, batch)
         calendar, butterfly = self.penalties(batch)
@@ -362,7 +446,7 @@ class TorchLoss(Loss):
         super().__init__()
         self.fn = fn
 
-    def forward(self, pred: Tensor, target: Tensor, batch: Batch | None = None) -> Tensor:
+    def forward(self, pred: Tensor, target: Tensor, batch: RowContext | None = None) -> Tensor:
         return self.fn(pred[:, 0], target)
 
 
