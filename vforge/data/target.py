@@ -2,7 +2,7 @@
 
 A model learns ``(iv - base) / y_scale`` centred on ``y_center`` (``data.target=change``) or ``(iv - y_center) /
 y_scale`` (``level``). ``to_level`` undoes it on numpy arrays and torch tensors alike: ``Dataset.to_level`` (metrics),
-``losses.Batch.level`` (level losses) and ``vforge.serving.Serving`` (every exported artifact) call it.
+``losses.RowContext.level`` (level losses) and ``vforge.serving.Serving`` (every exported artifact) call it.
 """
 
 from __future__ import annotations
