@@ -1,4 +1,4 @@
-"""Re-marking a chain through the serving API: in process (``predict_frame``) and through ``mlflow models serve``.
+"""Re-marking a chain through the serving API: in process (``vforge.serving.ChainModel.remark``) and through ``mlflow models serve``.
 
     python scripts/bench_serving.py [--run <run folder>] [--contracts 1000] [--repeat 30] [--no-rest]
 
@@ -29,8 +29,7 @@ from omegaconf import OmegaConf, open_dict
 
 from vforge import CONF_DIR
 from vforge.data.synthetic import cached_chain
-from vforge.export import load_serving
-from vforge.predict import predict_frame
+from vforge.serving import load_run
 
 
 def train_quick(out_dir: Path) -> tuple[Path, dict]:
@@ -127,11 +126,11 @@ def main() -> None:
             checkpoint, _ = train_quick(workdir / "run")
         else:
             checkpoint = args.run / "model.pt"
-        serving, ckpt = load_serving(checkpoint)
-        request = request_rows(ckpt["config"]["data"], args.contracts)
-        out, _ = predict_frame(serving, ckpt, request)
+        chain = load_run(checkpoint)
+        request = request_rows(chain.data_cfg, args.contracts)
+        out = chain.remark(request).ivs
         print(f"request: {len(request)} raw rows ({request['quote_date'].nunique()} quote dates) -> {len(out)} IVs")
-        print(f"in process, predict_frame: {median_ms(lambda: predict_frame(serving, ckpt, request), args.repeat):.1f} "
+        print(f"in process, ChainModel.remark: {median_ms(lambda: chain.remark(request), args.repeat):.1f} "
               f"ms median of {args.repeat}")
         if not args.no_rest:
             print(f"REST, mlflow models serve round trip: {rest_ms(checkpoint, request, args.repeat, workdir):.1f} ms "

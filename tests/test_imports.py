@@ -1,5 +1,5 @@
 """The package's import graph: no module of ``vforge/`` imports, even lazily or for type checking only, a module
-that imports it back (directly or around a longer loop)."""
+that imports it back (directly or around a longer loop); and no library module imports an entry point."""
 
 from __future__ import annotations
 
@@ -84,3 +84,14 @@ def test_vforge_has_no_import_cycle():
     cycle = find_cycle(graph)
     if cycle:
         pytest.fail("import cycle: " + " -> ".join(cycle))
+
+
+ENTRY_POINTS = {"vforge.train", "vforge.predict", "vforge.export", "vforge.automl"}
+
+
+def test_no_library_module_imports_an_entry_point():
+    graph = import_graph()
+    assert "vforge.serving" in graph["vforge.predict"] and "vforge.serving" in graph["vforge.tracking.registry"]
+    offenders = {m: sorted(deps & ENTRY_POINTS) for m, deps in graph.items()
+                 if m not in ENTRY_POINTS and deps & ENTRY_POINTS}
+    assert not offenders, f"library modules importing entry points: {offenders}"

@@ -2,14 +2,33 @@
 
 from __future__ import annotations
 
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
+import mlflow
 import numpy as np
 import pandas as pd
+import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+from omegaconf import open_dict
 
-from vforge.serving import ModelBundle, load_serving
+from vforge.serving import ModelBundle, load_run, load_serving
 from vforge.train import train
+
+from .conftest import CONF_DIR, TINY_DATA
+from .test_predict import raw_synthetic_chain
 
 
 def test_model_pt_round_trips_and_old_files_still_load(make_cfg, tmp_path):
@@ -40,3 +59,147 @@ def test_model_pt_round_trips_and_old_files_still_load(make_cfg, tmp_path):
     assert old_ckpt["surface"] is None
     with torch.inference_mode():
         torch.testing.assert_close(old_serving(x, base), new_serving(x, base), rtol=0, atol=0)
+
+
+# --- re-marking through the serving API: folder, registry and the REST scoring code answer alike -----------------
+
+REGISTERED = "vforge-test-serving"
+
+
+@pytest.fixture(scope="module")
+def chain_run(tmp_path_factory, cache_dir, mlflow_uri):
+    """A tiny run on a chain file whose last quote date is held out (data.end_date): that date is "today" for a
+    service, the run's last date its previous date. Logged and registered in MLflow."""
+    tmp = tmp_path_factory.mktemp("chain_run")
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["trainer=fast", *TINY_DATA], return_hydra_config=True)
+    raw = raw_synthetic_chain(cfg)
+    dates = np.sort(raw["quote_date"].unique())
+    path = tmp / "chain.csv"
+    raw.to_csv(path, index=False)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[
+            "trainer=fast", "data=chain", f"data.path={path}", f"data.end_date={pd.Timestamp(dates[-2]).date()}",
+            "evaluation.plots=false", "logger=mlflow", f"logger.tracking_uri={mlflow_uri}",
+            "logger.experiment=test-serving", f"logger.registered_model={REGISTERED}"], return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        del cfg.hydra
+        cfg.output_dir = str(tmp / "run")
+    train(cfg)
+    today, previous = raw[raw["quote_date"] == dates[-1]], raw[raw["quote_date"] == dates[-2]]
+    (version,) = mlflow.MlflowClient(mlflow_uri).search_model_versions(f"name='{REGISTERED}'")
+    return SimpleNamespace(cfg=cfg, today=today.reset_index(drop=True), previous=previous, uri=mlflow_uri,
+                           model_uri=f"models:/{REGISTERED}/{version.version}")
+
+
+def request(*parts: pd.DataFrame) -> pd.DataFrame:
+    """Rows as a client sends them: dates as ISO strings."""
+    rows = pd.concat(parts, ignore_index=True)
+    return rows.assign(quote_date=rows["quote_date"].astype(str), expiry=rows["expiry"].astype(str))
+
+
+def test_a_request_of_one_date_is_answered_from_the_surface_the_model_carries(chain_run):
+    chain = load_run(chain_run.cfg.output_dir)
+    today_only = chain.remark(request(chain_run.today))
+    with_previous = chain.remark(request(chain_run.previous, chain_run.today))
+    assert today_only.previous_from == "model" and with_previous.previous_from == "request"
+    assert today_only.previous_date == with_previous.previous_date == pd.Timestamp(chain_run.previous["quote_date"].iloc[0])
+    pd.testing.assert_frame_equal(today_only.ivs, with_previous.ivs)
+    assert today_only.dropped == with_previous.dropped
+    # every row of the date is re-marked or counted under a reason
+    assert today_only.contracts == len(chain_run.today) == len(today_only.ivs) + sum(today_only.dropped.values())
+    assert today_only.dropped.get("drop_zero_bid", 0) > 0  # the synthetic chain has zero bids in its wings
+
+
+def scoring_response(model, body: dict) -> tuple[int, dict | str]:
+    """What ``mlflow models serve`` answers (status, JSON or message), through its own request code in process."""
+    try:
+        response = scoring_server.invocations(json.dumps(body), "application/json", model,
+                                              model.metadata.get_input_schema())
+    except MlflowException as e:
+        return e.get_http_status_code(), e.message
+    return response.status, json.loads(response.response)
+
+
+def split_body(rows: pd.DataFrame, **params: str) -> dict:
+    """A split-oriented JSON request; floats as Python writes them (exact; pandas' to_json keeps 10 digits)."""
+    split = {"columns": list(rows.columns), "data": rows.to_numpy(object).tolist()}
+    return {"dataframe_split": split, **({"params": params} if params else {})}
+
+
+def test_folder_registry_and_rest_give_the_same_answer(chain_run):
+    folder = load_run(chain_run.cfg.output_dir).remark(request(chain_run.today)).to_json()
+    model = mlflow.pyfunc.load_model(chain_run.model_uri)
+    registry = model.predict(request(chain_run.today))
+    status, rest = scoring_response(model, split_body(request(chain_run.today)))
+    assert status == 200 and rest["predictions"] == folder == json.loads(json.dumps(registry))
+    assert folder["previous_from"] == "model" and folder["dropped"] and folder["re_marked"] > 0
+    # with its own previous date, the same IVs and drop counts for the same rows of the date
+    status, own = scoring_response(model, split_body(request(chain_run.previous, chain_run.today)))
+    assert status == 200 and own["predictions"]["previous_from"] == "request"
+    assert own["predictions"]["ivs"] == folder["ivs"] and own["predictions"]["dropped"] == folder["dropped"]
+
+    # an MLflow 3 logged model with a signature and an input example (what the UI lists under "Logged models")
+    client = mlflow.MlflowClient(chain_run.uri)
+    exp = client.get_experiment_by_name("test-serving")
+    (logged,) = client.search_logged_models([exp.experiment_id])
+    assert logged.name == "chain_model"
+    info = mlflow.models.get_model_info(f"models:/{logged.model_id}")
+    assert info.signature is not None and "strike" in info.signature.inputs.input_names()
+    assert info.saved_input_example_info is not None
+
+
+def test_a_bad_request_is_a_400_that_names_the_cause(chain_run):
+    model = mlflow.pyfunc.load_model(chain_run.model_uri)
+    status, message = scoring_response(model, split_body(request(chain_run.today).drop(columns="strike")))
+    assert status == 400 and "strike" in message
+    last = request(chain_run.previous)  # the model's own last date: no earlier date to re-mark it from
+    status, message = scoring_response(model, split_body(last))
+    assert status == 400 and "needs the previous date's chain" in message
+    status, message = scoring_response(model, split_body(request(chain_run.today), date="notadate"))
+    assert status == 400 and "date='notadate' is not a date" in message
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_the_folder_and_400s_a_bad_request(chain_run, tmp_path):
+    """A real ``mlflow models serve --env-manager local`` of the registered model, over HTTP."""
+    port = free_port()
+    env = dict(os.environ, MLFLOW_TRACKING_URI=chain_run.uri)
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", chain_run.model_uri,
+                               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(tmp_path / "server.log", "w"))
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, (tmp_path / "server.log").read_text()
+                time.sleep(0.5)
+
+        def post(body: dict) -> tuple[int, dict]:
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(req, timeout=60) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as e:
+                return e.code, json.loads(e.read())
+
+        folder = load_run(chain_run.cfg.output_dir).remark(request(chain_run.today)).to_json()
+        status, answer = post(split_body(request(chain_run.today)))
+        assert status == 200 and answer["predictions"] == folder
+        status, error = post(split_body(request(chain_run.previous)))
+        assert status == 400 and "needs the previous date's chain" in error["message"]
+        assert error["error_code"] == "INVALID_PARAMETER_VALUE"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,12 +1,20 @@
-"""Serving a trained run: what ``model.pt`` holds, finding and loading a run, rebuilding its model, and the model
-with the data pipeline's scaling folded in (``Serving``).
+"""Serving a trained run: what ``model.pt`` holds (``ModelBundle``), finding and loading a run (folder, model.pt,
+``runs:/``, ``models:/``), the model with the data pipeline's scaling folded in (``Serving``), and raw chain rows ->
+features -> IVs (``ChainModel.remark``), which the MLflow pyfunc model (``vforge.tracking.registry``) answers with.
 
-``python -m vforge.predict`` and ``python -m vforge.export`` are thin mains over this module, and the MLflow
-pyfunc model in ``vforge.tracking.registry`` loads through it.
+``python -m vforge.predict`` and ``python -m vforge.export`` are thin mains over this module.
+
+Re-marking (``data.horizon=0``): the contracts of one quote date get IVs from their terms, the day's spot and the
+previous date's surface, through the same loader checks and feature code as training. The previous date is the
+request's own (its latest date before the one re-marked) or, for a request of one date, the surface of the run's last
+quote date, which the model carries.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -17,9 +25,14 @@ import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
 
+from vforge.data.chain import ChainOptions, ColumnHint, normalize, parse_dates
+from vforge.data.dataset import CONTRACT, DROP_REASONS, build_rows
 from vforge.data.target import to_level
 from vforge.training.checkpoint import atomic_save
 from vforge.training.losses import Loss
+
+DUMMY_IV = 0.2  # stands in for an unquoted contract's IV: no feature of a row reads its own date's IVs
+OUTPUT_COLUMNS = ["quote_date", *CONTRACT, "underlying_price", "implied_volatility", "baseline", "new_contract"]
 
 
 @dataclass
@@ -167,3 +180,167 @@ def load_serving(checkpoint: str | Path) -> tuple[Serving, dict[str, Any]]:
     checkpoint as the dict it was saved as."""
     bundle = ModelBundle.load(checkpoint)
     return bundle.serving(checkpoint), bundle.to_dict()
+
+
+def load_run(run: str | Path, tracking_uri: str | None = None) -> ChainModel:
+    """A trained run ready to re-mark chains. ``run`` is a run folder, a model.pt, ``runs:/<run_id>``, or a registered
+    model ``models:/<name>/<version>`` (``models:/<name>@<alias>``), loaded as the pyfunc model training registered."""
+    if str(run).startswith("models:/"):
+        import mlflow
+
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        return mlflow.pyfunc.load_model(str(run)).unwrap_python_model().chain
+    checkpoint = resolve_checkpoint(run, tracking_uri)
+    return ChainModel(ModelBundle.load(checkpoint), source=checkpoint)
+
+
+def input_column_hint(columns: Mapping[str, str | None]) -> ColumnHint:
+    """The loader's hint for a missing column when the columns are the run's (fixed when it was trained)."""
+    mapped = {k: v for k, v in columns.items() if v}
+    return lambda name: f"the input needs a column {mapped.get(name, name)!r} (the run's data.columns.{name})"
+
+
+@contextlib.contextmanager
+def run_options_note() -> Iterator[None]:
+    """Loader errors that still name a ``data.*`` option say that those are the run's, fixed when it was trained."""
+    try:
+        yield
+    except (ValueError, FileNotFoundError) as e:
+        if "data." not in str(e):
+            raise
+        raise type(e)(f"{e} [predict reads the input with the run's data options (data.*), fixed when it was "
+                      "trained: make the input match them]") from None
+
+
+@dataclass
+class Remark:
+    """The answer to one re-marking request.
+
+    ``ivs``: one row per contract re-marked (``OUTPUT_COLUMNS``: IV level in decimal, the baseline it moved from,
+    ``new_contract`` where it had no previous quote). ``previous_date`` is the surface the features came from,
+    ``previous_from`` says whose: ``request`` or ``model`` (the run's last quote date). ``contracts`` rows of the request
+    are of ``date``; each is re-marked or counted in ``dropped`` by reason; ``previous_dropped`` counts the request's
+    rows of earlier dates the loader dropped.
+    """
+
+    ivs: pd.DataFrame
+    date: pd.Timestamp
+    previous_date: pd.Timestamp
+    previous_from: str
+    rows: int
+    contracts: int
+    dropped: dict[str, int]
+    previous_dropped: dict[str, int]
+
+    def to_json(self) -> dict[str, Any]:
+        """The answer as JSON types (what the REST service returns; dates as YYYY-MM-DD)."""
+        ivs = self.ivs.assign(**{c: self.ivs[c].dt.strftime("%Y-%m-%d") for c in ("quote_date", "expiry")})
+        return {"date": str(self.date.date()), "previous_date": str(self.previous_date.date()),
+                "previous_from": self.previous_from, "rows": self.rows, "contracts": self.contracts,
+                "re_marked": len(self.ivs), "dropped": self.dropped, "previous_dropped": self.previous_dropped,
+                "ivs": ivs.to_dict(orient="records")}
+
+
+class ChainModel:
+    """A trained run that re-marks chains: raw rows in the run's schema -> IVs (``remark``)."""
+
+    def __init__(self, bundle: ModelBundle, source: str | Path = "model.pt") -> None:
+        self.bundle, self.source = bundle, str(source)
+        self.module = bundle.serving(source)
+        self.data_cfg = bundle.data_config
+        self.options = loader_options(self.data_cfg)
+        self.columns: dict[str, str] = {k: v for k, v in self.options.columns.items() if v}
+        self.column_hint = input_column_hint(self.columns)
+        self.surface = bundle.surface_frame()  # canonical rows of the run's last quote date (None: older model.pt)
+
+    def remark(self, raw: pd.DataFrame, date: str | None = None) -> Remark:
+        """Raw chain rows -> IVs of the contracts of ``date`` (default: the last date in ``raw``)."""
+        horizon = self.data_cfg.get("horizon", 0)
+        if horizon != 0:
+            raise ValueError(f"predict re-marks a quote date (data.horizon=0); this model was trained with "
+                             f"data.horizon={horizon}")
+        with run_options_note():
+            chain, info = self.chain(raw, date)
+            rows = build_rows(chain, horizon=0, fallback=self.data_cfg.get("fallback", "moneyness")).rows
+        rows = rows[rows["quote_date"] == info["date"]].reset_index(drop=True)
+        rows.attrs.clear()  # the pipeline's date index: internal, and it breaks later merges and Parquet
+        features = self.bundle.feature_names
+        ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
+        dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - len(rows),
+                   "drop_missing_feature": int((~ok).sum())}
+        rows = rows[ok].reset_index(drop=True)
+        with torch.inference_mode():
+            iv = self.module(torch.as_tensor(rows[features].to_numpy(np.float32)),
+                             torch.as_tensor(rows["base"].to_numpy(np.float32))).numpy()
+        out = rows[["quote_date", *CONTRACT, "underlying_price"]].assign(
+            implied_volatility=iv.astype(np.float64), baseline=rows["base"], new_contract=rows["prev_iv_missing"] > 0)
+        return Remark(out, info["date"], info["previous_date"], info["previous_from"], len(raw), info["contracts"],
+                      {k: v for k, v in dropped.items() if v}, {k: v for k, v in info["previous_dropped"].items() if v})
+
+    def chain(self, raw: pd.DataFrame, date: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """The canonical chain of the previous date(s) and ``date``, and what was kept and dropped of each."""
+        date_col = self.columns.get("quote_date", "quote_date")
+        iv_col = self.columns.get("implied_volatility", "implied_volatility")
+        if date_col not in raw.columns:
+            raise ValueError(f"input has no quote date column {date_col!r}; it has {list(raw.columns)}")
+        # dates parse as training parsed them (its data.date_format, two-digit years, time zones, per file)
+        dates = parse_dates(raw if "_file" in raw.columns else raw.assign(_file="input"), date_col,
+                            self.data_cfg.get("date_format"), column_hint=self.column_hint)
+        try:
+            target = pd.Timestamp(date).normalize() if date is not None else dates.max()
+        except ValueError:
+            raise ValueError(f"date={date!r} is not a date; give date=YYYY-MM-DD, one of the input's quote dates "
+                             f"({dates.min().date()}..{dates.max().date()}), or leave it out for the last") from None
+        if not (dates == target).any():
+            raise ValueError(f"date={target.date()} is not in the input; its quote dates run {dates.min().date()}.."
+                             f"{dates.max().date()}")
+        history_report: dict[str, Any] = {}
+        history_raw = raw[dates < target]
+        if len(history_raw):
+            history = normalize(history_raw, self.options, report=history_report, column_hint=self.column_hint)
+            source = "request"
+        elif self.surface is not None and len(self.surface) and self.surface["quote_date"].max() < target:
+            history, source = self.surface, "model"
+        else:
+            stored = ("" if self.surface is None else
+                      f", and the model's own surface is of {self.surface['quote_date'].max().date()}, not before it")
+            raise ValueError(f"the input holds no quote date before {target.date()}{stored}: the model needs the "
+                             "previous date's chain (its IVs, or bid/ask to invert them) beside the rows to predict")
+        today = raw[dates == target]
+        # Quotes of the date go through the run's filters as in training (a zero bid, a too-wide spread, ... is
+        # dropped and counted); listed contracts with no quote at all get a stand-in IV so that they are re-marked too.
+        quoted = pd.Series(False, index=today.index)
+        bid, ask, price = (self.columns.get(c, c) for c in ("bid", "ask", "price"))
+        if bid in today and ask in today:
+            quoted |= today[bid].notna() & today[ask].notna()
+        if price in today:
+            quoted |= today[price].notna()
+        if iv_col in today:
+            quoted |= today[iv_col].notna()
+        unquoted = today[~quoted].drop(columns=[bid, ask, price], errors="ignore")
+        unquoted[iv_col] = DUMMY_IV * (100.0 if self.options.iv_unit == "percent" else 1.0)
+        report: dict[str, Any] = {}
+        parts = [normalize(p, self.options, report=report, column_hint=self.column_hint)
+                 for p in (today[quoted], unquoted) if len(p)]
+        chain = pd.concat([history, *parts], ignore_index=True)
+        if history.empty:  # every previous-date row dropped by the checks
+            raise ValueError(f"no quote of the input's dates before {target.date()} is left after the checks "
+                             f"(dropped: {_named(history_report.get('dropped', {}))}): the model needs the previous "
+                             "date's chain")
+        return chain, {"date": target, "previous_date": history["quote_date"].max(), "previous_from": source,
+                       "contracts": len(today), "normalized": sum(len(p) for p in parts),
+                       "dropped": dict(report.get("dropped", {})),
+                       "previous_dropped": dict(history_report.get("dropped", {}))}
+
+
+def _named(dropped: dict[str, int]) -> str:
+    named = {DROP_REASONS.get(k, k): v for k, v in dropped.items() if v}
+    return str(named) if named else "none"
+
+
+def loader_options(data_cfg: dict[str, Any]) -> ChainOptions:
+    """The run's loader settings (column names, units, quote filters); not its training window
+    (``data.start_date``/``end_date``): a served model re-marks dates after it."""
+    options, _ = ChainOptions.pick(data_cfg)
+    return dataclasses.replace(options, columns=dict(options.columns or {}), start_date=None, end_date=None)

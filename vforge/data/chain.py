@@ -35,23 +35,27 @@ UNITS = {"decimal": 1.0, "percent": 0.01}
 PLAUSIBLE = {"iv": (0.005, 5.0), "moneyness": (0.01, 20.0), "rate": (-0.1, 1.0), "dividend_yield": (-0.1, 1.0)}
 # Columns that travel with the quotes inside ``normalize`` (file, time to expiry, price to invert, ...), not returned.
 INTERNAL = ["_file", "_iv_given", "_tau", "_price", "_need_iv", "_inv_reason", "_width"]
+# name -> how an error tells the user to supply that canonical column. Default (training): map one with
+# ``data.columns.<name>=...``; an entry point whose columns are fixed by the run passes its own (predict).
+ColumnHint = Callable[[str], str]
 
 def read_table(path: str | Path, *, read_options: dict | None = None,
-               quote_date_from_path: str | None = None) -> pd.DataFrame:
+               quote_date_from_path: str | None = None, path_option: str = "data.path") -> pd.DataFrame:
     """One CSV/Parquet file, or every file matching a glob pattern (concatenated, a ``_file`` column added).
 
     ``quote_date_from_path``: a regex whose first group is the file's quote date (one date a file).
+    ``path_option``: the option that names the file in errors (``input`` for predict).
     """
     path = str(path)
     files = sorted(globlib.glob(path)) if any(ch in path for ch in "*?[") else [path]
     if not files or not Path(files[0]).exists():
         raise FileNotFoundError(
-            f"data.path={path!r} matches no file (relative paths start at {Path.cwd()}); "
-            "set data.path=<file.csv|file.parquet|glob>"
+            f"{path_option}={path!r} matches no file (relative paths start at {Path.cwd()}); "
+            f"set {path_option}=<file.csv|file.parquet|glob>"
         )
     frames = []
     for f in files:
-        df = _read_one(f, path, read_options)
+        df = _read_one(f, path, read_options, path_option)
         df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
         df["_file"] = Path(f).name
         if quote_date_from_path:
@@ -64,24 +68,24 @@ def read_table(path: str | Path, *, read_options: dict | None = None,
     table = pd.concat(frames, ignore_index=True)
     if table.empty:
         names = ", ".join(Path(f).name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise ValueError(f"data.path={path!r}: no data rows in {names} (header only); "
-                         "point data.path at a file with quotes")
+        raise ValueError(f"{path_option}={path!r}: no data rows in {names} (header only); "
+                         f"point {path_option} at a file with quotes")
     return table
 
 
-def _read_one(file: str, path: str, read_options: dict | None) -> pd.DataFrame:
-    """One file, or an error naming it and ``data.path`` (pandas' and pyarrow's own do neither)."""
+def _read_one(file: str, path: str, read_options: dict | None, path_option: str) -> pd.DataFrame:
+    """One file, or an error naming it and ``path_option`` (pandas' and pyarrow's own do neither)."""
     try:
         if Path(file).suffix in (".parquet", ".pq"):
             return pd.read_parquet(file)
         return pd.read_csv(file, **(read_options or {}))
     except pd.errors.EmptyDataError:
-        raise ValueError(f"data.path={path!r}: {file} is empty (no header, no rows)") from None
+        raise ValueError(f"{path_option}={path!r}: {file} is empty (no header, no rows)") from None
     except (ValueError, TypeError, OSError, UnicodeDecodeError, pd.errors.ParserError) as e:
         # pyarrow.ArrowInvalid is a ValueError; a bad encoding or a torn line a UnicodeDecodeError / ParserError
         kind = "Parquet" if Path(file).suffix in (".parquet", ".pq") else "CSV"
         hint = " (set data.read_options, e.g. {encoding: gbk})" if isinstance(e, UnicodeDecodeError) else ""
-        raise ValueError(f"data.path={path!r}: cannot read {file} as {kind}{hint}: "
+        raise ValueError(f"{path_option}={path!r}: cannot read {file} as {kind}{hint}: "
                          f"{type(e).__name__}: {str(e)[:300]}") from None
 
 
@@ -160,10 +164,12 @@ def _bound(value: str | None, name: str, default: str) -> pd.Timestamp:
     return parsed.normalize()
 
 
-def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> pd.Series:
+def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None,
+                column_hint: ColumnHint | None = None) -> pd.Series:
     """Dates per source file (files may use different formats); unparseable or ambiguous ones are an error.
 
     ``date_format``: a strftime format every value of the column must follow (``data.date_format``).
+    ``column_hint``: how errors say to use another column (see ``ColumnHint``).
     """
     raw = df[col]
     out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
@@ -201,9 +207,9 @@ def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None) -> p
     if bad.any():
         example = raw[bad].head(3).tolist()
         how = f" with data.date_format={date_format!r}" if date_format else ""
+        other = column_hint(col) if column_hint else f"map another column with data.columns.{col}=<your column>"
         raise ValueError(f"{col}: unparseable{how} or missing dates in {_rows(bad, df)}, values {example}. "
-                         f"Fix the column, set data.date_format, or map another column with "
-                         f"data.columns.{col}=<your column>")
+                         f"Fix the column, set data.date_format, or {other}")
     return out.dt.normalize()
 
 
@@ -377,14 +383,15 @@ QUOTE_FILTERS: list[tuple[str, Callable[[ChainOptions], bool], Callable[[pd.Data
 
 
 def normalize(raw: pd.DataFrame, options: ChainOptions | None = None, *, report: dict,
-              **kwargs: Any) -> pd.DataFrame:
+              column_hint: ColumnHint | None = None, **kwargs: Any) -> pd.DataFrame:
     """Rename, type and check a raw table; fill IV by inversion where it is missing; apply the quote filters.
 
     ``options`` (or its fields as keyword arguments) says how. Unusable rows are dropped and counted in
     ``report['dropped']`` by reason; impossible values raise ``ValueError`` naming the rule and the rows.
+    ``column_hint``: how errors say to supply a missing column (see ``ColumnHint``).
     """
     o = options if options is not None else ChainOptions(**kwargs)
-    df = canonical(raw, o, report)
+    df = canonical(raw, o, report, column_hint)
     q = Quotes(df, report.setdefault("dropped", {}))
     drop_unusable(q, o, report)
     fill_iv(q, o, report)
@@ -397,7 +404,8 @@ def normalize(raw: pd.DataFrame, options: ChainOptions | None = None, *, report:
     return df.drop(columns=[c for c in INTERNAL if c in df.columns])
 
 
-def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict) -> pd.DataFrame:
+def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: ColumnHint | None = None
+              ) -> pd.DataFrame:
     """The table in canonical names and types, every rule of the contract checked (an error names the rule, the
     column and the rows), rate and dividend yield in decimal (the defaults where missing)."""
     if o.iv_unit not in IV_RANGE:
@@ -420,8 +428,9 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict) -> pd.DataFrame:
                  "option_type": " (or data.option_type=otm when each row is the out-of-the-money side)"}
         raise ValueError(
             f"required column(s) {missing} not found; the table has {[c for c in raw.columns if c != '_file']}. "
-            f"Map yours with data.columns, e.g. data.columns.{missing[0]}=<your column name>"
-            f"{hints.get(missing[0], '')}"
+            + (column_hint(missing[0]) if column_hint else
+               f"Map yours with data.columns, e.g. data.columns.{missing[0]}=<your column name>")
+            + hints.get(missing[0], "")
         )
     has_iv = "implied_volatility" in df.columns or {"iv_bid", "iv_ask"} <= set(df.columns)
     has_price = {"bid", "ask"} <= set(df.columns) or "price" in df.columns
@@ -432,8 +441,8 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict) -> pd.DataFrame:
             "data.columns.bid=... and data.columns.ask=..., or data.columns.price=<column>"
         )
 
-    df["quote_date"] = parse_dates(df, "quote_date", o.date_format)
-    df["expiry"] = parse_dates(df, "expiry", o.date_format)
+    df["quote_date"] = parse_dates(df, "quote_date", o.date_format, column_hint)
+    df["expiry"] = parse_dates(df, "expiry", o.date_format, column_hint)
     if o.start_date or o.end_date:
         keep = df["quote_date"].between(_bound(o.start_date, "start_date", "1900-01-01"),
                                         _bound(o.end_date, "end_date", "2200-01-01"))

@@ -99,8 +99,8 @@ class MLflowLogger:
     Args:
         tracking_uri: any MLflow tracking URI; the default config gives an embedded SQLite store.
         experiment: the experiment name; created on first use.
-        log_model: log the trained model checkpoint as an artifact.
-        registered_model: also log a pyfunc model that predicts from raw chain rows, registered under this name.
+        log_model: log the trained model: its checkpoint as an artifact and the pyfunc model ``chain_model``.
+        registered_model: register the pyfunc model, which predicts from raw chain rows, under this name.
     """
 
     def __init__(self, *, tracking_uri: str, experiment: str, log_model: bool = True,
@@ -219,15 +219,15 @@ class MLflowLogger:
         self._mlflow.log_artifact(str(path), folder)
 
     def log_checkpoint(self, checkpoint: str | Path) -> None:
-        """The trained model: its model.pt as ``model/model.pt``; with ``registered_model`` also a pyfunc model
-        (``chain_model``) that predicts from raw chain rows, registered under that name."""
+        """The trained model: its model.pt as ``model/model.pt`` and the pyfunc model ``chain_model`` (an MLflow
+        logged model) that re-marks IVs from raw chain rows; registered under ``registered_model`` when named."""
         if not self.log_model:
             return
         self._mlflow.log_artifact(str(checkpoint), "model")
-        if self.registered_model:
-            from vforge.tracking.registry import log_chain_model
+        from vforge.tracking.registry import log_chain_model
 
-            uri = log_chain_model(checkpoint, self.registered_model)
+        uri = log_chain_model(checkpoint, self.registered_model)
+        if self.registered_model:
             log.info("registered %s as MLflow model %r", uri, self.registered_model)
 
     def end(self, status: str = "FINISHED") -> None:
