@@ -63,3 +63,45 @@ def test_no_progress_bar_when_stderr_is_not_a_terminal(make_cfg, capfd):
     cfg = make_cfg("trainer.progress=auto")
     train(cfg)
     assert "step/s" not in capfd.readouterr().err
+
+
+def test_a_fresh_sqlite_store_is_created_unsynced_and_its_connections_synced_again(tmp_path):
+    pytest.importorskip("mlflow")
+    from sqlalchemy import create_engine, text
+
+    from vforge.tracking.mlflow import unsynced_creation
+
+    db = tmp_path / "fresh.db"
+
+    def synchronous(conn) -> int:
+        return conn.execute(text("PRAGMA synchronous")).scalar_one()
+
+    with unsynced_creation(str(db)):
+        engine = create_engine(f"sqlite:///{db}")
+        conn = engine.connect()
+        inside = synchronous(conn)
+        conn.execute(text("CREATE TABLE t (x INTEGER)"))
+        conn.commit()
+    assert inside == 0  # OFF while the store is created
+    assert synchronous(conn) == 2  # FULL again on the same (pooled) connection afterwards
+    conn.close()
+    with unsynced_creation(str(db)):  # the file exists now: nothing changes
+        conn = create_engine(f"sqlite:///{db}").connect()
+        assert synchronous(conn) == 2
+        conn.close()
+    with unsynced_creation(None):  # not a SQLite store
+        pass
+
+
+def test_mlflow_telemetry_is_off_unless_asked_for():
+    import os
+    import subprocess
+    import sys
+
+    check = "import os, vforge; print(os.environ['MLFLOW_DISABLE_TELEMETRY'])"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_DISABLE_TELEMETRY"}
+    out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "true"
+    out = subprocess.run([sys.executable, "-c", check], env={**env, "MLFLOW_DISABLE_TELEMETRY": "false"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "false"
