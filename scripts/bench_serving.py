@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -25,19 +24,23 @@ from pathlib import Path
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from vforge import CONF_DIR
 from vforge.data.synthetic import cached_chain
-from vforge.serving import load_run
+from vforge.serving import load_run, median_ms
 
 
 def train_quick(out_dir: Path) -> tuple[Path, dict]:
     from vforge.train import train
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=["trainer=fast", "logger=none"])
+        cfg = compose(config_name="train", overrides=["trainer=fast", "logger=none", "evaluation.plots=false"],
+                      return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in run_name resolves as in a real run
     with open_dict(cfg):
+        del cfg.hydra
         cfg.output_dir = str(out_dir)
     train(cfg)
     return out_dir / "model.pt", OmegaConf.to_container(cfg.data, resolve=True)
@@ -54,16 +57,6 @@ def request_rows(data_cfg: dict, n_contracts: int) -> pd.DataFrame:
     contract = ["expiry", "strike", "option_type"]
     before = raw[raw["quote_date"] == previous].merge(today[contract], on=contract)
     return pd.concat([before, today], ignore_index=True)
-
-
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
 
 
 def free_port() -> int:

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import statistics
-import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +18,13 @@ from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from vforge import CONF_DIR
-from vforge.serving import Serving, load_serving, resolve_checkpoint
+from vforge.data.target import VOL_POINTS
+from vforge.serving import Serving, load_serving, median_ms, resolve_checkpoint
 
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "quantized": "model.quantized.pt"}
 MAX_DIFF = 1e-5  # IV (decimal) tolerance of onnx/torchscript against eager torch
-VOL_POINTS = 100.0
 
 
 def sample_inputs(ckpt: dict, n: int, spread: float = 1.0, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -101,17 +100,6 @@ def quantizable_linears(module: nn.Module, example: tuple[Tensor, ...]) -> list[
     return [name for name, m in linears.items() if id(m) in called and id(m) not in touched]
 
 
-def median_ms(fn: Callable, x: Tensor, base: Tensor, repeats: int) -> float:
-    with torch.inference_mode():
-        for _ in range(3):
-            fn(x, base)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn(x, base)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
 
 def export(cfg: DictConfig) -> dict:
     """Export ``cfg.run``'s model as ``cfg.format``; return the report (path, parity in vol points, size, latencies)."""
@@ -164,8 +152,9 @@ def export(cfg: DictConfig) -> dict:
         report["quantized_linear"] = meta["quantized_linear"]
     for n in (1, 1024):
         x, base = sample_inputs(ckpt, n, seed=4)
-        report[f"latency_ms_{n}"] = median_ms(run, x, base, cfg.latency_repeats)
-        report[f"eager_latency_ms_{n}"] = median_ms(serving, x, base, cfg.latency_repeats)
+        with torch.inference_mode():
+            report[f"latency_ms_{n}"] = median_ms(partial(run, x, base), cfg.latency_repeats, warmup=3)
+            report[f"eager_latency_ms_{n}"] = median_ms(partial(serving, x, base), cfg.latency_repeats, warmup=3)
     log.info("exported %s -> %s (%s, %.1f KB); max |diff| vs torch %.2e vol pts; latency 1 row %.3f ms (eager "
              "%.3f), 1024 rows %.3f ms (eager %.3f)", checkpoint, out, cfg.format, report["size_bytes"] / 1024,
              report["max_abs_diff_vol_pts"], report["latency_ms_1"], report["eager_latency_ms_1"],

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator, Mapping
+import statistics
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pandas as pd
 import torch
 from hydra.utils import instantiate
 from torch import Tensor, nn
+from torch.utils import benchmark
 
 from vforge.data.chain import ChainOptions, ColumnHint, normalize, parse_dates
 from vforge.data.dataset import CONTRACT, DROP_REASONS, build_rows
@@ -173,6 +175,16 @@ def resolve_checkpoint(run: str | Path, tracking_uri: str | None = None) -> Path
         raise FileNotFoundError(f"run={str(run)!r} does not exist; pass a training run's folder, its model.pt or "
                                 "runs:/<mlflow run id>")
     return path
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 20, warmup: int = 1) -> float:
+    """Median wall time of one call of ``fn`` in ms, over ``repeats`` calls after ``warmup`` ones: the one latency
+    timer of vforge (export, the leaderboard, scripts/bench_serving.py), ``torch.utils.benchmark.Timer`` on the
+    caller's thread count (its default is one thread)."""
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    for _ in range(warmup):
+        fn()
+    return statistics.median(timer.timeit(1).mean for _ in range(max(repeats, 1))) * 1e3
 
 
 def load_serving(checkpoint: str | Path) -> tuple[Serving, dict[str, Any]]:

@@ -16,8 +16,8 @@ import pandas as pd
 import torch
 
 from vforge.data import features as F
-from vforge.data.iv import REASONS
-from vforge.data.target import to_level
+from vforge.data.iv import REASONS, bs_vega
+from vforge.data.target import VOL_POINTS, to_level
 
 CONTRACT = ["expiry", "strike", "option_type"]
 
@@ -270,10 +270,7 @@ def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fr
 def make_aux(df: pd.DataFrame) -> dict[str, torch.Tensor]:
     """Unscaled per-row values for losses (see ``Split.aux``)."""
     lm, tau, base = (df[c].to_numpy(np.float64) for c in ("log_moneyness", "tau", "base"))
-    sd = base * np.sqrt(tau)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        d1 = -lm / sd + 0.5 * sd
-    vega = np.exp(-df["rate"].to_numpy(np.float64) * tau) * np.sqrt(tau) * np.exp(-0.5 * d1 * d1) / np.sqrt(2 * np.pi)
+    vega = bs_vega(1.0, np.exp(lm), tau, base, df["rate"].to_numpy(np.float64), unit="forward")
     f32 = lambda a: torch.tensor(np.asarray(a, dtype=np.float32))  # noqa: E731
     return {
         "log_moneyness": f32(lm), "tau": f32(tau), "base": f32(base), "vega": f32(np.nan_to_num(vega)),
@@ -346,7 +343,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
         clip = (lo_q, hi_q)
         n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
         report["winsorized"] = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
-                                f"quantiles [{clip[0] * 100:+.2f}, {clip[1] * 100:+.2f}] vol pts (train only)")
+                                f"quantiles [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}] vol pts (train only)")
     if target == "change":
         center, scale = 0.0, float(raw_y.clip(*clip).std() or 1.0)
     else:
@@ -371,7 +368,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
 
     splits = {k: make(v, clip if k == "train" else (-np.inf, np.inf)) for k, v in parts.items()}
     # The baseline on every row: persistence, with the previous surface where the contract is new.
-    base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * 100) if len(v) else float("nan")  # noqa: E731
+    base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * VOL_POINTS) if len(v) else float("nan")  # noqa: E731
     report["splits"] = {
         k: {"rows": len(v), "dates": f"{dates[v['target_idx'].min()].date()}..{dates[v['target_idx'].max()].date()}"
             if len(v) else "-", "n_dates": int(v["target_idx"].nunique()), "baseline_rmse": round(base_rmse(v), 4)}

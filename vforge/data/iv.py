@@ -68,17 +68,30 @@ def bs_price(forward_, strike, tau, sigma, rate, is_call):
     return disc * (intrinsic + np.where(s * np.sqrt(np.maximum(t, 0.0)) > 0, otm, 0.0))
 
 
-def bs_vega(forward_, strike, tau, sigma, rate):
-    """dPrice/dsigma (the same for calls and puts): ``D F sqrt(T) phi(d1)``.
+VEGA_UNITS = ("price", "forward", "discounted_forward")
+
+
+def bs_vega(forward_, strike, tau, sigma, rate, unit="price"):
+    """dPrice/dsigma (the same for calls and puts), in ``unit``: ``price`` ``D F sqrt(T) phi(d1)``; ``forward``
+    per unit of forward, ``D sqrt(T) phi(d1)``; ``discounted_forward`` per unit of discounted forward,
+    ``sqrt(T) phi(d1)`` (``D = exp(-rT)``). The one vega of vforge: the spread filter, the losses' weights and
+    ``Split.aux`` call it.
 
     >>> round(float(bs_vega(100.0, 100.0, 1.0, 0.2, 0.0)), 6)
     39.695255
+    >>> round(float(bs_vega(100.0, 100.0, 1.0, 0.2, 0.0, unit="discounted_forward")), 8)
+    0.39695255
     """
+    if unit not in VEGA_UNITS:
+        raise ValueError(f"vega unit must be one of {', '.join(VEGA_UNITS)}, got {unit!r}")
     f, k, t, s, r = _as_arrays(forward_, strike, tau, sigma, rate)
     sd = s * np.sqrt(t)
     with np.errstate(divide="ignore", invalid="ignore"):
         d1 = np.log(f / k) / sd + 0.5 * sd
-    return np.exp(-r * t) * f * np.sqrt(t) * np.exp(-0.5 * d1 * d1) / np.sqrt(2 * np.pi)
+    vega = np.sqrt(t) * np.exp(-0.5 * d1 * d1) / np.sqrt(2 * np.pi)
+    if unit == "discounted_forward":
+        return vega
+    return np.exp(-r * t) * (f if unit == "price" else 1.0) * vega
 
 
 def bs_delta(forward_, strike, tau, sigma, rate, dividend_yield, is_call):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, TypeVar, cast
 
 T = TypeVar("T")
+VOL_POINTS = 100.0  # vol points per unit of IV (decimal): every error, width and offset is reported in vol points
 
 
 def to_level(scaled: T, *, y_center: float, y_scale: float, base: Any = None) -> T:

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from vforge.data.iv import bs_price
-from vforge.evaluation.metrics import VOL_POINTS
+from vforge.data.target import VOL_POINTS
 
 W_TOL = 1e-7  # total variance (a 0.2 vol at one day is w ~ 1e-4)
 PRICE_TOL = 1e-7  # in units of the forward

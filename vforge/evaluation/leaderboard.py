@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from vforge.evaluation.ensemble import fit_weights
 from vforge.evaluation.metrics import METRICS, WORDS, iv_errors
 from vforge.evaluation.report import frame_metrics, predictions_frame
 from vforge.evaluation.ssvi import ssvi_predictions
-from vforge.serving import ModelBundle
+from vforge.serving import ModelBundle, median_ms
 from vforge.training.loop import predict_outputs
 
 log = logging.getLogger(__name__)
@@ -96,18 +95,8 @@ class Entry:
 
 
 def latency_ms(fn: Callable[[], Any], x_rows: int, single: Callable[[], Any]) -> tuple[float, float]:
-    """(best of 5 for a batch, ms per 1000 rows; median of 20 single-row calls, ms)."""
-    fn()  # warm-up: lazy init, allocator
-    batch = min(_timed(fn) for _ in range(5)) * 1000.0 / max(x_rows, 1) * 1000.0
-    single()
-    row = statistics.median(_timed(single) for _ in range(20)) * 1000.0
-    return batch, row
-
-
-def _timed(fn: Callable[[], Any]) -> float:
-    t = time.perf_counter()
-    fn()
-    return time.perf_counter() - t
+    """(median of 5 calls for a batch, ms per 1000 rows; median of 20 single-row calls, ms)."""
+    return median_ms(fn, 5) * 1000.0 / max(x_rows, 1), median_ms(single, 20)
 
 
 def load_data(ckpt: dict[str, Any]) -> Dataset:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-VOL_POINTS = 100.0
+from vforge.data.target import VOL_POINTS
+
 METRICS = ("rmse", "mae", "r2")
 
 

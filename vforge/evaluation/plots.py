@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from vforge.data.iv import implied_vol
-from vforge.evaluation.metrics import VOL_POINTS
+from vforge.data.target import VOL_POINTS
 from vforge.evaluation.tables import MONEYNESS_LABELS, TENOR_LABELS, buckets
 
 COLORS = {"market": "black", "model": "tab:blue", "baseline": "tab:gray", "persistence": "tab:orange",

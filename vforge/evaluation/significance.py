@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import stdtr  # Student t CDF; scipy.stats costs ~1 s to import
 
-from vforge.evaluation.metrics import VOL_POINTS
+from vforge.data.target import VOL_POINTS
 
 
 @dataclass(frozen=True)

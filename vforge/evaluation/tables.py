@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from vforge.evaluation.metrics import VOL_POINTS
+from vforge.data.target import VOL_POINTS
 
 # Standardized moneyness k / sqrt(tau) (log-moneyness over root time, about a delta): wings to ATM.
 MONEYNESS_EDGES = (-np.inf, -0.5, -0.15, -0.05, 0.05, 0.15, 0.5, np.inf)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from vforge.data.dataset import Dataset, Split
-from vforge.evaluation.metrics import VOL_POINTS, conformal_metrics, interval_metrics, split_metrics
+from vforge.data.target import VOL_POINTS
+from vforge.evaluation.metrics import conformal_metrics, interval_metrics, split_metrics
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.distributed import Single

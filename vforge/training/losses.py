@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vforge.data import features as feats
+from vforge.data.iv import bs_vega as iv_bs_vega
 from vforge.data.target import to_level
 
 if TYPE_CHECKING:
@@ -300,11 +301,12 @@ class LogIV(Loss):
 
 
 def bs_vega(log_moneyness: Tensor, tau: Tensor, iv: Tensor) -> Tensor:
-    """Black-Scholes vega per unit of discounted forward, dC/dsigma / (F e^{-rT}) = sqrt(tau) phi(d1),
-    with d1 = (-k + sigma^2 tau / 2) / (sigma sqrt(tau)) and k = log(K/F)."""
-    sd = iv.clamp_min(MIN_IV) * tau.clamp_min(1e-6).sqrt()
-    d1 = -log_moneyness / sd + sd / 2
-    return tau.clamp_min(0).sqrt() * torch.exp(-0.5 * d1**2) / math.sqrt(2 * math.pi)
+    """Black-Scholes vega per unit of discounted forward, dC/dsigma / (F e^{-rT}) = sqrt(tau) phi(d1) with
+    k = log(K/F) (``vforge.data.iv.bs_vega``, unit ``discounted_forward``), IV and tau floored to stay finite. A
+    weight: no gradient flows through it."""
+    k, t, s = (v.detach().cpu().double().numpy() for v in (log_moneyness, tau.clamp_min(1e-6), iv.clamp_min(MIN_IV)))
+    vega = iv_bs_vega(1.0, np.exp(k), t, s, 0.0, unit="discounted_forward")
+    return torch.as_tensor(vega, dtype=log_moneyness.dtype, device=log_moneyness.device)
 
 
 class VegaWeighted(Loss):
