@@ -19,7 +19,15 @@ from vforge.data import messy, synthetic
 from vforge.data.dataset import format_report
 from vforge.evaluation.metrics import per_date_ratio, robust_score
 from vforge.models.linear import Blend, Ridge
-from vforge.training.gating import choose_blend, do_no_harm
+from vforge.training.gating import (
+    capped_ratio,
+    choose_blend,
+    do_no_harm,
+    inner_folds,
+    shrink_ridge,
+    sign_test,
+    wins_over,
+)
 
 
 def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():
@@ -62,6 +70,51 @@ def test_one_jump_does_not_decide_and_a_useless_model_falls_back_to_persistence(
     # Equal evidence: the simpler candidate (the linear model alone) beats a blend that scores the same.
     choice = choose_blend(true * 0.5, true * 0.5, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.3)
     assert choice["w_model"] == 0.0 and choice["w_linear"] > 0
+
+
+def test_sign_test_and_dates_won_by_hand():
+    # 9 of 11 dates won: P(X >= 9) for X ~ Binomial(11, 1/2) = (55 + 11 + 1) / 2048
+    assert sign_test(np.array([True] * 9 + [False] * 2)) == pytest.approx(67 / 2048)
+    dates = np.array([0, 0, 1, 1, 2])
+    true = np.array([1.0, 1.0, 0.0, 0.0, 2.0])
+    cand, ref = np.array([1.0, 1.0, 1.0, 0.0, 2.0]), np.zeros(5)  # date 0 won, date 1 lost, date 2 won
+    won, n, p = wins_over(cand, ref, true, dates)
+    assert (won, n) == (2, 3) and p == pytest.approx(0.5)
+    assert wins_over(ref, ref, true, dates)[:2] == (0, 0)  # ties are not evidence either way
+
+
+def test_ridge_share_needs_a_clear_majority_of_fold_dates():
+    g = np.random.default_rng(3)
+    dates = np.repeat(np.arange(40), 30)
+    true = g.standard_normal(1200)
+    good = 0.6 * true + 0.3 * g.standard_normal(1200)
+    chosen = shrink_ridge(good, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0, max_p=0.05)
+    assert chosen["w_linear"] > 0 and chosen["won"] >= 30
+    # Two perfect dates and a slight loss on the other 38: the mean ratio (0.969) says better, the dates do not.
+    lucky = np.where(np.isin(dates, [3, 7]), true, -0.01 * true)
+    assert robust_score(per_date_ratio(lucky, true, dates), 0.0) < 0.98
+    chosen = shrink_ridge(lucky, true, dates, weights=[0, 0.5, 1], trim=0.0, tolerance=0.0, max_p=0.05)
+    assert chosen["w_linear"] == 0.0 and "2/40" in chosen["why"]
+
+
+def test_capped_ratio_by_hand_and_a_blend_weighs_new_contracts_apart():
+    dates = np.array([0, 1, 2])
+    true = np.array([1.0, 1.0, 10.0])  # persistence's losses 1, 1, 100: the jump date is capped to the median, 1
+    pred = np.array([1 - 0.5**0.5, 1 - 0.5**0.5, 10 - 10**0.5])  # model losses 0.5, 0.5, 10
+    assert capped_ratio(pred, true, dates, cap=0.5) == pytest.approx((0.5 + 0.5 + 10 / 100) / 3)
+    assert capped_ratio(pred, true, dates, cap=1.0) == pytest.approx(11 / 102)  # no cap: pooled
+    cfg = {"_target_": "vforge.models.linear.Ridge", "interactions": False}
+    blend = Blend(n_num=2, cat_cardinalities=[], d_out=1, model=cfg, linear=cfg, w_model=0.0, w_linear=0.5,
+                  w_model_new=1.0, w_linear_new=0.0, new_column=1)
+    x = torch.tensor([[1.0, -0.3], [1.0, 2.0]])  # row 0 previously quoted (column 1 <= 0), row 1 new
+    out = blend(x, None)[:, 0]
+    torch.testing.assert_close(out, torch.stack([0.5 * blend.linear(x, None)[0, 0], blend.model(x, None)[1, 0]]))
+
+
+def test_inner_folds_cover_the_last_dates_in_order():
+    blocks = inner_folds(np.repeat(np.arange(10, 30), 3), n_folds=4, fraction=0.5)
+    assert [list(b) for b in blocks] == [[20, 21, 22], [23, 24, 25], [26, 27], [28, 29]]
+    assert inner_folds(np.arange(3), n_folds=4, fraction=0.5) == []
 
 
 def test_do_no_harm_leaves_the_model_alone_where_it_does_not_apply():

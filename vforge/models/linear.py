@@ -131,12 +131,17 @@ class Blend(nn.Module):
     do-no-harm step chose it (``vforge.training.gating``). Built from the two models' configs, so a saved run
     rebuilds it like any model.
 
+    With ``new_column`` (the index of the ``prev_iv_missing`` feature among the numerical inputs), rows of contracts
+    not quoted on the previous date (that column above 0 once scaled) take ``w_model_new``/``w_linear_new``
+    instead: the change over persistence and the change over the previous surface are chosen on their own rows.
+
     Shape:
         returns: (batch, d_out), d_out = 1
     """
 
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, model: dict, linear: dict,
-                 w_model: float, w_linear: float) -> None:
+                 w_model: float, w_linear: float, w_model_new: float | None = None, w_linear_new: float | None = None,
+                 new_column: int | None = None) -> None:
         super().__init__()
         from hydra.utils import instantiate
 
@@ -144,7 +149,16 @@ class Blend(nn.Module):
         self.model = instantiate(model, **kw)
         self.linear = instantiate(linear, **kw)
         self.w_model, self.w_linear = float(w_model), float(w_linear)
+        self.new_column = new_column
+        self.w_model_new = self.w_model if w_model_new is None else float(w_model_new)
+        self.w_linear_new = self.w_linear if w_linear_new is None else float(w_linear_new)
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
-        out = self.w_model * self.model(x_num, x_cat)
-        return out + self.w_linear * self.linear(x_num, x_cat) if self.w_linear else out
+        out = self.model(x_num, x_cat)
+        lin = self.linear(x_num, x_cat)
+        if self.new_column is None:
+            return self.w_model * out + self.w_linear * lin
+        new = (x_num[:, self.new_column : self.new_column + 1] > 0).to(out.dtype)
+        w_m = self.w_model + (self.w_model_new - self.w_model) * new
+        w_l = self.w_linear + (self.w_linear_new - self.w_linear) * new
+        return w_m * out + w_l * lin
