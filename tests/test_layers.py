@@ -201,6 +201,35 @@ def test_explicit_attention_path_equals_sdpa(n_kv_heads, masked):
     torch.testing.assert_close(attend(q, k, v, mask=mask), expected)
 
 
+def _plain_attention(q, k, v, mask):
+    """softmax(q k^T / sqrt(d) + mask) v written out, key/value heads repeated for their query heads."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    logits = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+    if mask is not None:
+        logits = logits.masked_fill(~mask, float("-inf"))
+    return logits.softmax(dim=-1) @ v
+
+
+@pytest.mark.parametrize("n_tokens", [12, attention_module.SDPA_MIN_TOKENS])  # explicit matmuls / SDPA
+@pytest.mark.parametrize("n_kv_heads", [HEADS, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_both_attention_paths_equal_the_plain_math_in_float64_with_gradients(n_tokens, n_kv_heads, masked):
+    gen = torch.Generator().manual_seed(n_tokens + n_kv_heads + masked)
+    q = torch.randn(3, HEADS, n_tokens, 4, dtype=torch.float64, generator=gen)
+    k, v = torch.randn(2, 3, n_kv_heads, n_tokens, 4, dtype=torch.float64, generator=gen)
+    mask = (torch.arange(n_tokens)[:, None] - torch.arange(n_tokens)[None]).abs() <= 3 if masked else None
+    grad_out = torch.randn(3, HEADS, n_tokens, 4, dtype=torch.float64, generator=gen)
+    results = []
+    for fn in (attend, _plain_attention):
+        inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fn(*inputs, mask=mask) if fn is attend else fn(*inputs, mask)
+        out.backward(grad_out)
+        results.append([out.detach(), *(t.grad for t in inputs)])
+    for fast, plain in zip(*results):
+        torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-6)
+
+
 def test_long_sequences_take_the_sdpa_path(monkeypatch):
     calls = []
     real = F.scaled_dot_product_attention

@@ -30,9 +30,13 @@ def keep_mask(shape: tuple[int, ...], p: float, device: torch.device | str = "cp
         return torch.rand(shape, device=device) >= p, 1.0 - p
     n = math.prod(shape)
     threshold = round(p * (1 << _BITS))
-    bits = torch.empty((n + 2) // 3, dtype=torch.int64).random_()  # uniform on [0, 2**63)
-    lanes = (bits & _LANE >= threshold, (bits >> _BITS) & _LANE >= threshold, bits >> 2 * _BITS >= threshold)
-    return torch.cat(lanes)[:n].view(shape), 1.0 - threshold / (1 << _BITS)
+    m = (n + 2) // 3
+    bits = torch.empty(m, dtype=torch.int64).random_()  # uniform on [0, 2**63)
+    mask = torch.empty(3, m, dtype=torch.bool)  # the lanes written in place: no concatenation pass
+    torch.ge(bits & _LANE, threshold, out=mask[0])
+    torch.ge((bits >> _BITS) & _LANE, threshold, out=mask[1])
+    torch.ge(bits >> 2 * _BITS, threshold, out=mask[2])
+    return mask.view(-1)[:n].view(shape), 1.0 - threshold / (1 << _BITS)
 
 
 def dropout(x: Tensor, p: float, training: bool = True) -> Tensor:
