@@ -1,12 +1,17 @@
-"""Re-marking a chain through the serving API: in process (``vforge.serving.ChainModel.remark``) and through ``mlflow models serve``.
+"""Re-marking a chain through the serving API: in process (``vforge.serving.ChainModel.remark``) and through
+``mlflow models serve``, against the goals of issue 14 (20 ms in process, 100 ms over REST, idle machine).
 
     python scripts/bench_serving.py [--run <run folder>] [--contracts 1000] [--repeat 30] [--no-rest]
 
 The request is raw rows as a service would send them: the contracts of one quote date of the default synthetic
 market (up to ``--contracts``, the date with the most listed contracts) and the same contracts' rows on the
 previous date; the answer is their IVs. Without ``--run`` a one-epoch MLP is trained first (``trainer=fast``).
-Figures are medians after a warm-up call; the REST figure is the HTTP round trip of the JSON request to a local
-``mlflow models serve --env-manager local`` of the run's pyfunc model.
+Figures are medians after a warm-up call (``vforge.serving.median_ms``):
+
+- in process, warm: the same request again (its previous date is remembered normalized: a service re-marking
+  against one previous surface); cold: the previous date new on every call; and where a cold call goes (stages);
+- REST: MLflow's own request handling in process (``scoring_server.invocations``: JSON parse, signature, predict,
+  JSON answer) and the HTTP round trip to a local ``mlflow models serve --env-manager local`` (split-oriented JSON).
 """
 
 from __future__ import annotations
@@ -22,14 +27,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from vforge import CONF_DIR
+from vforge.data.dataset import build_rows
 from vforge.data.synthetic import cached_chain
-from vforge.serving import load_run, median_ms
+from vforge.serving import ChainModel, load_run, median_ms
+
+GOAL_MS = {"in process": 20.0, "REST": 100.0}  # issue 14, 1,000 contracts, idle machine
 
 
 def train_quick(out_dir: Path) -> tuple[Path, dict]:
@@ -59,14 +69,38 @@ def request_rows(data_cfg: dict, n_contracts: int) -> pd.DataFrame:
     return pd.concat([before, today], ignore_index=True)
 
 
+def show(what: str, ms: float, goal: str, repeat: int) -> None:
+    print(f"{what:<46} {ms:8.1f} ms median of {repeat}  ({ms / GOAL_MS[goal]:.1f}x the {GOAL_MS[goal]:.0f} ms goal)")
+
+
+def stages(chain: ChainModel, request: pd.DataFrame, repeat: int) -> None:
+    """Where a cold call goes: loader checks (both dates), features, the model."""
+    def loader() -> tuple[pd.DataFrame, dict]:
+        chain._histories.clear()
+        return chain.chain(request, None)
+
+    canonical, info = loader()
+    built = build_rows(canonical, horizon=0, fallback=chain.data_cfg.get("fallback", "moneyness"))
+    rows = built.rows[built.rows["quote_date"] == info["date"]]
+    x = torch.as_tensor(rows[chain.bundle.feature_names].to_numpy(np.float32))
+    base = torch.as_tensor(rows["base"].to_numpy(np.float32))
+    with torch.inference_mode():
+        model = median_ms(lambda: chain.module(x, base), repeat)
+    for name, ms in (("loader (normalize, both dates)", median_ms(loader, repeat)),
+                     ("features (build_rows)", median_ms(lambda: build_rows(canonical, horizon=0), repeat)),
+                     (f"model ({len(x)} rows, {torch.get_num_threads()} threads)", model)):
+        print(f"  {name:<44} {ms:8.1f} ms")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def rest_ms(checkpoint: Path, request: pd.DataFrame, repeat: int, workdir: Path) -> float:
+def rest_ms(checkpoint: Path, request: pd.DataFrame, repeat: int, workdir: Path) -> tuple[float, float]:
     import mlflow
+    from mlflow.pyfunc import scoring_server
 
     from vforge.tracking.registry import log_chain_model
 
@@ -92,6 +126,9 @@ def rest_ms(checkpoint: Path, request: pd.DataFrame, repeat: int, workdir: Path)
         print(f"mlflow models serve up in {time.perf_counter() - start:.1f} s")
         body = json.dumps({"dataframe_split": json.loads(request.to_json(orient="split", index=False,
                                                                           date_format="iso"))}).encode()
+        model = mlflow.pyfunc.load_model(uri)
+        schema = model.metadata.get_input_schema()
+        in_process = median_ms(lambda: scoring_server.invocations(body, "application/json", model, schema), repeat)
 
         def call():
             req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
@@ -99,7 +136,7 @@ def rest_ms(checkpoint: Path, request: pd.DataFrame, repeat: int, workdir: Path)
             with urllib.request.urlopen(req, timeout=60) as response:
                 return response.read()
 
-        return median_ms(call, repeat)
+        return in_process, median_ms(call, repeat)
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -121,13 +158,23 @@ def main() -> None:
             checkpoint = args.run / "model.pt"
         chain = load_run(checkpoint)
         request = request_rows(chain.data_cfg, args.contracts)
-        out = chain.remark(request).ivs
-        print(f"request: {len(request)} raw rows ({request['quote_date'].nunique()} quote dates) -> {len(out)} IVs")
-        print(f"in process, ChainModel.remark: {median_ms(lambda: chain.remark(request), args.repeat):.1f} "
-              f"ms median of {args.repeat}")
+        out = chain.remark(request)
+        print(f"request: {len(request)} raw rows ({request['quote_date'].nunique()} quote dates), {out.contracts} "
+              f"contracts of {out.date.date()} -> {len(out.ivs)} IVs (dropped: {out.dropped or 'none'}); "
+              f"{torch.get_num_threads()} torch threads")
+
+        def cold() -> None:
+            chain._histories.clear()
+            chain.remark(request)
+
+        show("in process, ChainModel.remark, warm", median_ms(lambda: chain.remark(request), args.repeat),
+             "in process", args.repeat)
+        show("in process, ChainModel.remark, cold", median_ms(cold, args.repeat), "in process", args.repeat)
+        stages(chain, request, args.repeat)
         if not args.no_rest:
-            print(f"REST, mlflow models serve round trip: {rest_ms(checkpoint, request, args.repeat, workdir):.1f} ms "
-                  f"median of {args.repeat}")
+            handling, round_trip = rest_ms(checkpoint, request, args.repeat, workdir)
+            show("REST, MLflow's request handling in process", handling, "REST", args.repeat)
+            show("REST, mlflow models serve HTTP round trip", round_trip, "REST", args.repeat)
 
 
 if __name__ == "__main__":

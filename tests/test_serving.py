@@ -203,3 +203,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_a_previous_date_is_normalized_once_and_its_content_is_the_key(chain_run):
+    chain = load_run(chain_run.cfg.output_dir)
+    rows = request(chain_run.previous, chain_run.today)
+    first = chain.remark(rows)
+    assert len(chain._histories) == 1
+    again = chain.remark(rows.copy())  # the same rows: the remembered canonical chain, the same answer to the bit
+    assert len(chain._histories) == 1 and again.to_json() == first.to_json()
+    fresh = load_run(chain_run.cfg.output_dir).remark(rows)
+    assert fresh.to_json() == first.to_json()
+    moved = rows.copy()  # another previous surface (its prices 5% up): normalized anew
+    previous = moved["quote_date"] < moved["quote_date"].max()
+    moved.loc[previous, ["bid", "ask"]] *= 1.05
+    other = chain.remark(moved)
+    assert len(chain._histories) == 2
+    assert not np.allclose(other.ivs["baseline"], first.ivs["baseline"])

@@ -13,8 +13,11 @@ quote date, which the model carries.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
+import hashlib
 import statistics
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -265,6 +268,8 @@ class ChainModel:
         self.columns: dict[str, str] = {k: v for k, v in self.options.columns.items() if v}
         self.column_hint = input_column_hint(self.columns)
         self.surface = bundle.surface_frame()  # canonical rows of the run's last quote date (None: older model.pt)
+        # A service re-marks many requests against one previous date: its rows are checked and normalized once.
+        self._histories: OrderedDict[bytes, tuple[pd.DataFrame, dict[str, Any]]] = OrderedDict()
 
     def remark(self, raw: pd.DataFrame, date: str | None = None) -> Remark:
         """Raw chain rows -> IVs of the contracts of ``date`` (default: the last date in ``raw``)."""
@@ -290,6 +295,21 @@ class ChainModel:
         return Remark(out, info["date"], info["previous_date"], info["previous_from"], len(raw), info["contracts"],
                       {k: v for k, v in dropped.items() if v}, {k: v for k, v in info["previous_dropped"].items() if v})
 
+    def normalized_history(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
+        """``normalize`` of the request's earlier dates with its report, remembered by the rows' content (the last
+        ``HISTORY_CACHE`` distinct ones): the same rows give the same canonical chain, so it is computed once."""
+        key = hashlib.blake2b(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()
+                              + "\0".join(map(str, rows.columns)).encode(), digest_size=16).digest()
+        if key in self._histories:
+            self._histories.move_to_end(key)
+        else:
+            report: dict[str, Any] = {}
+            self._histories[key] = normalize(rows, self.options, report=report, column_hint=self.column_hint), report
+            if len(self._histories) > HISTORY_CACHE:
+                self._histories.popitem(last=False)
+        history, report = self._histories[key]
+        return history, copy.deepcopy(report)
+
     def chain(self, raw: pd.DataFrame, date: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
         """The canonical chain of the previous date(s) and ``date``, and what was kept and dropped of each."""
         date_col = self.columns.get("quote_date", "quote_date")
@@ -307,10 +327,10 @@ class ChainModel:
         if not (dates == target).any():
             raise ValueError(f"date={target.date()} is not in the input; its quote dates run {dates.min().date()}.."
                              f"{dates.max().date()}")
-        history_report: dict[str, Any] = {}
         history_raw = raw[dates < target]
+        history_report: dict[str, Any] = {}
         if len(history_raw):
-            history = normalize(history_raw, self.options, report=history_report, column_hint=self.column_hint)
+            history, history_report = self.normalized_history(history_raw)
             source = "request"
         elif self.surface is not None and len(self.surface) and self.surface["quote_date"].max() < target:
             history, source = self.surface, "model"
@@ -344,6 +364,9 @@ class ChainModel:
                        "contracts": len(today), "normalized": sum(len(p) for p in parts),
                        "dropped": dict(report.get("dropped", {})),
                        "previous_dropped": dict(history_report.get("dropped", {}))}
+
+
+HISTORY_CACHE = 8  # previous-date chains kept normalized per loaded model
 
 
 def _named(dropped: dict[str, int]) -> str:
