@@ -93,9 +93,9 @@ class Trainer:
         return train.x_num[idx], None if train.x_cat is None else train.x_cat[idx], train.y[idx]
 
     def _loss(self, x_num, x_cat, y) -> torch.Tensor:
-        loss = (self.model(x_num, x_cat)[:, 0] - y).square().mean()
-        aux = getattr(self.model, "auxiliary_loss", None)
-        return loss + aux() if aux is not None else loss
+        out, aux = self.model.forward_train(x_num, x_cat)  # vforge.models.base.Model
+        loss = (out[:, 0] - y).square().mean()
+        return loss + aux if aux is not None else loss
 
     def run(self, steps: int) -> float:
         self.model.train()

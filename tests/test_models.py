@@ -48,9 +48,10 @@ def _inputs(batch: int, cats: list[int], seed: int = 1) -> tuple[torch.Tensor, t
     return x_num, x_cat
 
 
-def _loss(model: torch.nn.Module, out: torch.Tensor) -> torch.Tensor:
+def _loss(out: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+    """A training loss on the model's training forward (``Model.forward_train``): its auxiliary loss added."""
     loss = out.square().mean()
-    return loss + model.auxiliary_loss() if hasattr(model, "auxiliary_loss") else loss
+    return loss + aux if aux is not None else loss
 
 
 @pytest.mark.parametrize("cats", [[], CATS], ids=["num", "num+cat"])
@@ -60,10 +61,10 @@ def test_forward_backward_gradients(build, name, cats):
     for batch, train in ((64, True), (1, False)):  # a single row predicts in eval mode (BatchNorm needs 2 to train)
         model.train(train)
         model.zero_grad(set_to_none=True)
-        out = model(*_inputs(batch, cats))
+        out, aux = model.forward_train(*_inputs(batch, cats))
         assert out.shape == (batch, 1)
         assert torch.isfinite(out).all(), f"NaN/inf in the output of {name}"
-        _loss(model, out).backward()
+        _loss(out, aux).backward()
         for pname, p in model.named_parameters():
             assert p.grad is not None, f"no gradient for {pname}"
             assert torch.isfinite(p.grad).all(), f"non-finite gradient for {pname}"
@@ -109,9 +110,10 @@ def test_fits_a_smooth_function(build, name):
     start = mse()
     for _ in range(300):
         idx = torch.randint(0, len(x), (128,), generator=g)
-        loss = (model(x[idx], None)[:, 0] - y[idx]).square().mean()
-        if hasattr(model, "auxiliary_loss"):
-            loss = loss + model.auxiliary_loss()
+        out, aux = model.forward_train(x[idx], None)
+        loss = (out[:, 0] - y[idx]).square().mean()
+        if aux is not None:
+            loss = loss + aux
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -127,7 +129,7 @@ def test_tabnet_masks_sum_to_at_most_one_per_feature_with_gamma_one(build):
     model.train()
     for _ in range(3):  # a few updates so the masks are not at their initial values
         opt = torch.optim.SGD(model.parameters(), lr=0.5)
-        _loss(model, model(*x)).backward()
+        _loss(*model.forward_train(*x)).backward()
         opt.step()
     model.eval()
     masks = model.masks(*x)  # (n_steps, batch, d_in)
@@ -142,8 +144,7 @@ def test_tabnet_masks_sum_to_at_most_one_per_feature_with_gamma_one(build):
 def test_tabnet_auxiliary_loss_and_importances(build):
     model = build("tabnet", CATS, lambda_sparse=0.5).train()
     x = _inputs(64, CATS)
-    model(*x)
-    aux = model.auxiliary_loss()
+    _, aux = model.forward_train(*x)
     m = model.masks(*x)
     assert aux.requires_grad and aux.item() > 0
     # lambda * mean entropy; masks() reruns the same train-mode forward (same ghost batches), so the values agree

@@ -16,6 +16,7 @@ from torch import nn
 from tests.conftest import CONF_DIR
 from vforge.config import validate
 from vforge.data.dataset import Dataset, Split
+from vforge.models.base import Model, enable_grad_checkpointing
 from vforge.models.mlp import MLP
 from vforge.train import train
 from vforge.training.callbacks import Callback
@@ -24,7 +25,6 @@ from vforge.training.loop import NonFiniteLossError, fit
 from vforge.training.losses import MSE
 from vforge.training.optim import param_groups
 from vforge.training.schedulers import one_cycle, plateau, warmup_cosine
-from vforge.training.speed import enable_grad_checkpointing
 
 
 def linear_data(n: int = 64, seed: int = 0) -> Dataset:
@@ -122,7 +122,7 @@ def test_diverging_learning_rate_is_named():
 
 
 def test_auxiliary_model_loss_is_added():
-    class WithAux(nn.Module):
+    class WithAux(Model):
         def __init__(self):
             super().__init__()
             self.inner = mlp()
@@ -130,8 +130,8 @@ def test_auxiliary_model_loss_is_added():
         def forward(self, x_num, x_cat=None):
             return self.inner(x_num, x_cat)
 
-        def auxiliary_loss(self):
-            return torch.tensor(5.0)
+        def forward_train(self, x_num, x_cat=None):
+            return self(x_num, x_cat), torch.tensor(5.0)
 
     plain = run(mlp(), linear_data(), optimizer=None or torch.optim.SGD(mlp().parameters(), lr=0.0))
     aux = WithAux()
@@ -262,3 +262,13 @@ def test_grad_checkpointing_finds_transformer_blocks(make_cfg):
 def test_cuda_mixed_precision_trains(make_cfg, precision):
     metrics = train(make_cfg("trainer.device=cuda", f"trainer.precision={precision}"))
     assert math.isfinite(metrics["val/rmse"])
+
+
+def test_grad_checkpointing_is_the_models_own_and_survives_averagings_copy(make_cfg):
+    """No callback position to get right: the flag is the model's, so EMA's copy of the model keeps it, and a run
+    with it matches one without (same seeds, dropout replayed in the recomputation)."""
+    plain = train(make_cfg("averaging=ema", "model.dropout=0.1"))
+    checkpointed = train(make_cfg("averaging=ema", "model.dropout=0.1", "trainer.grad_checkpointing=true"))
+    assert checkpointed["val/rmse"] == pytest.approx(plain["val/rmse"], rel=1e-5)
+    model = mlp(dropout=0.1)
+    assert model.set_grad_checkpointing() == len(model.blocks) and copy.deepcopy(model).grad_checkpointing

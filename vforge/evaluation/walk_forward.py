@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vforge.evaluation.report import RunEvaluation, frame_metrics, log_files, summarize
 from vforge.tracking.mlflow import ENV_PARENT_RUN, run_tags
+from vforge.training.callbacks import run_status
 
 log = logging.getLogger(__name__)
 
@@ -159,8 +160,7 @@ def walk_forward(cfg: DictConfig, train_fn: TrainFn, callbacks: Any = ()) -> Wal
         result.seconds = time.perf_counter() - start
         return result
     except BaseException as e:
-        if isinstance(e, KeyboardInterrupt) or getattr(e, "run_status", None) == "KILLED":
-            status = "KILLED"
+        status = run_status(e)
         raise
     finally:
         if parent:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -138,7 +140,10 @@ class TransformerBackbone(nn.Module):
             for i, attention in enumerate(attentions)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, run_block: Callable[..., Tensor] | None = None) -> Tensor:
+        """``run_block(block, x, **kwargs)`` calls each block (the model's, to recompute it in backward under
+        gradient checkpointing); by default a plain call."""
+        run = run_block or (lambda block, *args, **kwargs: block(*args, **kwargs))
         for block in self.blocks[:-1]:
-            x = block(x)
-        return self.blocks[-1](x, n_queries=1)[:, 0]
+            x = run(block, x)
+        return run(self.blocks[-1], x, n_queries=1)[:, 0]

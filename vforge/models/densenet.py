@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from vforge.layers.embeddings import FlatInput
+from vforge.models.base import Model
 
 
 class DenseLayer(nn.Module):
@@ -20,7 +21,7 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.f(x)], dim=1)
 
 
-class DenseNet(nn.Module):
+class DenseNet(Model):
     """Linear -> n_blocks x [n_layers dense layers -> transition (BN -> ReLU -> Linear compressing the width)]
     -> BN -> ReLU -> Linear.
 
@@ -56,4 +57,7 @@ class DenseNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm1d(d), nn.ReLU(), nn.Linear(d, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.blocks(self.first(self.input(x_num, x_cat))))
+        return self.head(self.run_blocks(self.blocks, self.first(self.input(x_num, x_cat))))
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks

@@ -9,9 +9,10 @@ from vforge.layers.attention import get_attention
 from vforge.layers.blocks import TransformerBackbone, check_transformer_sizes
 from vforge.layers.embeddings import FeatureTokenizer
 from vforge.layers.norms import get_norm
+from vforge.models.base import Model
 
 
-class FTTransformer(nn.Module):
+class FTTransformer(Model):
     """Feature tokenizer + CLS token -> pre-norm transformer blocks (the first without its input norm) -> the CLS
     token's state -> LayerNorm -> ReLU -> Linear.
 
@@ -45,4 +46,7 @@ class FTTransformer(nn.Module):
         self.head = nn.Sequential(get_norm("layernorm", d_block), nn.ReLU(), nn.Linear(d_block, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.backbone(self.tokenizer(x_num, x_cat)))
+        return self.head(self.backbone(self.tokenizer(x_num, x_cat), run_block=self.run_block))
+
+    def checkpoint_blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks

@@ -16,9 +16,10 @@ import torch
 from torch import Tensor, nn
 
 from vforge.evaluation.metrics import per_date_ratio, robust_score
+from vforge.models.base import Model
 
 
-class Ridge(nn.Module):
+class Ridge(Model):
     """``y = w . z(x)`` with ``z`` the inputs, their pairwise products, one-hot categories and a constant, each column
     scaled to unit RMS on the training rows.
 
@@ -39,6 +40,7 @@ class Ridge(nn.Module):
         tolerance: how much worse (in units of persistence's per-date loss) a larger penalty may score and still win.
     """
 
+    closed_form = True
     pairs: Tensor  # buffers
     scale: Tensor
 
@@ -126,7 +128,7 @@ def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
     return np.linalg.solve(gram + alpha * np.eye(len(gram)), rhs)
 
 
-class Blend(nn.Module):
+class Blend(Model):
     """``w_model * model + w_linear * linear``: a change model shrunk toward persistence and the ridge, as the
     do-no-harm step chose it (``vforge.training.gating``). Built from the two models' configs, so a saved run
     rebuilds it like any model.

@@ -11,9 +11,10 @@ from vforge.layers.activations import GLU_ACTIVATIONS, get_activation, glu_facto
 from vforge.layers.blocks import FeedForward
 from vforge.layers.embeddings import FlatInput
 from vforge.layers.norms import get_norm
+from vforge.models.base import Model
 
 
-class MLP(nn.Module):
+class MLP(Model):
     """(Linear -> activation -> dropout) x n_blocks -> Linear.
 
     Args:
@@ -45,10 +46,13 @@ class MLP(nn.Module):
         self.head = nn.Linear(d_block, d_out)
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.blocks(self.input(x_num, x_cat)))
+        return self.head(self.run_blocks(self.blocks, self.input(x_num, x_cat)))
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks
 
 
-class GLUMLP(nn.Module):
+class GLUMLP(Model):
     """Linear -> n_blocks x [x + Dropout(W2 GLU(W1 norm(x)))] -> norm -> Linear: the gated feed-forward block of
     modern transformers, stacked as a residual MLP.
 

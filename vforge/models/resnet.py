@@ -11,6 +11,7 @@ from vforge.layers.activations import get_activation
 from vforge.layers.blocks import DropPath, FeedForward
 from vforge.layers.embeddings import FlatInput
 from vforge.layers.norms import LayerScale, get_norm
+from vforge.models.base import Model
 
 
 class ResNetBlock(nn.Module):
@@ -27,7 +28,7 @@ class ResNetBlock(nn.Module):
         return x + self.f(x)
 
 
-class ResNet(nn.Module):
+class ResNet(Model):
     """Linear -> ResNetBlock x n_blocks -> BatchNorm -> ReLU -> Linear.
 
     Shape:
@@ -47,7 +48,10 @@ class ResNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm1d(d_block), nn.ReLU(), nn.Linear(d_block, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.blocks(self.first(self.input(x_num, x_cat))))
+        return self.head(self.run_blocks(self.blocks, self.first(self.input(x_num, x_cat))))
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks
 
 
 class ModernResNetBlock(nn.Module):
@@ -66,7 +70,7 @@ class ModernResNetBlock(nn.Module):
         return x + self.drop_path(self.scale(self.residual_dropout(self.ffn(self.norm(x)))))
 
 
-class ModernResNet(nn.Module):
+class ModernResNet(Model):
     """Linear -> pre-norm residual FFN blocks with stochastic depth (rising linearly to ``drop_path``) and LayerScale
     -> norm -> activation -> Linear.
 
@@ -98,7 +102,10 @@ class ModernResNet(nn.Module):
         self.head = nn.Sequential(get_norm(norm, d_block), get_activation("relu"), nn.Linear(d_block, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.blocks(self.first(self.input(x_num, x_cat))))
+        return self.head(self.run_blocks(self.blocks, self.first(self.input(x_num, x_cat))))
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks
 
 
 class PyramidBlock(nn.Module):
@@ -115,7 +122,7 @@ class PyramidBlock(nn.Module):
         return F.pad(x, (0, self.d_pad)) + self.f(x)
 
 
-class PyramidResNet(nn.Module):
+class PyramidResNet(Model):
     """Linear -> residual blocks whose width rises linearly from ``d_first`` to ``d_last`` -> BN -> ReLU -> Linear:
     narrow early features, wide late ones (multi-scale widths at one parameter budget).
 
@@ -139,4 +146,7 @@ class PyramidResNet(nn.Module):
         self.head = nn.Sequential(nn.BatchNorm1d(d_last), nn.ReLU(), nn.Linear(d_last, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.blocks(self.first(self.input(x_num, x_cat))))
+        return self.head(self.run_blocks(self.blocks, self.first(self.input(x_num, x_cat))))
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks

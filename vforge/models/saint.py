@@ -8,6 +8,7 @@ from vforge.layers.attention import MultiHeadAttention
 from vforge.layers.blocks import TransformerBlock, check_transformer_sizes
 from vforge.layers.embeddings import FeatureTokenizer
 from vforge.layers.norms import get_norm
+from vforge.models.base import Model
 
 
 class IntersampleAttention(nn.Module):
@@ -37,7 +38,7 @@ class IntersampleAttention(nn.Module):
         return self.block(rows).reshape(batch, n_tokens, d)
 
 
-class SAINT(nn.Module):
+class SAINT(Model):
     """Feature tokenizer + CLS -> [column attention block -> intersample attention block] x n_blocks -> CLS -> Linear.
 
     NOTE[paper]: numeric features are embedded by a per-feature linear map (FT-Transformer's tokenizer) instead of
@@ -74,6 +75,8 @@ class SAINT(nn.Module):
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
         x = self.tokenizer(x_num, x_cat)  # (batch, n_tokens, d_block)
-        for block in self.blocks:
-            x = block(x)
+        x = self.run_blocks(self.blocks, x)
         return self.head(x[:, 0])
+
+    def checkpoint_blocks(self) -> nn.ModuleList:
+        return self.blocks

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from vforge.layers.embeddings import FlatInput
+from vforge.models.base import Model
 
 
 class LinearBatchEnsemble(nn.Module):
@@ -39,7 +40,7 @@ class LinearBatchEnsemble(nn.Module):
         return x + self.bias
 
 
-class TabM(nn.Module):
+class TabM(Model):
     """Input (optionally PLR-embedded) copied to k members -> n_blocks x [BatchEnsemble Linear -> ReLU -> Dropout]
     -> one Linear head per member -> the mean over members.
 
@@ -83,8 +84,11 @@ class TabM(nn.Module):
     def members(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
         """Each member's prediction, (batch, k, d_out)."""
         x = self.input(x_num, x_cat)[:, None].expand(-1, self.k, -1)  # (batch, k, d_in)
-        x = self.blocks(x)  # (batch, k, d_block)
+        x = self.run_blocks(self.blocks, x)  # (batch, k, d_block)
         return torch.einsum("bkd,kdo->bko", x, self.head_weight) + self.head_bias
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
         return self.members(x_num, x_cat).mean(dim=1)
+
+    def checkpoint_blocks(self) -> nn.Sequential:
+        return self.blocks

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from vforge.layers.activations import get_simplex_map
 from vforge.layers.embeddings import FlatInput
 from vforge.layers.norms import GhostBatchNorm
+from vforge.models.base import Model
 
 
 class GLULayer(nn.Module):
@@ -52,7 +53,7 @@ class FeatureTransformer(nn.Module):
         return x
 
 
-class TabNet(nn.Module):
+class TabNet(Model):
     """BatchNorm -> step 0 feature transformer -> n_steps x [attentive transformer -> mask -> feature transformer ->
     ReLU(decision part)] -> sum of decisions -> Linear.
 
@@ -65,8 +66,8 @@ class TabNet(nn.Module):
     over the steps to 1 - P_{n+1} <= 1 (a feature is used at most once in total); larger gamma allows reuse, and
     min(1, .) keeps the prior, hence the masks, within [0, 1].
 
-    ``auxiliary_loss()`` returns lambda_sparse times the masks' mean entropy from the latest forward pass (the paper's
-    sparsity regularizer), which the training loop adds to the loss. ``feature_importances`` gives per-row importances.
+    ``forward_train`` also returns lambda_sparse times the masks' mean entropy (the paper's sparsity regularizer),
+    which the training loop adds to the loss. ``feature_importances`` gives per-row importances.
 
     Args:
         n_d: width of the decision part of each step.
@@ -112,7 +113,6 @@ class TabNet(nn.Module):
             nn.Sequential(nn.Linear(n_a, d_in, bias=False), GhostBatchNorm(d_in, virtual_batch_size, momentum))
             for _ in range(n_steps))
         self.head = nn.Linear(n_d, d_out, bias=False)
-        self._aux = torch.zeros(())
 
     def _steps(self, x_num: Tensor, x_cat: Tensor | None) -> tuple[Tensor, list[Tensor], list[Tensor]]:
         """Run all steps; return the summed decision (batch, n_d), the masks and the step decisions."""
@@ -131,19 +131,14 @@ class TabNet(nn.Module):
         return torch.stack(decisions).sum(0), masks, decisions
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
+        return self.head(self._steps(x_num, x_cat)[0])
+
+    def forward_train(self, x_num: Tensor, x_cat: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The output and lambda_sparse * the mean mask entropy of this forward pass."""
         out, masks, _ = self._steps(x_num, x_cat)
         m = torch.stack(masks)  # (n_steps, batch, d_in)
         entropy = -(m * torch.log(m + 1e-15)).sum(-1).mean()
-        self._aux = self.lambda_sparse * entropy
-        return self.head(out)
-
-    def __getstate__(self) -> dict:
-        # The latest auxiliary term holds an autograd graph, which copy.deepcopy (EMA, SWA) and pickle refuse.
-        return {**self.__dict__, "_aux": torch.zeros(())}
-
-    def auxiliary_loss(self) -> Tensor:
-        """lambda_sparse * the mean mask entropy of the latest forward pass (0 before the first)."""
-        return self._aux
+        return self.head(out), self.lambda_sparse * entropy
 
     @torch.no_grad()
     def masks(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:

@@ -13,9 +13,10 @@ from vforge.layers.attention import get_attention
 from vforge.layers.blocks import TransformerBackbone, check_transformer_sizes
 from vforge.layers.embeddings import FeatureTokenizer
 from vforge.layers.norms import get_norm
+from vforge.models.base import Model
 
 
-class Transformer(nn.Module):
+class Transformer(Model):
     """Feature tokenizer + CLS -> pre-norm blocks x = x + attn(norm(x)); x = x + ffn(norm(x)) -> norm(CLS) -> Linear.
 
     Unlike FT-Transformer every block normalizes its input, the norm is selectable (layernorm, rmsnorm), and blocks
@@ -61,7 +62,10 @@ class Transformer(nn.Module):
         return get_attention(name, n_kv_heads=n_kv_heads, window=window, **options)
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:
-        return self.head(self.backbone(self.tokenizer(x_num, x_cat)))
+        return self.head(self.backbone(self.tokenizer(x_num, x_cat), run_block=self.run_block))
+
+    def checkpoint_blocks(self) -> nn.ModuleList:
+        return self.backbone.blocks
 
 
 class HybridTransformer(Transformer):

@@ -18,9 +18,12 @@ import optuna
 from vforge.sweeps.study import trial_from_env
 
 try:
-    from vforge.training.callbacks import Callback
+    from vforge.training.callbacks import Callback, StopsRun
 except ImportError:  # a loop without the callback interface: the plain ``(epoch, metrics)`` hook still works
     Callback = object  # type: ignore[misc,assignment]
+
+    class StopsRun:  # type: ignore[no-redef]
+        run_status = "KILLED"
 
 log = logging.getLogger(__name__)
 # Unix time at which the sweep's time budget (hydra.sweeper.minutes / timeout) is spent: the running trial stops then
@@ -30,10 +33,8 @@ ATTR_PRUNED_EPOCH, ATTR_PRUNED_REASON = "pruned_epoch", "pruned_reason"
 BUDGET_SPENT = "time budget spent"
 
 
-class TrialPruned(optuna.TrialPruned):
+class TrialPruned(StopsRun, optuna.TrialPruned):
     """``optuna.TrialPruned`` that the training loop treats as a deliberate stop (MLflow status KILLED)."""
-
-    run_status = "KILLED"
 
 
 class PruningCallback(Callback):

@@ -8,7 +8,7 @@ The loop (``vforge.training.loop.fit``) calls, in list order:
 - ``on_train_epoch_end(state)``: after the last step of an epoch, before validation (SWA averages here);
 - ``on_epoch_end(state)``: after validation; ``state.metrics`` holds the epoch's metrics. Set
   ``state.stop = True`` to stop after this epoch, or raise to abort: :class:`TrainingInterrupted` (or any
-  exception with ``run_status = "KILLED"``, e.g. a pruned trial) ends the MLflow run as KILLED, anything
+  exception marked :class:`StopsRun`, e.g. a pruned trial) ends the MLflow run as KILLED, anything
   else as FAILED, and ``train()`` re-raises it;
 - ``on_fit_end(state)``: once, after the last epoch (early stopping restores the best weights here).
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -29,10 +30,19 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-class TrainingInterrupted(Exception):
-    """Raise from a callback to stop a run on purpose (pruning, a time budget); MLflow marks it KILLED."""
+class StopsRun:
+    """Marks an exception that stops a run on purpose (pruning, a time budget): the run ends KILLED, not FAILED."""
 
     run_status = "KILLED"
+
+
+class TrainingInterrupted(StopsRun, Exception):
+    """Raise from a callback to stop a run on purpose (pruning, a time budget); MLflow marks it KILLED."""
+
+
+def run_status(error: BaseException) -> str:
+    """The MLflow status of a run that ``error`` ended: KILLED for Ctrl-C and :class:`StopsRun`, else FAILED."""
+    return "KILLED" if isinstance(error, (KeyboardInterrupt, StopsRun)) else "FAILED"
 
 
 class Callback:
@@ -142,3 +152,13 @@ class Progress(Callback):
     def on_epoch_end(self, state: FitState) -> None:
         if "val/rmse_epoch" in state.metrics:
             self.last = f" (val RMSE {state.metrics['val/rmse_epoch']:.3f})"
+
+
+def fit_callbacks(*, averaging: Sequence[Callback], patience: int, logger: Any, progress: str | bool,
+                  checkpoint: Callback | None, extra: Sequence[Callback], user: Sequence[Callback]) -> list[Callback]:
+    """Every callback of a training run, in call order, built once: averaging (its model copy is what the others
+    evaluate), early stopping (which the checkpoint saves), logging, progress, the checkpoint (after the state it
+    saves, before ``extra``/``user`` callbacks that may raise to stop the run after it), the configured
+    ``trainer.callbacks``, then the caller's."""
+    return [*averaging, EarlyStopping(patience=patience), EpochLog(logger), Progress(progress),
+            *([checkpoint] if checkpoint is not None else []), *extra, *user]

@@ -7,7 +7,8 @@ import logging
 import os
 import random
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -187,3 +188,48 @@ def check_compatible(ckpt: dict[str, Any], config: dict[str, Any], path: Path) -
         if group in saved and saved[group] != config.get(group):
             raise ValueError(f"trainer.resume: {path} was trained with {group}={saved[group]}, this run has "
                              f"{group}={config.get(group)}; resume with the same {group} or set trainer.resume=null")
+
+
+@dataclass
+class Resume:
+    """Where a training run stands before it starts: the checkpoint it resumes (``path``/``ckpt``, None for a fresh
+    run) and the folders that follow from it."""
+
+    out_dir: Path
+    path: Path | None = None
+    ckpt: dict[str, Any] | None = None
+    setting: str | None = None  # trainer.resume
+
+    @classmethod
+    def find(cls, setting: str | None, out_dir: Path, *, run_name: str | None, siblings: bool,
+             config: dict[str, Any], device: torch.device, broadcast: Callable[[Any], Any] = lambda x: x,
+             is_main: bool = True) -> Resume:
+        """``trainer.resume`` resolved (:func:`find_resume`), its checkpoint loaded and checked against ``config``
+        (:func:`check_compatible`); ``out_dir`` made and cleared of a killed write's temp files. ``broadcast``
+        gives every DDP rank rank 0's choice."""
+        path = broadcast(find_resume(setting, out_dir, run_name, siblings=siblings))
+        ckpt = torch.load(path, weights_only=False, map_location=device) if path else None
+        if ckpt:
+            check_compatible(ckpt, config, path)
+            log.info("resuming from %s after epoch %d", path, ckpt["epoch"])
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if is_main:
+            remove_stale_temp(out_dir)  # a model.pt write killed midway
+        return cls(out_dir, path, ckpt, setting)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        """Where last.pt / best.pt go: next to the checkpoint resumed from, else in this run's folder."""
+        return self.path.parent if self.path else self.out_dir / "checkpoints"
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder this training belongs to: the resumed checkpoint's, else this job's."""
+        return self.path.parent.parent if self.path else self.out_dir
+
+    def mlflow_run_id(self, logger: Any) -> str | None:
+        """The MLflow run to continue: the checkpoint's, else (``trainer.resume`` set) one the run folder started and
+        did not finish, else None (a new run)."""
+        if self.ckpt:
+            return self.ckpt.get("mlflow_run_id")
+        return logger.unfinished_folder_run(self.run_dir) if self.setting else None

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from vforge.data.dataset import Dataset, Split
 from vforge.data.target import VOL_POINTS
 from vforge.evaluation.metrics import conformal_metrics, interval_metrics, split_metrics
+from vforge.models.base import Model
 from vforge.training.callbacks import Callback
 from vforge.training.checkpoint import restore
 from vforge.training.distributed import Single
@@ -31,6 +32,20 @@ log = logging.getLogger(__name__)
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or inf; the message names the epoch, the step and the likely cause."""
+
+
+class TrainingForward(nn.Module):
+    """The training forward of ``model`` as a module's ``forward`` (what DDP hooks): ``Model.forward_train``, the
+    output and the model's auxiliary loss (None for a plain ``nn.Module``)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x_num: Tensor, x_cat: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        if isinstance(self.model, Model):
+            return self.model.forward_train(x_num, x_cat)
+        return self.model(x_num, x_cat), None
 
 
 def split_aux(data: Dataset, split: Split) -> dict[str, Tensor]:
@@ -110,10 +125,9 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         cb.on_fit_start(state)
     if resume is not None:
         restore(state, callbacks, resume)
-    forward: Callable[..., Tensor] = strategy.wrap(model)  # DDP all-reduces the gradients in backward
-    forward = torch.compile(forward) if compile else forward
+    forward: Callable[..., tuple[Tensor, Tensor | None]] = strategy.wrap(TrainingForward(model))  # DDP all-reduces
+    forward = torch.compile(forward) if compile else forward  # the gradients in backward
     plateau = isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau)
-    auxiliary = getattr(model, "auxiliary_loss", None)  # e.g. TabNet's sparsity term from its latest forward
     output = loss_fn.point_index
     change, plain = data.target == "change", RowContext()
     loss_fn.bind(model, data)  # e.g. the surface loss's probe inputs
@@ -129,10 +143,10 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
             context = RowContext({k: v[idx] for k, v in aux.items()}, data.y_center, data.y_scale, change,
                                  rows=idx) if aux else plain
             with autocast():
-                pred = forward(x_num[idx], None if x_cat is None else x_cat[idx])
+                pred, model_loss = forward(x_num[idx], None if x_cat is None else x_cat[idx])
             loss = loss_fn(pred.float(), y[idx], context)
-            if auxiliary is not None:
-                loss = loss + auxiliary()
+            if model_loss is not None:  # e.g. TabNet's sparsity term
+                loss = loss + model_loss
             losses.append(loss.detach())
             if accumulate > 1:
                 loss = loss / accumulate
@@ -180,6 +194,16 @@ def fit(model: nn.Module, data: Dataset, *, loss_fn: Loss, optimizer: torch.opti
         cb.on_fit_end(state)
     return FitResult(state.best_epoch, state.best_value, len(state.history), time.perf_counter() - start, state.history,
                      state.eval_model)
+
+
+def solve(model: Model, data: Dataset, eval_batch_size: int = 8192) -> FitResult:
+    """A ``closed_form`` model (``model=linear``) solved on the training split instead of trained."""
+    start = time.perf_counter()
+    train = data.train
+    info = model.fit_closed_form(train.x_num, train.x_cat, train.y, train.aux["quote_date_idx"].numpy())
+    log.info("linear: penalty %s chosen on %d walk-forward fold dates inside train (%s); robust scores %s",
+             info["alpha"], info["fold_dates"], info["why"], info["scores"])
+    return FitResult(0, val_rmse(model, data, eval_batch_size), 0, time.perf_counter() - start, [], model)
 
 
 def evaluate(final: nn.Module, raw: nn.Module, data: Dataset, loss_fn: Loss,
