@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from tests.test_data import load, make_chain, write
-from vforge.data import features as F
+from vforge.data import features as feats
 from vforge.data import messy, synthetic
 from vforge.data.dataset import format_report
 from vforge.evaluation.metrics import per_date_ratio, robust_score
@@ -163,7 +163,7 @@ def test_winsorizing_clips_train_targets_only_and_moves_are_scaled_not_centred(m
     assert y_train.min() >= lo - 1e-6 and y_train.max() <= hi + 1e-6 and "train only" in ds.report["winsorized"]
     np.testing.assert_allclose(ds.val.y.numpy() * ds.y_scale, raw(ds.val), atol=1e-6)  # untouched
     for i, name in enumerate(ds.feature_names):
-        if name in F.UNCENTERED:
+        if name in feats.UNCENTERED:
             assert ds.x_mean[i] == 0.0
             assert np.sqrt(np.mean(ds.train.x_num[:, i].numpy() ** 2)) == pytest.approx(1.0, rel=1e-3)
 
@@ -172,13 +172,13 @@ def test_one_iv_nodes_keep_the_otm_quote_and_smile_features_of_a_parabola():
     nodes = pd.DataFrame({"date_idx": 0, "expiry": pd.Timestamp("2024-06-21"), "tau": 0.25,
                           "strike": [90.0, 90.0, 110.0, 110.0], "option_type": ["C", "P", "C", "P"],
                           "log_moneyness": np.log([0.9, 0.9, 1.1, 1.1]), "iv": [0.30, 0.25, 0.18, 0.22]})
-    one = F.one_iv_nodes(nodes)
+    one = feats.one_iv_nodes(nodes)
     assert sorted(zip(one["strike"], one["option_type"])) == [(90.0, "P"), (110.0, "C")]
     k = np.linspace(-0.3, 0.3, 13)
     smile = pd.DataFrame({"date_idx": 0, "expiry": pd.Timestamp("2024-06-21"), "tau": 0.25, "strike": 100 * np.exp(k),
                           "option_type": "C", "log_moneyness": k, "iv": 0.2 - 0.1 * k + 0.5 * k**2})
     rows = pd.DataFrame({"info_idx": [0], "log_moneyness": [0.05], "tau": [0.25]})
-    out = F.smile_features(rows, smile).iloc[0]
+    out = feats.smile_features(rows, smile).iloc[0]
     assert out["prev_smile_iv"] == pytest.approx(0.2 - 0.005 + 0.00125, abs=2e-3)
     assert out["prev_smile_slope"] == pytest.approx((-0.1 + 1.0 * 0.05) * 0.5, abs=3e-3)
     assert out["prev_smile_curvature"] == pytest.approx(1.0 * 0.25, rel=0.2)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from vforge.data import features as F
+from vforge.data import features as feats
 from vforge.data.dataset import build_rows
 
 
@@ -17,19 +17,19 @@ def nodes(taus, ks, iv_fn):
 def test_surface_at_nodes_between_strikes_and_across_expiries():
     surf = nodes([0.1, 0.5], [-0.2, 0.0, 0.2], lambda t, k: 0.2 + 0.1 * abs(k) + 0.05 * t)
     # Exact at the nodes; linear in log-moneyness between strikes.
-    np.testing.assert_allclose(F.surface_at(surf, [-0.2, 0.0, 0.2], [0.1, 0.1, 0.5]), [0.225, 0.205, 0.245])
-    np.testing.assert_allclose(F.surface_at(surf, [0.1], [0.5]), [0.235])
+    np.testing.assert_allclose(feats.surface_at(surf, [-0.2, 0.0, 0.2], [0.1, 0.1, 0.5]), [0.225, 0.205, 0.245])
+    np.testing.assert_allclose(feats.surface_at(surf, [0.1], [0.5]), [0.235])
     # Between expiries: total variance linear in tau.
     w1, w2 = 0.205**2 * 0.1, 0.225**2 * 0.5
     expected = np.sqrt((w1 + (w2 - w1) * 0.5) / 0.3)
-    np.testing.assert_allclose(F.surface_at(surf, [0.0], [0.3]), [expected])
+    np.testing.assert_allclose(feats.surface_at(surf, [0.0], [0.3]), [expected])
     # Outside the expiries: flat vol.
-    np.testing.assert_allclose(F.surface_at(surf, [0.0, 0.0], [0.01, 2.0]), [0.205, 0.225])
+    np.testing.assert_allclose(feats.surface_at(surf, [0.0, 0.0], [0.01, 2.0]), [0.205, 0.225])
 
 
 def test_wings_continue_when_rising_and_stay_flat_when_falling():
     surf = nodes([0.25], [-0.1, 0.0, 0.1], lambda t, k: {-0.1: 0.30, 0.0: 0.20, 0.1: 0.18}[k])
-    left, right = F.surface_at(surf, [-0.3, 0.3], [0.25, 0.25])
+    left, right = feats.surface_at(surf, [-0.3, 0.3], [0.25, 0.25])
     assert left == pytest.approx(0.30 + 1.0 * 0.2)  # slope 1 vol per unit of k continued outward
     assert right == pytest.approx(0.18)  # the right wing falls: flat
 
@@ -38,7 +38,7 @@ def test_leave_one_out_uses_the_neighbours_only():
     day = pd.DataFrame({"date_idx": 0, "option_type": "C", "expiry": pd.Timestamp("2024-06-21"),
                         "log_moneyness": [-0.2, -0.1, 0.0, 0.2], "iv": [0.30, 0.99, 0.20, 0.10]})
     other = day.assign(option_type="P", iv=0.5)
-    loo = F.smile_leave_one_out(pd.concat([day, other], ignore_index=True))
+    loo = feats.smile_leave_one_out(pd.concat([day, other], ignore_index=True))
     # k=-0.1 from (-0.2, 0.30) and (0.0, 0.20): its own 0.99 is left out; ends take their neighbour.
     np.testing.assert_allclose(loo[:4], [0.99, 0.25, 0.99 + (0.10 - 0.99) / 3, 0.20])
     np.testing.assert_allclose(loo[4:], 0.5)
@@ -46,7 +46,7 @@ def test_leave_one_out_uses_the_neighbours_only():
 
 def test_market_state_uses_the_past_only():
     spot = pd.Series(100.0 * np.exp(np.cumsum(np.r_[0.0, np.full(30, 0.01)])))
-    state = F.market_state(spot)
+    state = feats.market_state(spot)
     np.testing.assert_allclose(state["spot_ret_1d"].iloc[1:], 0.01)
     assert state["spot_ret_1d"].iloc[0] == 0.0 and state["realized_vol_21d"].iloc[0] == 0.0
     np.testing.assert_allclose(state["spot_ret_5d"].iloc[10], 0.05)
@@ -54,13 +54,13 @@ def test_market_state_uses_the_past_only():
     # Changing the future changes nothing before it.
     later = spot.copy()
     later.iloc[20:] *= 1.5
-    pd.testing.assert_frame_equal(F.market_state(later).iloc[:20], state.iloc[:20])
+    pd.testing.assert_frame_equal(feats.market_state(later).iloc[:20], state.iloc[:20])
 
 
 def test_surface_state_on_a_known_surface():
     day = nodes([20 / 365, 40 / 365, 120 / 365], np.linspace(-0.2, 0.2, 9), lambda t, k: 0.2 - 0.5 * k + 0.1 * t)
     day = pd.concat([day.assign(option_type="C"), day.assign(option_type="P")], ignore_index=True)
-    state = F.surface_state(day)
+    state = feats.surface_state(day)
     t30 = 30 / 365
     w = lambda t: (0.2 + 0.1 * t) ** 2 * t  # noqa: E731
     atm = np.sqrt((w(20 / 365) + (w(40 / 365) - w(20 / 365)) * 0.5) / t30)
@@ -111,13 +111,13 @@ def test_moneyness_fallback_reads_the_previous_surface_at_todays_coordinates():
 
 def test_unknown_feature_lists_valid_names():
     with pytest.raises(ValueError, match=r"unknown feature\(s\) \['moneyness'\] in data.features; valid names: log_moneyness"):
-        F.validate_names(["moneyness"])
+        feats.validate_names(["moneyness"])
     with pytest.raises(ValueError, match=r"data.cat_features"):
-        F.validate_names([], ["sector"])
+        feats.validate_names([], ["sector"])
 
 
 def test_every_feature_documents_what_it_uses():
-    assert all(len(text) > 15 for text in F.FEATURES.values())
+    assert all(len(text) > 15 for text in feats.FEATURES.values())
 
 
 def test_at_terms_at_a_rows_own_terms_gives_back_its_features_and_moves_only_terms_features(make_cfg):
@@ -132,11 +132,11 @@ def test_at_terms_at_a_rows_own_terms_gives_back_its_features_and_moves_only_ter
                               "info_idx": rows["info_idx"]})
     x = split.x_num.double().numpy()
     k, tau = rows["log_moneyness"].to_numpy(), rows["tau"].to_numpy()
-    same = F.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k, tau)
+    same = feats.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k, tau)
     np.testing.assert_allclose(same, x, atol=2e-5)  # x_num is float32
-    moved = F.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k + 0.05, tau + 0.1)
+    moved = feats.at_terms(x, names, data.x_mean, data.x_std, contracts, data.quotes, k + 0.05, tau + 0.1)
     changed = {n for j, n in enumerate(names) if not np.allclose(moved[:, j], x[:, j], atol=1e-4)}
-    assert changed == set(names) & set(F.TERMS_FEATURES)
+    assert changed == set(names) & set(feats.TERMS_FEATURES)
     j = names.index("moneyness_std")  # by hand: (k / (prev_iv sqrt(tau)) - mean) / std at the new terms
     expect = ((k + 0.05) / (split.base * np.sqrt(tau + 0.1)) - data.x_mean[j]) / data.x_std[j]
     np.testing.assert_allclose(moved[:, j], expect, rtol=1e-12)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from vforge.data import features as F
+from vforge.data import features as feats
 from vforge.data.iv import REASONS, bs_vega
 from vforge.data.target import VOL_POINTS, to_level
 
@@ -199,8 +199,8 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     """
     if horizon < 0:
         raise ValueError(f"data.horizon must be >= 0, got {horizon}")
-    if fallback not in F.FALLBACKS:
-        raise ValueError(f"data.fallback must be one of {', '.join(F.FALLBACKS)}, got {fallback!r}")
+    if fallback not in feats.FALLBACKS:
+        raise ValueError(f"data.fallback must be one of {', '.join(feats.FALLBACKS)}, got {fallback!r}")
     before = spot_before if spot_before is not None else pd.Series(dtype=np.float64, index=pd.DatetimeIndex([]))
     first = len(before)
     chain = enrich(chain, first_idx=first)
@@ -208,8 +208,8 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     dates = before.index.append(pd.DatetimeIndex(np.sort(chain["quote_date"].unique())))
     history = spot if not first else pd.concat([before.set_axis(np.arange(first)), spot])
     nodes = chain.drop(columns="_spot").rename(columns={"implied_volatility": "iv"})
-    chain["loo_iv"] = F.smile_leave_one_out(nodes)
-    ctx = F.Context(nodes=nodes, spot=spot, dates=dates, fallback=fallback, market=F.market_state(history))
+    chain["loo_iv"] = feats.smile_leave_one_out(nodes)
+    ctx = feats.Context(nodes=nodes, spot=spot, dates=dates, fallback=fallback, market=feats.market_state(history))
 
     drops: dict[str, int] = {}
     rows = add_lagged(chain.drop(columns="_spot"), horizon)
@@ -220,7 +220,7 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     # Terms at the target date: tau runs to expiry from the date being predicted.
     rows["tau"] = rows["tau"] - (dates[rows["target_idx"].to_numpy()]
                                  - dates[rows["date_idx"].to_numpy()]).days.to_numpy() / 365.0
-    rows = F.compute(rows, ctx)
+    rows = feats.compute(rows, ctx)
     rows["base"] = rows["prev_iv"]
     no_base = ~np.isfinite(rows["base"])
     drops["drop_no_previous_surface"] = int(no_base.sum())
@@ -296,7 +296,7 @@ def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
             raise ValueError("data.cat_features has 'underlying' but the table has no underlying column; "
                              "map one with data.columns.underlying=<your column> or remove it")
         return rows["underlying"].astype(str)
-    raise ValueError(f"unknown categorical feature {name!r}; valid names: {', '.join(F.CAT_FEATURES)}")
+    raise ValueError(f"unknown categorical feature {name!r}; valid names: {', '.join(feats.CAT_FEATURES)}")
 
 
 def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
@@ -309,7 +309,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     ``1 - winsorize`` quantiles on train; validation and test targets are never touched.
     """
     cat_features = list(cat_features or [])
-    F.validate_names(features, cat_features)
+    feats.validate_names(features, cat_features)
     if target not in ("level", "change"):
         raise ValueError(f"data.target must be 'level' or 'change', got {target!r}")
     rows, quotes, report = build_rows(chain, horizon=horizon, fallback=fallback)
@@ -329,7 +329,7 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
 
     # Scaling and categorical vocabularies from the train part only.
     train = parts["train"]
-    uncentered = np.array([f in F.UNCENTERED for f in features], dtype=bool)
+    uncentered = np.array([f in feats.UNCENTERED for f in features], dtype=bool)
     x_mean = np.where(uncentered, 0.0, train[features].mean().to_numpy())
     rms = np.sqrt((train[features] ** 2).mean().to_numpy())
     x_std = np.where(uncentered, rms, train[features].std().to_numpy())
