@@ -1,10 +1,11 @@
 """Time the data pipeline (read -> checks -> features -> split -> tensors) on a synthetic chain of N rows on disk.
 
-    python scripts/bench_data.py --rows 1000000 [--per year|date] [--keep]
+    python scripts/bench_data.py --rows 1000000 [--per year|date] [--chunk-rows 1000000 | --in-memory] [--keep]
 
 Writes a chain of ``--rows`` rows as Parquet files (one per year, or one per quote date) into a temp folder
-outside the repository, then runs ``data=chain data.path='<folder>/*.parquet'`` in a child process, so that
-its peak memory is the pipeline's alone, and ends with one line::
+outside the repository, then runs ``data=chain data.path='<folder>/*.parquet' data.chunk_rows=<n>`` (the chunked
+pipeline: files read a chunk at a time, splits memory-mapped from files in the temp folder; ``--in-memory``: the
+whole chain at once) in a child process, so that its peak memory is the pipeline's alone, and ends with one line::
 
     rows=<N> seconds=<s> peak_rss_mb=<m>
 
@@ -79,7 +80,7 @@ def write_chain(folder: Path, rows: int, per: str = "year", seed: int = 0) -> in
     return written
 
 
-def run_pipeline(glob: str) -> None:
+def run_pipeline(glob: str, chunk_rows: int, cache_dir: str) -> None:
     """In the child: compose data=chain over the files and build the Dataset; print seconds and peak RSS."""
     import resource
 
@@ -89,7 +90,8 @@ def run_pipeline(glob: str) -> None:
     import vforge.data.chain  # noqa: F401 - imports (torch ~3-20 s) are not the pipeline's time
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", overrides=["data=chain", f"data.path={glob}"])
+        chunked = [f"data.chunk_rows={chunk_rows}", f"data.cache_dir={cache_dir}"] if chunk_rows else []
+        cfg = compose("train", overrides=["data=chain", f"data.path={glob}", *chunked])
     start = time.perf_counter()
     data = instantiate(cfg.data, _convert_="all")
     seconds = time.perf_counter() - start
@@ -102,11 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--per", choices=["year", "date"], default="year", help="one Parquet file per year or date")
+    parser.add_argument("--chunk-rows", type=int, default=1_000_000, help="rows read and featurized at a time")
+    parser.add_argument("--in-memory", action="store_true", help="the whole chain at once (data.chunk_rows=null)")
     parser.add_argument("--keep", action="store_true", help="keep the temp folder (its path is printed)")
     parser.add_argument("--pipeline", help=argparse.SUPPRESS)  # internal: run the pipeline on this glob
     args = parser.parse_args()
     if args.pipeline:
-        run_pipeline(args.pipeline)
+        run_pipeline(args.pipeline, 0 if args.in_memory else args.chunk_rows, str(Path(args.pipeline).parent / "cache"))
         return
     folder = Path(tempfile.mkdtemp(prefix="vforge-bench-data-"))
     try:
@@ -115,7 +119,8 @@ def main() -> None:
         size = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
         print(f"wrote {rows:,} rows in {len(list(folder.iterdir()))} files ({size:.0f} MB) to {folder} "
               f"in {time.perf_counter() - start:.1f} s")
-        out = subprocess.run([sys.executable, __file__, "--pipeline", str(folder / "*.parquet")], cwd=ROOT,
+        mode = ["--in-memory"] if args.in_memory else ["--chunk-rows", str(args.chunk_rows)]
+        out = subprocess.run([sys.executable, __file__, "--pipeline", str(folder / "*.parquet"), *mode], cwd=ROOT,
                              capture_output=True, text=True)
         if out.returncode:
             sys.exit(f"pipeline failed:\n{out.stdout[-2000:]}{out.stderr[-3000:]}")

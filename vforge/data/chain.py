@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import glob as globlib
 import re
+import tempfile
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,10 @@ INTERNAL = ["_file", "_iv_given", "_tau", "_price", "_need_iv", "_inv_reason", "
 # ``data.columns.<name>=...``; an entry point whose columns are fixed by the run passes its own (predict).
 ColumnHint = Callable[[str], str]
 
-def read_table(path: str | Path, *, read_options: dict | None = None,
-               quote_date_from_path: str | None = None, path_option: str = "data.path") -> pd.DataFrame:
-    """One CSV/Parquet file, or every file matching a glob pattern (concatenated, a ``_file`` column added).
 
-    ``quote_date_from_path``: a regex whose first group is the file's quote date (one date a file).
-    ``path_option``: the option that names the file in errors (``input`` for predict).
-    """
+def table_files(path: str | Path, path_option: str = "data.path") -> list[str]:
+    """The file ``path`` names, or every file its glob pattern matches, in name order (``path_option``: the
+    option that names it in errors)."""
     path = str(path)
     files = sorted(globlib.glob(path)) if any(ch in path for ch in "*?[") else [path]
     if not files or not Path(files[0]).exists():
@@ -53,24 +51,60 @@ def read_table(path: str | Path, *, read_options: dict | None = None,
             f"{path_option}={path!r} matches no file (relative paths start at {Path.cwd()}); "
             f"set {path_option}=<file.csv|file.parquet|glob>"
         )
-    frames = []
-    for f in files:
-        df = _read_one(f, path, read_options, path_option)
-        df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
-        df["_file"] = Path(f).name
-        if quote_date_from_path:
-            m = re.search(quote_date_from_path, Path(f).name)
-            if not m:
-                raise ValueError(f"data.quote_date_from_path={quote_date_from_path!r} does not match file name "
-                                 f"{Path(f).name!r}; give a regex whose first group is the date")
-            df["quote_date"] = m.group(1)
-        frames.append(df)
-    table = pd.concat(frames, ignore_index=True)
+    return files
+
+
+def read_table(path: str | Path, *, read_options: dict | None = None,
+               quote_date_from_path: str | None = None, path_option: str = "data.path") -> pd.DataFrame:
+    """One CSV/Parquet file, or every file matching a glob pattern (concatenated, a ``_file`` column added).
+
+    ``quote_date_from_path``: a regex whose first group is the file's quote date (one date a file).
+    ``path_option``: the option that names the file in errors (``input`` for predict).
+    """
+    files = table_files(path, path_option)
+    table = pd.concat([read_file(f, str(path), read_options, quote_date_from_path, path_option) for f in files],
+                      ignore_index=True)
     if table.empty:
-        names = ", ".join(Path(f).name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
-        raise ValueError(f"{path_option}={path!r}: no data rows in {names} (header only); "
-                         f"point {path_option} at a file with quotes")
+        _no_rows(str(path), files, path_option)
     return table
+
+
+def read_chunks(path: str | Path, *, chunk_rows: int, read_options: dict | None = None,
+                quote_date_from_path: str | None = None, path_option: str = "data.path") -> Iterator[pd.DataFrame]:
+    """``read_table`` a chunk at a time: whole files in name order, concatenated until a chunk holds at least
+    ``chunk_rows`` rows (so a file per date or per year is read once, and one chunk is in memory at a time)."""
+    files, frames, n, total = table_files(path, path_option), [], 0, 0
+    for f in files:
+        frames.append(read_file(f, str(path), read_options, quote_date_from_path, path_option))
+        n += len(frames[-1])
+        if n >= chunk_rows:
+            yield pd.concat(frames, ignore_index=True)
+            frames, total, n = [], total + n, 0
+    if frames and n:
+        yield pd.concat(frames, ignore_index=True)
+    elif not total:
+        _no_rows(str(path), files, path_option)
+
+
+def _no_rows(path: str, files: list[str], path_option: str) -> None:
+    names = ", ".join(Path(f).name for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")
+    raise ValueError(f"{path_option}={path!r}: no data rows in {names} (header only); "
+                     f"point {path_option} at a file with quotes")
+
+
+def read_file(file: str, path: str, read_options: dict | None, quote_date_from_path: str | None,
+              path_option: str = "data.path") -> pd.DataFrame:
+    """One file of ``path`` with a ``_file`` column (and its quote date, with ``quote_date_from_path``)."""
+    df = _read_one(file, path, read_options, path_option)
+    df = df.loc[:, [c for c in df.columns if not str(c).startswith("Unnamed")]]
+    df["_file"] = Path(file).name
+    if quote_date_from_path:
+        m = re.search(quote_date_from_path, Path(file).name)
+        if not m:
+            raise ValueError(f"data.quote_date_from_path={quote_date_from_path!r} does not match file name "
+                             f"{Path(file).name!r}; give a regex whose first group is the date")
+        df["quote_date"] = m.group(1)
+    return df
 
 
 def _read_one(file: str, path: str, read_options: dict | None, path_option: str) -> pd.DataFrame:
@@ -712,24 +746,46 @@ def check_usable(chain: pd.DataFrame, report: dict, path: str) -> None:
 
 
 def load(*, path: str, read_options: dict | None = None, quote_date_from_path: str | None = None,
-         **options: Any) -> D.Dataset:
+         chunk_rows: int | None = None, cache_dir: str | None = None, **options: Any) -> D.Dataset:
     """A chain file (or glob of files) as a ready-to-train ``Dataset``; the data report says what was dropped and why.
 
-    ``options``: the loader keys of ``ChainOptions`` and the pipeline keys of ``dataset.prepare``.
+    ``options``: the loader keys of ``ChainOptions`` and the pipeline keys of ``dataset.prepare``. ``chunk_rows``:
+    read, check and featurize the files that many rows at a time (whole files in date order) and memory-map the
+    splits from files under ``cache_dir`` (a chain larger than memory); null: all at once, in memory.
     """
     chain_options, pipeline = ChainOptions.pick(options)
-    raw = read_table(path, read_options=dict(read_options or {}), quote_date_from_path=quote_date_from_path)
-    return build_dataset(raw, source=str(path), options=chain_options, **pipeline)
+    read: dict[str, Any] = dict(read_options=dict(read_options or {}), quote_date_from_path=quote_date_from_path)
+    if chunk_rows:
+        if not cache_dir:
+            raise ValueError("data.chunk_rows needs data.cache_dir, the folder its memory-mapped arrays are written to")
+        return build_dataset(read_chunks(path, chunk_rows=int(chunk_rows), **read), source=str(path),
+                             options=chain_options, folder=Path(cache_dir), chunk_rows=int(chunk_rows), **pipeline)
+    return build_dataset(read_table(path, **read), source=str(path), options=chain_options, **pipeline)
 
 
-def build_dataset(raw: pd.DataFrame, *, source: str, options: ChainOptions, **pipeline: Any) -> D.Dataset:
+def build_dataset(raw: pd.DataFrame | Iterable[pd.DataFrame], *, source: str, options: ChainOptions,
+                  folder: Path | None = None, chunk_rows: int | None = None, **pipeline: Any) -> D.Dataset:
     """The one path from a source's raw chain rows to a ``Dataset``: ``normalize`` (checks, IVs, quote filters),
-    then ``dataset.prepare`` (features, targets, split, scaling), their reports merged in that order."""
+    then ``dataset.prepare`` (features, targets, split, scaling), their reports merged in that order.
+
+    ``raw``: one table, or chunks of consecutive quote dates (each date in one chunk) normalized one at a time
+    (a file's checks see the whole file), cut into chains of at most ``chunk_rows`` rows of whole dates and
+    prepared by ``dataset.prepare_chunks`` with its files in a temporary folder under ``folder``.
+    """
     D.check_pipeline_keys(pipeline)
     report: dict = {}
-    chain = normalize(raw, options, report=report)
-    check_usable(chain, report, source)
-    ds = D.prepare(chain, source=source, **pipeline)
+    if isinstance(raw, pd.DataFrame):
+        chain = normalize(raw, options, report=report)
+        check_usable(chain, report, source)
+        ds = D.prepare(chain, source=source, **pipeline)
+    else:
+        assert folder is not None, "chunks need a folder for their files"
+        folder.mkdir(parents=True, exist_ok=True)
+        # The arrays stay memory-mapped after their files are removed (POSIX): nothing is left in the cache.
+        with tempfile.TemporaryDirectory(dir=folder, prefix="chunks-") as tmp:
+            chains = (piece for part in raw for piece in D.by_dates(normalize(part, options, report=report),
+                                                                    chunk_rows or len(part)))
+            ds = D.prepare_chunks(chains, source=source, folder=Path(tmp), **pipeline)
     ds.report["dropped"] = {**report.pop("dropped"), **ds.report["dropped"]}
     ds.report = {"source": ds.report.pop("source"), **report, **ds.report}
     return ds

@@ -8,8 +8,10 @@ and ``prepare`` scales them on train only and makes tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -152,6 +154,7 @@ class Built(NamedTuple):
     rows: pd.DataFrame
     quotes: pd.DataFrame
     report: dict
+    spot: pd.Series  # per quote date of the chain (``daily_spot``), indexed by date
 
 
 def enrich(chain: pd.DataFrame, dates: pd.DatetimeIndex | None = None, first_idx: int = 0) -> pd.DataFrame:
@@ -188,14 +191,16 @@ def daily_spot(chain: pd.DataFrame) -> pd.Series:
 
 
 def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness",
-               spot_before: pd.Series | None = None) -> Built:
+               spot_before: pd.Series | None = None, terms: tuple[int, int] | None = None) -> Built:
     """Canonical chain (IV filled) -> one row per (contract, terms date) with every feature, unscaled.
 
     Returns ``Built(rows, quotes, report)``. No feature of a row uses data after its terms date (surface data after
     its info date): tests/test_leakage.py changes later rows and checks that nothing moves. ``spot_before``: the spot
     (``daily_spot``) of the quote dates before the chain's, indexed by date, when the chain is a chunk of a longer
     history: its ``date_idx`` continue theirs, the spot-path features see that history as if the chain were one,
-    and rows whose info date is before the chain's first count as ``drop_first_date``.
+    and rows whose info date is before the chain's first count as ``drop_first_date``. ``terms``: build (and count,
+    and return the quotes of) only the terms dates whose ``date_idx`` is in ``[lo, hi]``; the chain's other dates are
+    there as information (the previous date) or targets.
     """
     if horizon < 0:
         raise ValueError(f"data.horizon must be >= 0, got {horizon}")
@@ -213,7 +218,10 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
 
     drops: dict[str, int] = {}
     rows = add_lagged(chain.drop(columns="_spot"), horizon)
-    drops["drop_no_target"] = len(chain) - len(rows)
+    if terms is not None:
+        rows = rows[rows["date_idx"].between(*terms)].reset_index(drop=True)
+        nodes = nodes[nodes["date_idx"].between(*terms)]
+    drops["drop_no_target"] = len(nodes) - len(rows)
     no_info = rows["info_idx"] < first
     drops["drop_first_date"] = int(no_info.sum())
     rows = rows[~no_info].reset_index(drop=True)
@@ -225,12 +233,12 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     no_base = ~np.isfinite(rows["base"])
     drops["drop_no_previous_surface"] = int(no_base.sum())
     rows = rows[~no_base].reset_index(drop=True)
-    used = dates[first:]
-    report = {"quotes": len(chain), "quote_dates": len(used), "first_date": str(used[0].date()),
-              "last_date": str(used[-1].date()), "dropped": drops,
+    used = dates[np.unique(nodes["date_idx"].to_numpy())]
+    report = {"quotes": len(nodes), "quote_dates": len(used), "first_date": str(used[0].date()) if len(used) else "",
+              "last_date": str(used[-1].date()) if len(used) else "", "dropped": drops,
               "rows_without_previous_quote": int(rows["prev_iv_missing"].sum())}
     rows.attrs["dates"] = dates
-    return Built(rows, nodes[QUOTE_COLUMNS], report)
+    return Built(rows, nodes[QUOTE_COLUMNS], report, spot.set_axis(dates[first:]))
 
 
 def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fraction: float,
@@ -242,9 +250,17 @@ def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fr
     the last fold is the plain split. ``train_dates``: train on at most that many target dates before
     validation (a sliding window).
     """
+    bounds = split_bounds(np.sort(rows["target_idx"].unique()), val_fraction=val_fraction,
+                          test_fraction=test_fraction, n_folds=n_folds, fold=fold, train_dates=train_dates)
+    return {k: rows[m] for k, m in split_masks(rows["target_idx"], bounds, horizon).items()}
+
+
+def split_bounds(udates: np.ndarray, *, val_fraction: float, test_fraction: float, n_folds: int = 1, fold: int = 0,
+                 train_dates: int | None = None) -> tuple[int, int, int, int]:
+    """``(train_start, train_end, val_end, test_end)`` target date indices of ``split_rows`` from the sorted target
+    date indices ``udates`` of every row."""
     if not 0 <= fold < n_folds:
         raise ValueError(f"data.fold must be in [0, data.n_folds), got fold={fold}, n_folds={n_folds}")
-    udates = np.sort(rows["target_idx"].unique())
     n = len(udates)
     n_test = max(1, int(round(n * test_fraction)))
     n_val = max(1, int(round(n * val_fraction)))
@@ -258,12 +274,17 @@ def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fr
     if train_dates is not None and train_dates < 1:
         raise ValueError(f"data.train_dates must be >= 1 or null (expanding window), got {train_dates}")
     train_start = udates[max(0, end - n_test - n_val - train_dates)] if train_dates else udates[0]
-    t = rows["target_idx"]
+    return train_start, train_end, val_end, test_end
+
+
+def split_masks(t: pd.Series, bounds: tuple[int, int, int, int], horizon: int) -> dict[str, pd.Series]:
+    """Row masks of train, val and test from the rows' target date indices ``t`` (see ``split_bounds``)."""
+    train_start, train_end, val_end, test_end = bounds
     # Info for val/test rows must come after the last train target: drop `horizon` dates.
     return {
-        "train": rows[(t >= train_start) & (t <= train_end)],
-        "val": rows[(t > train_end + horizon) & (t <= val_end)],
-        "test": rows[(t > val_end + horizon) & (t <= test_end)],
+        "train": (t >= train_start) & (t <= train_end),
+        "val": (t > train_end + horizon) & (t <= val_end),
+        "test": (t > val_end + horizon) & (t <= test_end),
     }
 
 
@@ -277,11 +298,6 @@ def make_aux(df: pd.DataFrame) -> dict[str, torch.Tensor]:
         "is_call": f32((df["option_type"] == "C").to_numpy()),
         "quote_date_idx": torch.tensor(df["target_idx"].to_numpy(np.int64)),
     }
-
-
-def _no_attrs(df: pd.DataFrame) -> pd.DataFrame:
-    df.attrs = {}  # the pipeline's quote dates stay with the pipeline (pd.concat compares attrs)
-    return df
 
 
 def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
@@ -299,11 +315,32 @@ def categorical_values(rows: pd.DataFrame, name: str) -> pd.Series:
     raise ValueError(f"unknown categorical feature {name!r}; valid names: {', '.join(feats.CAT_FEATURES)}")
 
 
-def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: int, val_fraction: float,
-            test_fraction: float, source: str = "chain", cat_features: list[str] | None = None,
-            n_folds: int = 1, fold: int = 0, fallback: str = "moneyness", train_dates: int | None = None,
-            winsorize: float | None = None) -> Dataset:
-    """Canonical chain (IV filled) -> ``Dataset``. No feature of a row uses data after its info date.
+ROW_COLUMNS = ["quote_date", *CONTRACT, "target_date", "info_date", "target_idx", "info_idx", "tau", "log_moneyness",
+               "forward", "delta", "rate", "dividend_yield"]
+QUOTE_TERMS = ("bid", "ask", "iv_bid", "iv_ask")  # in Split.rows where the chain has them
+
+
+def prepare(chain: pd.DataFrame, *, source: str = "chain", **pipeline: Any) -> Dataset:
+    """Canonical chain (IV filled) -> ``Dataset``, in memory. No feature of a row uses data after its info date.
+
+    ``pipeline``: the keys of ``prepare_chunks``.
+    """
+    return prepare_chunks([chain], source=source, **pipeline)
+
+
+def prepare_chunks(chains: Iterable[pd.DataFrame], *, features: list[str], target: str, horizon: int,
+                   val_fraction: float, test_fraction: float, source: str = "chain",
+                   cat_features: list[str] | None = None, n_folds: int = 1, fold: int = 0,
+                   fallback: str = "moneyness", train_dates: int | None = None, winsorize: float | None = None,
+                   folder: Path | None = None) -> Dataset:
+    """Canonical chains of consecutive quote dates, in date order (each date within one) -> ``Dataset``.
+
+    The one pipeline: each chain's rows are built (``build_rows``) with the dates it needs from the chain before (the
+    previous date's quotes, or the ``horizon`` dates whose targets it holds) and the whole spot history, so the rows
+    are those of one chain; then the chronological split, train-only statistics added window by window
+    (``TrainStats``) and the scaled splits. ``folder=None`` keeps everything in memory; with a folder, the rows wait in
+    one Parquet file per chain and the splits' arrays (``x_num``, ``y``, ``rows``, ``aux``, ...) and the quotes are
+    written chunk by chunk to files there and memory-mapped: a chain larger than memory never is in memory at once.
 
     ``winsorize``: clip the training targets (the change, or the level) to their ``winsorize`` and
     ``1 - winsorize`` quantiles on train; validation and test targets are never touched.
@@ -312,73 +349,347 @@ def prepare(chain: pd.DataFrame, *, features: list[str], target: str, horizon: i
     feats.validate_names(features, cat_features)
     if target not in ("level", "change"):
         raise ValueError(f"data.target must be 'level' or 'change', got {target!r}")
-    rows, quotes, report = build_rows(chain, horizon=horizon, fallback=fallback)
-    dates = rows.attrs["dates"]
-    rows["target_date"] = dates[rows["target_idx"].to_numpy()]
-    rows["info_date"] = dates[rows["info_idx"].to_numpy()]
-    missing = ~np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1)
-    report["dropped"]["drop_missing_feature"] = int(missing.sum())
-    rows = rows[~missing].reset_index(drop=True)
-    report = {"source": source, **report, "rows": len(rows), "target_dates": int(rows["target_idx"].nunique()),
-              "horizon": horizon, "target": target}
-    parts = split_rows(rows, horizon=horizon, val_fraction=val_fraction, test_fraction=test_fraction,
-                       n_folds=n_folds, fold=fold, train_dates=train_dates)
-    row_columns = ["quote_date", *CONTRACT, "target_date", "info_date", "target_idx", "info_idx", "tau",
-                   "log_moneyness", "forward", "delta", "rate", "dividend_yield"]
-    row_columns += [c for c in ("bid", "ask", "iv_bid", "iv_ask") if c in rows.columns]
+    store = RowStore(folder, keep=[*features, *ROW_COLUMNS, *QUOTE_TERMS, "iv", "base", "persistence",
+                                   "dividend_yield", "underlying"])
+    quotes = Sink(folder, "quotes")
+    report: dict = {}
+    target_idx: list[np.ndarray] = []
+    dates, last_chain = pd.DatetimeIndex([]), None
+    for built, last in windows(chains, horizon=horizon, fallback=fallback):
+        rows, part, last_chain = built.rows, built.report, last
+        dates = rows.attrs["dates"]  # every quote date so far
+        rows["target_date"] = dates[rows["target_idx"].to_numpy()]
+        rows["info_date"] = dates[rows["info_idx"].to_numpy()]
+        missing = ~np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1)
+        part["dropped"]["drop_missing_feature"] = int(missing.sum())
+        rows = rows[~missing].reset_index(drop=True)
+        report = _add_reports(report, part)
+        target_idx.append(np.unique(rows["target_idx"].to_numpy()))
+        store.add(rows)
+        quotes.add(built.quotes)
+    if not store.n_rows:
+        raise ValueError(f"{source}: no rows for the model (dropped: {report.get('dropped')})")
+    udates = np.unique(np.concatenate(target_idx))
+    report = {"source": source, **report, "rows": store.n_rows, "target_dates": len(udates), "horizon": horizon,
+              "target": target}
+    bounds = split_bounds(udates, val_fraction=val_fraction, test_fraction=test_fraction, n_folds=n_folds, fold=fold,
+                          train_dates=train_dates)
 
     # Scaling and categorical vocabularies from the train part only.
-    train = parts["train"]
-    uncentered = np.array([f in feats.UNCENTERED for f in features], dtype=bool)
-    x_mean = np.where(uncentered, 0.0, train[features].mean().to_numpy())
-    rms = np.sqrt((train[features] ** 2).mean().to_numpy())
-    x_std = np.where(uncentered, rms, train[features].std().to_numpy())
-    x_std = np.where(np.isfinite(x_std) & (x_std > 0), x_std, 1.0)
-    raw_y = train["iv"] - (train["base"] if target == "change" else 0.0)
-    clip = (-np.inf, np.inf)
-    if winsorize:
-        if not 0 < winsorize < 0.5:
-            raise ValueError(f"data.winsorize must be in (0, 0.5) or null, got {winsorize}")
-        lo_q, hi_q = (float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
-        clip = (lo_q, hi_q)
-        n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
-        report["winsorized"] = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
-                                f"quantiles [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}] vol pts (train only)")
-    if target == "change":
-        center, scale = 0.0, float(raw_y.clip(*clip).std() or 1.0)
-    else:
-        center, scale = float(train["iv"].mean()), float(train["iv"].std() or 1.0)
-    vocab = {c: sorted(categorical_values(train, c).unique()) for c in cat_features}
+    stats = TrainStats(features, cat_features, target)
+    for rows in store.read(columns=[*features, "iv", "base", "target_idx", *CONTRACT, "underlying"]):
+        stats.add(rows[split_masks(rows["target_idx"], bounds, horizon)["train"]])
+    fit = stats.fit(winsorize)
+    if fit.note:
+        report["winsorized"] = fit.note
 
-    def make(df: pd.DataFrame, clip: tuple[float, float] = (-np.inf, np.inf)) -> Split:
-        x = (df[features].to_numpy() - x_mean) / x_std
-        y = ((df["iv"] - (df["base"] if target == "change" else 0.0)).clip(*clip) - center) / scale
-        x_cat = None
-        if cat_features:  # 0 = a category unseen in train
-            x_cat = torch.tensor(np.column_stack([
-                pd.Categorical(categorical_values(df, c), categories=vocab[c]).codes.astype(np.int64) + 1
-                for c in cat_features
-            ]).reshape(len(df), len(cat_features)))
-        return Split(
-            x_num=torch.as_tensor(x, dtype=torch.float32), x_cat=x_cat,
-            y=torch.tensor(y.to_numpy(), dtype=torch.float32),
-            iv=df["iv"].to_numpy(), base=df["base"].to_numpy(), persistence=df["persistence"].to_numpy(),
-            rows=df[row_columns].reset_index(drop=True).pipe(_no_attrs), aux=make_aux(df),
-        )
-
-    splits = {k: make(v, clip if k == "train" else (-np.inf, np.inf)) for k, v in parts.items()}
+    sinks = {k: Sink(folder, k) for k in ("train", "val", "test")}
+    errors = {k: SquaredError() for k in sinks}
+    for rows in store.read():
+        row_columns = ROW_COLUMNS + [c for c in QUOTE_TERMS if c in rows.columns]
+        for k, mask in split_masks(rows["target_idx"], bounds, horizon).items():
+            part = rows[mask]
+            sinks[k].add(fit.arrays(part, train=k == "train"), rows=part[row_columns])
+            errors[k].add(part)
+    splits = {k: sink.split() for k, sink in sinks.items()}
     # The baseline on every row: persistence, with the previous surface where the contract is new.
-    base_rmse = lambda v: float(np.sqrt(np.mean((v["base"] - v["iv"]) ** 2)) * VOL_POINTS) if len(v) else float("nan")  # noqa: E731
     report["splits"] = {
-        k: {"rows": len(v), "dates": f"{dates[v['target_idx'].min()].date()}..{dates[v['target_idx'].max()].date()}"
-            if len(v) else "-", "n_dates": int(v["target_idx"].nunique()), "baseline_rmse": round(base_rmse(v), 4)}
-        for k, v in parts.items()
+        k: {"rows": len(splits[k]), "dates": f"{dates[e.lo].date()}..{dates[e.hi].date()}" if len(splits[k]) else "-",
+            "n_dates": e.n_dates, "baseline_rmse": round(e.rmse(), 4)}
+        for k, e in errors.items()
     }
     report["features"] = list(features)
-    return Dataset(**splits, feature_names=list(features), cat_cardinalities=[len(vocab[c]) + 1 for c in cat_features],
-                   target=target, y_center=center, y_scale=scale, x_mean=x_mean, x_std=x_std, report=report,
-                   cat_features=cat_features, cat_vocab=vocab, quotes=quotes.reset_index(drop=True),
-                   horizon=horizon, last_chain=last_date_chain(chain))
+    return Dataset(**splits, feature_names=list(features), cat_cardinalities=[len(fit.vocab[c]) + 1 for c in cat_features],
+                   target=target, y_center=fit.center, y_scale=fit.scale, x_mean=fit.x_mean, x_std=fit.x_std,
+                   report=report, cat_features=cat_features, cat_vocab=fit.vocab, quotes=quotes.frame(),
+                   horizon=horizon, last_chain=last_chain)
+
+
+def by_dates(chain: pd.DataFrame, max_rows: int) -> Iterator[pd.DataFrame]:
+    """``chain`` in consecutive pieces of whole quote dates, each of at most ``max_rows`` rows (or one date)."""
+    dates, counts = np.unique(chain["quote_date"].to_numpy(), return_counts=True)
+    if counts.sum() <= max_rows:
+        yield chain
+        return
+    starts = [0]
+    size = 0
+    for i, n in enumerate(counts):
+        if size and size + n > max_rows:
+            starts.append(i)
+            size = 0
+        size += n
+    for a, b in zip(starts, [*starts[1:], len(dates)]):
+        yield chain[chain["quote_date"].isin(dates[a:b])].reset_index(drop=True)
+
+
+def windows(chains: Iterable[pd.DataFrame], *, horizon: int, fallback: str) -> Iterator[tuple[Built, pd.DataFrame]]:
+    """``build_rows`` of each chain with what it needs of the chains before: a window is the chain after the
+    dates carried from the last one (the info date of its first rows, and the last ``horizon`` dates, whose targets
+    are in this chain), and rows are built for the terms dates not yet built, up to the last whose target the
+    window holds (every date at the end). The spot history before the window goes along (``spot_before``). Yields
+    each window's ``Built`` and its last date's canonical chain."""
+    lag = 1 if horizon == 0 else 0
+    chunks = (c for c in chains if len(c))
+    current = next(chunks, None)
+    carry: pd.DataFrame | None = None
+    spot_before = pd.Series(dtype=np.float64, index=pd.DatetimeIndex([]))
+    next_terms, last_date = 0, None
+    while current is not None:
+        upcoming = next(chunks, None)
+        first_date = current["quote_date"].min()
+        if last_date is not None and first_date <= last_date:
+            raise ValueError(f"quote dates out of order across chunks: a chunk starts on {first_date.date()}, on or "
+                             f"before the previous chunk's last date {last_date.date()}; a chunked pipeline needs "
+                             "files in date order with each quote date in one file (e.g. one file per date or year, "
+                             "named so that they sort by date)")
+        last_date = current["quote_date"].max()
+        window = current if carry is None else pd.concat([carry, current], ignore_index=True)
+        del current
+        n_dates = window["quote_date"].nunique()
+        first = len(spot_before)
+        final = upcoming is None
+        hi = first + n_dates - 1 - (0 if final else horizon)
+        terms = None if (final and carry is None) else (next_terms, hi)
+        built = build_rows(window, horizon=horizon, fallback=fallback, spot_before=spot_before, terms=terms)
+        next_terms = max(hi, next_terms - 1) + 1
+        keep = next_terms - lag - first  # window dates from here are carried into the next window
+        window_dates = built.spot.index
+        if not final:
+            carry = window[window["quote_date"] >= window_dates[keep]] if keep < n_dates else None
+            spot_before = pd.concat([spot_before, built.spot.iloc[:keep]]) if len(spot_before) else built.spot.iloc[:keep]
+        yield built, last_date_chain(window)
+        current = upcoming
+
+
+def _add_reports(total: dict, part: dict) -> dict:
+    """Two windows' ``build_rows`` reports as one (counts added, the date range spanned)."""
+    if not total:
+        return part
+    return {"quotes": total["quotes"] + part["quotes"], "quote_dates": total["quote_dates"] + part["quote_dates"],
+            "first_date": total["first_date"] if total["quote_dates"] else part["first_date"],
+            "last_date": part["last_date"] if part["quote_dates"] else total["last_date"],
+            "dropped": {k: total["dropped"].get(k, 0) + v for k, v in part["dropped"].items()},
+            "rows_without_previous_quote": total["rows_without_previous_quote"] + part["rows_without_previous_quote"]}
+
+
+class TrainStats:
+    """Train-only statistics added a part of the train rows at a time: the features' mean, standard deviation and
+    root mean square (pandas' own on one part; combined by Chan's update across parts), the targets (kept: one
+    float a train row, for exact quantiles) and the categorical vocabularies."""
+
+    def __init__(self, features: list[str], cat_features: list[str], target: str):
+        self.features, self.cat_features, self.target = features, cat_features, target
+        self.parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
+        self.raw_y: list[pd.Series] = []
+        self.iv: list[pd.Series] = []
+        self.vocab: dict[str, set[str]] = {c: set() for c in cat_features}
+
+    def add(self, train: pd.DataFrame) -> None:
+        if not len(train):
+            return
+        x = train[self.features]
+        self.parts.append((len(x), x.mean().to_numpy(), x.std().to_numpy(), (x**2).mean().to_numpy()))
+        self.raw_y.append(train["iv"] - (train["base"] if self.target == "change" else 0.0))
+        if self.target == "level":
+            self.iv.append(train["iv"])
+        for c in self.cat_features:
+            self.vocab[c].update(categorical_values(train, c).unique())
+
+    def moments(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Mean, standard deviation (ddof 1) and mean square of each feature over every part."""
+        if len(self.parts) == 1:
+            return self.parts[0][1:]
+        n = np.array([p[0] for p in self.parts], dtype=np.float64)[:, None]
+        means, stds, squares = (np.stack([p[i] for p in self.parts]) for i in (1, 2, 3))
+        total = n.sum()
+        mean = (n * means).sum(axis=0) / total
+        m2 = (np.where(n > 1, (n - 1) * stds**2, 0.0) + n * (means - mean) ** 2).sum(axis=0)
+        return mean, np.sqrt(m2 / (total - 1)) if total > 1 else np.full_like(mean, np.nan), (n * squares).sum(0) / total
+
+    def fit(self, winsorize: float | None) -> Scaling:
+        mean, std, square = self.moments()
+        uncentered = np.array([f in feats.UNCENTERED for f in self.features], dtype=bool)
+        x_mean = np.where(uncentered, 0.0, mean)
+        x_std = np.where(uncentered, np.sqrt(square), std)
+        x_std = np.where(np.isfinite(x_std) & (x_std > 0), x_std, 1.0)
+        raw_y = self.raw_y[0] if len(self.raw_y) == 1 else pd.concat(self.raw_y, ignore_index=True)
+        clip, note = (-np.inf, np.inf), ""
+        if winsorize:
+            if not 0 < winsorize < 0.5:
+                raise ValueError(f"data.winsorize must be in (0, 0.5) or null, got {winsorize}")
+            lo_q, hi_q = (float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
+            clip = (lo_q, hi_q)
+            n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
+            note = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
+                    f"quantiles [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}] vol pts (train only)")
+        if self.target == "change":
+            center, scale = 0.0, float(raw_y.clip(*clip).std() or 1.0)
+        else:
+            iv = self.iv[0] if len(self.iv) == 1 else pd.concat(self.iv, ignore_index=True)
+            center, scale = float(iv.mean()), float(iv.std() or 1.0)
+        vocab = {c: sorted(v) for c, v in self.vocab.items()}
+        return Scaling(self.features, self.cat_features, self.target, x_mean, x_std, clip, center, scale, vocab, note)
+
+
+@dataclass
+class Scaling:
+    """Train-fit scaling of features and target, and the categorical vocabularies (index 0: unseen in train)."""
+
+    features: list[str]
+    cat_features: list[str]
+    target: str
+    x_mean: np.ndarray
+    x_std: np.ndarray
+    clip: tuple[float, float]
+    center: float
+    scale: float
+    vocab: dict[str, list[str]]
+    note: str = ""
+
+    def arrays(self, df: pd.DataFrame, *, train: bool) -> dict[str, Any]:
+        """A split's rows as its arrays: ``x_num`` (n, n_num) float32, ``x_cat`` (n, n_cat) int64 or None, ``y``
+        float32 (train targets clipped), ``iv``, ``base``, ``persistence`` and the ``aux`` values (see ``Split``)."""
+        clip = self.clip if train else (-np.inf, np.inf)
+        x = (df[self.features].to_numpy() - self.x_mean) / self.x_std
+        y = ((df["iv"] - (df["base"] if self.target == "change" else 0.0)).clip(*clip) - self.center) / self.scale
+        x_cat = None
+        if self.cat_features:
+            x_cat = np.column_stack([
+                pd.Categorical(categorical_values(df, c), categories=self.vocab[c]).codes.astype(np.int64) + 1
+                for c in self.cat_features
+            ]).reshape(len(df), len(self.cat_features))
+        return {"x_num": x.astype(np.float32), "x_cat": x_cat, "y": y.to_numpy().astype(np.float32),
+                "iv": df["iv"].to_numpy(), "base": df["base"].to_numpy(), "persistence": df["persistence"].to_numpy(),
+                **{f"aux_{k}": v.numpy() for k, v in make_aux(df).items()}}
+
+
+class SquaredError:
+    """A split's baseline error (``base`` against ``iv``) and target date range, added window by window."""
+
+    def __init__(self) -> None:
+        self.parts: list[tuple[int, float]] = []
+        self.lo, self.hi = -1, -1
+        self.dates: set[int] = set()
+
+    def add(self, part: pd.DataFrame) -> None:
+        if not len(part):
+            return
+        self.parts.append((len(part), float(np.mean((part["base"] - part["iv"]) ** 2))))
+        t = part["target_idx"]
+        self.lo = int(t.min()) if self.lo < 0 else self.lo
+        self.hi = int(t.max())
+        self.dates.update(np.unique(t.to_numpy()).tolist())
+
+    @property
+    def n_dates(self) -> int:
+        return len(self.dates)
+
+    def rmse(self) -> float:
+        if not self.parts:
+            return float("nan")
+        mse = self.parts[0][1] if len(self.parts) == 1 else sum(n * m for n, m in self.parts) / sum(n for n, _ in self.parts)
+        return float(np.sqrt(mse) * VOL_POINTS)
+
+
+class RowStore:
+    """Each window's rows, kept as they are (in memory) or, with a folder, the columns the pipeline still needs
+    (``keep``) in one Parquet file a window, read back window by window."""
+
+    def __init__(self, folder: Path | None, keep: list[str]):
+        self.folder, self.keep = folder, keep
+        self.items: list[pd.DataFrame | tuple[Path, list[str]]] = []
+        self.n_rows = 0
+
+    def add(self, rows: pd.DataFrame) -> None:
+        self.n_rows += len(rows)
+        if self.folder is None:
+            self.items.append(rows)
+            return
+        columns = [c for c in dict.fromkeys(self.keep) if c in rows.columns]
+        path = Path(self.folder) / f"rows-{len(self.items):05d}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = rows[columns]
+        frame.attrs = {}  # the quote dates: not a Parquet attribute
+        frame.to_parquet(path, index=False)
+        self.items.append((path, columns))
+
+    def read(self, columns: list[str] | None = None) -> Iterator[pd.DataFrame]:
+        for item in self.items:
+            if isinstance(item, pd.DataFrame):
+                yield item
+            else:
+                path, have = item
+                yield pd.read_parquet(path, columns=None if columns is None else [c for c in have if c in columns])
+
+
+class Sink:
+    """A split's arrays and rows (or the quotes), added window by window: kept in memory, or appended to one raw
+    file per column in a folder and memory-mapped at the end (copy-on-write: pages are read from disk when used)."""
+
+    def __init__(self, folder: Path | None, name: str):
+        self.folder = None if folder is None else Path(folder) / name
+        self.parts: list[tuple[dict[str, Any], pd.DataFrame | None]] = []
+        self.meta: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}
+        self.categories: dict[str, list[str]] = {}
+
+    def add(self, arrays: dict[str, Any] | pd.DataFrame, rows: pd.DataFrame | None = None) -> None:
+        if isinstance(arrays, pd.DataFrame):
+            arrays, rows = {}, arrays
+        if self.folder is None:
+            self.parts.append((arrays, rows))
+            return
+        columns = {k: v for k, v in arrays.items() if v is not None}
+        for c in [] if rows is None else list(rows.columns):
+            values = rows[c]  # type: ignore[index]
+            if pd.api.types.is_numeric_dtype(values) or pd.api.types.is_datetime64_dtype(values):
+                columns[f"rows.{c}"] = values.to_numpy()
+            else:  # strings (option_type): codes of categories in order of appearance
+                known = self.categories.setdefault(c, [])
+                known.extend(sorted(set(values.unique()) - set(known)))
+                columns[f"rows.{c}"] = pd.Categorical(values, categories=known).codes.astype(np.int32)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for k, a in columns.items():
+            a = np.ascontiguousarray(a)
+            dtype, inner, n = self.meta.get(k, (a.dtype, a.shape[1:], 0))
+            with open(self.folder / f"{k}.bin", "ab") as f:
+                a.tofile(f)
+            self.meta[k] = (dtype, inner, n + len(a))
+
+    def columns(self) -> tuple[dict[str, Any], pd.DataFrame]:
+        """Every array (concatenated, or memory-mapped) and the rows as one frame."""
+        if self.folder is None:
+            if len(self.parts) == 1:
+                arrays, rows = self.parts[0]
+                frame = pd.DataFrame() if rows is None else rows.reset_index(drop=True)
+            else:
+                arrays = {k: None if self.parts[0][0][k] is None else np.concatenate([p[0][k] for p in self.parts])
+                          for k in self.parts[0][0]}
+                frame = pd.concat([p[1] for p in self.parts if p[1] is not None], ignore_index=True)
+            frame.attrs = {}  # the pipeline's quote dates stay with the pipeline (pd.concat compares attrs)
+            return arrays, frame
+        mapped = {}
+        for k, (dtype, inner, n) in self.meta.items():
+            shape = (n, *inner)
+            mapped[k] = np.memmap(self.folder / f"{k}.bin", dtype=dtype, mode="c", shape=shape) if n else np.empty(shape, dtype)
+        arrays = {k: v for k, v in mapped.items() if not k.startswith("rows.")}
+        data = {}
+        for k, v in mapped.items():
+            if k.startswith("rows."):
+                c = k.removeprefix("rows.")
+                v = v.view(np.ndarray)  # still the mapped pages
+                data[c] = pd.Categorical.from_codes(v, categories=self.categories[c]) if c in self.categories else v
+        return arrays, pd.DataFrame(data, copy=False)
+
+    def frame(self) -> pd.DataFrame:
+        return self.columns()[1]
+
+    def split(self) -> Split:
+        a, rows = self.columns()
+        t = torch.from_numpy
+        x_cat = a.get("x_cat")
+        return Split(x_num=t(a["x_num"]), x_cat=None if x_cat is None else t(x_cat), y=t(a["y"]), iv=a["iv"],
+                     base=a["base"], persistence=a["persistence"], rows=rows,
+                     aux={k.removeprefix("aux_"): t(v) for k, v in a.items() if k.startswith("aux_")})
 
 
 def last_date_chain(chain: pd.DataFrame) -> pd.DataFrame:

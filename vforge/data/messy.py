@@ -115,9 +115,10 @@ def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: f
     """The messy market as a ``Dataset``, through the chain loader's checks and quote filters.
 
     ``options``: the keys of ``conf/data/chain.yaml`` (the preset inherits them); those that say how to read a
-    file (``path``, ``columns``, ``read_options``, ``quote_date_from_path``, ``iv_unit``) do not apply.
+    file (``path``, ``columns``, ``read_options``, ``quote_date_from_path``, ``iv_unit``, ``chunk_rows``: the
+    market is generated in memory) do not apply.
     """
-    for key in ("path", "columns", "read_options", "quote_date_from_path", "iv_unit"):
+    for key in ("path", "columns", "read_options", "quote_date_from_path", "iv_unit", "chunk_rows"):
         options.pop(key, None)
     params = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
                   regimes=[dict(r, heston=dict(r["heston"])) for r in regimes], vol_jumps=[list(v) for v in vol_jumps],
