@@ -78,7 +78,8 @@ def test_previous_surface_fallback_is_the_neighbours_smile_at_the_strike():
         for k in strikes:
             rows.append({"quote_date": d, "expiry": expiry, "strike": k, "option_type": "P", "underlying_price": 100.0,
                          "implied_volatility": 0.2 + 0.001 * (100 - k), "rate": 0.0, "dividend_yield": 0.0})
-    out, _, report = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
+    built = build_rows(pd.DataFrame(rows), horizon=0, fallback="strike")
+    out, report = built.rows, built.report
     new = out[out["strike"] == 95.0].iloc[0]
     assert new["prev_iv_missing"] == 1.0 and np.isnan(new["persistence"])
     tau = (expiry - dates[0]).days / 365
