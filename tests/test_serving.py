@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -220,3 +221,19 @@ def test_a_previous_date_is_normalized_once_and_its_content_is_the_key(chain_run
     other = chain.remark(moved)
     assert len(chain._histories) == 2
     assert not np.allclose(other.ivs["baseline"], first.ivs["baseline"])
+
+
+def test_logging_the_chain_model_prints_no_mlflow_chatter(chain_run, capfd):
+    """A run's output ends with the results, not MLflow's CloudPickle warning, its input-example note and an
+    artifact download bar (logging the pyfunc model would print all three)."""
+    from vforge.tracking.registry import log_chain_model
+
+    mlflow.set_tracking_uri(chain_run.uri)
+    capfd.readouterr()
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("test-serving-quiet").experiment_id):
+        uri = log_chain_model(Path(chain_run.cfg.output_dir) / "model.pt")
+    out = "".join(capfd.readouterr())
+    assert uri.startswith("models:/")
+    for chatter in ("CloudPickle", "Validating input example", "Downloading artifacts"):
+        assert chatter not in out
+    assert logging.getLogger("mlflow.pyfunc").level == logging.NOTSET  # put back as it was

@@ -6,6 +6,10 @@ The pyfunc is a thin shell over ``vforge.serving.ChainModel``: the same loader c
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +81,24 @@ def input_example(bundle: ModelBundle) -> pd.DataFrame | None:
     return example.rename(columns=columns).reset_index(drop=True)
 
 
+@contextlib.contextmanager
+def quiet_pyfunc() -> Iterator[None]:
+    """While the model is logged: no CloudPickle warning and input-example note from ``mlflow.pyfunc`` (vforge
+    chose both) and no artifact download bar (MLflow reads the example back to validate it); both put back after."""
+    logger, level = logging.getLogger("mlflow.pyfunc"), logging.getLogger("mlflow.pyfunc").level
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    logger.setLevel(logging.ERROR)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
+
+
 def log_chain_model(checkpoint: str | Path, registered_model: str | None = None) -> str:
     """Log ``checkpoint`` as the pyfunc model ``chain_model`` of the active run (an MLflow logged model with a
     signature and an input example); register it when named. Returns the model URI.
@@ -85,9 +107,10 @@ def log_chain_model(checkpoint: str | Path, registered_model: str | None = None)
     environment needs.
     """
     bundle = ModelBundle.load(checkpoint)
-    info = mlflow.pyfunc.log_model(
-        name="chain_model", python_model=ChainIVModel(), artifacts={"checkpoint": str(checkpoint)},
-        signature=signature(bundle), input_example=input_example(bundle), registered_model_name=registered_model,
-        pip_requirements=["vforge"],
-    )
+    with quiet_pyfunc():
+        info = mlflow.pyfunc.log_model(
+            name="chain_model", python_model=ChainIVModel(), artifacts={"checkpoint": str(checkpoint)},
+            signature=signature(bundle), input_example=input_example(bundle), registered_model_name=registered_model,
+            pip_requirements=["vforge"],
+        )
     return info.model_uri
