@@ -162,6 +162,8 @@ def m_timezone(rng, case):
 def m_rename(rng, case):
     """A column under another name, mapped by data.columns; sometimes onto a name the table also has."""
     col = str(rng.choice(["strike", "option_type", "quote_date", "underlying_price"]))
+    if f"{col}_x" in case.df.columns:  # renamed once already: a second "<col>_x" is no table (Parquet refuses it)
+        raise KeyError(f"{col}_x")
     case.df = case.df.rename(columns={col: f"{col}_x"})
     case.options.setdefault("columns", {})[col] = f"{col}_x"
     if rng.random() < 0.4:  # collision: a second, different column of the canonical name
