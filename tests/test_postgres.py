@@ -69,8 +69,11 @@ def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     cmd = ["mlflow", "server", "--backend-store-uri", backend, "--artifacts-destination", str(artifacts),
            "--host", "127.0.0.1", "--port", str(port), "--workers", "2"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    # its log goes to a file: a pipe nobody reads fills after a few hundred access-log lines and the server's
+    # workers then block writing them (4 jobs logging their models did that)
+    log = artifacts.parent / "mlflow-server.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(240):
@@ -78,7 +81,7 @@ def mlflow_server(backend: str, artifacts: Path) -> Iterator[str]:
                 if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
                     break
             if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited: {proc.stdout.read()[-3000:]}")
+                raise RuntimeError(f"mlflow server exited: {log.read_text()[-3000:]}")
             time.sleep(0.5)
         else:
             raise RuntimeError("mlflow server did not answer /health within 120 s")
