@@ -16,14 +16,13 @@ from omegaconf import OmegaConf
 from tests.test_data import load, make_chain, write
 from vforge.data import features as feats
 from vforge.data import messy, synthetic
-from vforge.data.dataset import format_report
+from vforge.data.dataset import format_report, inner_folds
 from vforge.evaluation.metrics import per_date_ratio, robust_score
 from vforge.models.linear import Blend, Ridge
 from vforge.training.gating import (
     capped_ratio,
     choose_blend,
     do_no_harm,
-    inner_folds,
     shrink_ridge,
     sign_test,
     wins_over,

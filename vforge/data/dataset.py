@@ -255,6 +255,16 @@ def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fr
     return {k: rows[m] for k, m in split_masks(rows["target_idx"], bounds, horizon).items()}
 
 
+def inner_folds(dates: np.ndarray, n_folds: int, fraction: float) -> list[np.ndarray]:
+    """Blocks of consecutive dates (each an array of date ids) covering the last ``fraction`` of ``dates``' distinct
+    values, for expanding walk-forward folds: fold ``i`` fits on every date before block ``i`` and predicts it."""
+    udates = np.unique(dates)
+    n_eval = max(n_folds, int(len(udates) * fraction))
+    if len(udates) <= n_eval:
+        return []
+    return [b for b in np.array_split(udates[len(udates) - n_eval :], n_folds) if len(b)]
+
+
 def split_bounds(udates: np.ndarray, *, val_fraction: float, test_fraction: float, n_folds: int = 1, fold: int = 0,
                  train_dates: int | None = None) -> tuple[int, int, int, int]:
     """``(train_start, train_end, val_end, test_end)`` target date indices of ``split_rows`` from the sorted target

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from vforge.data.dataset import inner_folds
 from vforge.evaluation.metrics import per_date_ratio, robust_score
 from vforge.models.base import Model
 
@@ -86,9 +87,7 @@ class Ridge(Model):
         z /= scale
         yn = y.double().numpy().reshape(len(y), -1)
         dates = np.asarray(dates)
-        udates = np.unique(dates)
-        n_eval = max(self.n_folds, int(len(udates) * self.fold_fraction))
-        blocks = np.array_split(udates[len(udates) - n_eval :], self.n_folds) if len(udates) > n_eval else []
+        blocks = inner_folds(dates, self.n_folds, self.fold_fraction)
         candidates = [*self.alphas, math.inf]
         ratios: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
         for block in blocks:

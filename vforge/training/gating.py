@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from vforge.data.dataset import inner_folds
 from vforge.evaluation.metrics import per_date_ratio, robust_score
 
 if TYPE_CHECKING:
@@ -142,16 +143,6 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
     else:
         why = "no share of the ridge beat persistence on the fold dates: persistence"
     return {"w_linear": w, "score": scores[w], "scores": scores, "why": why, "won": won, "dates": n}
-
-
-def inner_folds(dates: np.ndarray, n_folds: int, fraction: float) -> list[np.ndarray]:
-    """Blocks of consecutive dates (each an array of date ids) covering the last ``fraction`` of ``dates``' distinct
-    values, for expanding walk-forward folds: fold ``i`` fits on every date before block ``i`` and predicts it."""
-    udates = np.unique(dates)
-    n_eval = max(n_folds, int(len(udates) * fraction))
-    if len(udates) <= n_eval:
-        return []
-    return [b for b in np.array_split(udates[len(udates) - n_eval :], n_folds) if len(b)]
 
 
 def ridge_oos(x_num: torch.Tensor, x_cat: torch.Tensor | None, y: torch.Tensor, dates: np.ndarray,
