@@ -85,7 +85,8 @@ def input_example(bundle: ModelBundle) -> pd.DataFrame | None:
 def quiet_pyfunc() -> Iterator[None]:
     """While the model is logged: no CloudPickle warning and input-example note from ``mlflow.pyfunc`` (vforge
     chose both) and no artifact download bar (MLflow reads the example back to validate it); both put back after."""
-    logger, level = logging.getLogger("mlflow.pyfunc"), logging.getLogger("mlflow.pyfunc").level
+    logger = logging.getLogger("mlflow.pyfunc")
+    level = logger.level
     bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
     logger.setLevel(logging.ERROR)
     os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
