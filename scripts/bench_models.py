@@ -32,6 +32,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 from torch import nn  # noqa: E402
 
+from vforge.models.base import Model  # noqa: E402
 from vforge.training.loop import val_rmse  # noqa: E402
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -46,8 +47,9 @@ def compose_cfg(model: str, data_overrides: list[str]) -> DictConfig:
     return cfg
 
 
-class _Reference(nn.Module):
-    """An rtdl_revisiting_models model behind vforge's ``forward(x_num, x_cat)``."""
+class _Reference(Model):
+    """An rtdl_revisiting_models model behind vforge's ``forward(x_num, x_cat)``; a vforge ``Model``, so the bench
+    trains it through the same ``forward_train`` call as ours."""
 
     def __init__(self, model: nn.Module, tokens: bool) -> None:
         super().__init__()
