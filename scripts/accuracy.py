@@ -17,6 +17,11 @@ Folds: each (model, fold) of the existing chronological folds (data.n_folds/fold
 
 with per-fold test RMSE on all rows and on previously quoted rows beside the baseline and persistence, and the folds
 pooled (root mean square over folds).
+
+Results: the README's results page, walk-forward cells of every predictor on several data options, resumable
+(``scripts/results_page.py``)::
+
+    python scripts/accuracy.py results --data synthetic synthetic_messy china50etf [--epochs N] [-- overrides]
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vforge.train import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import results_page  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
@@ -183,8 +191,9 @@ def main() -> None:
     f.add_argument("--folds", type=int, default=4)
     f.add_argument("--only", type=int, nargs="*", help="fold indices to run (default: all)")
     f.add_argument("--out", default="outputs/accuracy")
+    results_page.add_parser(sub)
     args = p.parse_args()
-    suite(args) if args.command == "suite" else folds(args)
+    {"suite": suite, "folds": folds, "results": results_page.results}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -167,33 +167,55 @@ def ssvi_entry(data: Dataset) -> Entry | None:
                  info={"notes": f"fit per previous date ({n_dates} dates, {seconds:.1f} s; n_params: all dates')"}).score(data)
 
 
-def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_rows: int = 1000) -> Entry | None:
+def _lgb_features(split: Any) -> np.ndarray:
+    x = split.x_num.numpy().astype(np.float64)
+    return x if split.x_cat is None else np.concatenate([x, split.x_cat.numpy().astype(np.float64)], axis=1)
+
+
+@dataclass
+class LightGBMFit:
+    """A fitted LightGBM reference: the booster (predict with ``num_iteration=booster.best_iteration``), its IV-level
+    predictions of ``val`` and ``test`` and the seconds its fit took."""
+
+    booster: Any
+    pred: dict[str, np.ndarray]
+    train_s: float
+
+
+def lightgbm_fit(data: Dataset, *, seed: int = 0, n_threads: int = 2) -> LightGBMFit | None:
     """LightGBM on the same features and target (level or change), early-stopped on validation; None when
-    lightgbm is not installed (``pip install vforge[lightgbm]``)."""
+    lightgbm is not installed (``pip install vforge[lightgbm]``). The leaderboard's reference row and the results
+    page's walk-forward LightGBM (``scripts/results_page.py``, one fit per fold) both fit it here."""
     try:
         import lightgbm as lgb
     except ImportError:
         log.warning("lightgbm is not installed: no LightGBM reference row (pip install lightgbm)")
         return None
 
-    def features(split: Any) -> np.ndarray:
-        x = split.x_num.numpy().astype(np.float64)
-        return x if split.x_cat is None else np.concatenate([x, split.x_cat.numpy().astype(np.float64)], axis=1)
-
     n_num = data.train.x_num.shape[1]
     cats = [] if data.train.x_cat is None else list(range(n_num, n_num + data.train.x_cat.shape[1]))
     params = {"objective": "regression", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 20,
               "feature_fraction": 0.9, "bagging_fraction": 0.9, "bagging_freq": 1, "lambda_l2": 1.0,
               "seed": seed, "num_threads": n_threads, "verbosity": -1, "deterministic": True}
-    train = lgb.Dataset(features(data.train), data.train.y.numpy(), categorical_feature=cats or "auto")
-    val = lgb.Dataset(features(data.val), data.val.y.numpy(), reference=train)
+    train = lgb.Dataset(_lgb_features(data.train), data.train.y.numpy(), categorical_feature=cats or "auto")
+    val = lgb.Dataset(_lgb_features(data.val), data.val.y.numpy(), reference=train)
     start = time.perf_counter()
     booster = lgb.train(params, train, num_boost_round=2000, valid_sets=[val],
                         callbacks=[lgb.early_stopping(100, verbose=False)])
     train_s = time.perf_counter() - start
-    pred = {s: data.to_level(np.asarray(booster.predict(features(getattr(data, s)), num_iteration=booster.best_iteration)),
-                             getattr(data, s)) for s in ("val", "test")}
-    x = features(data.test)
+    pred = {s: data.to_level(np.asarray(booster.predict(_lgb_features(getattr(data, s)),
+                                                        num_iteration=booster.best_iteration)), getattr(data, s))
+            for s in ("val", "test")}
+    return LightGBMFit(booster, pred, train_s)
+
+
+def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_rows: int = 1000) -> Entry | None:
+    """The LightGBM reference row (``lightgbm_fit``) with its latency; None when lightgbm is not installed."""
+    fit = lightgbm_fit(data, seed=seed, n_threads=n_threads)
+    if fit is None:
+        return None
+    booster, pred, train_s = fit.booster, fit.pred, fit.train_s
+    x = _lgb_features(data.test)
     n = min(latency_rows, len(x))
     lat = latency_ms(lambda: booster.predict(x[:n], num_iteration=booster.best_iteration), n,
                      lambda: booster.predict(x[:1], num_iteration=booster.best_iteration))

@@ -1,0 +1,363 @@
+"""The README's results page (issue 10): walk-forward rows of every predictor on several data options, from one
+command::
+
+    python scripts/accuracy.py results --data synthetic synthetic_messy china50etf \\
+        --models linear lightgbm mlp resnet ft_transformer [--epochs N --patience P] [-- extra overrides]
+
+A *cell* is one (data, predictor) walk-forward (``evaluation=walk_forward evaluation.n_folds=4``, one thread):
+
+- a vforge model (``linear``, ``mlp``, ``resnet``, ``ft_transformer``, ...): ``vforge.evaluation.walk_forward``
+  over ``vforge.train.train``, exactly what ``python -m vforge.train data=<d> model=<m> evaluation=walk_forward``
+  runs, do no harm included;
+- ``lightgbm``: the same folds, each fold's data built by the same config, fit by the AutoML leaderboard's
+  ``lightgbm_fit`` (its settings, early-stopped on the fold's validation block, not gated) and scored by the same
+  ``evaluate_run``;
+- ``ensemble``: per fold, AutoML's ensemble without its search: the ``ENSEMBLE_SIZE`` vforge-model cells with the
+  lowest validation RMSE on that fold, convex weights fit on that fold's validation block (``fit_weights``, as the
+  leaderboard does), applied to its test block. LightGBM is a reference, never a member, as on the leaderboard.
+
+Persistence, the baseline and SSVI come with every cell's predictions (the same rows in every cell: checked).
+
+Resumable: each finished fold leaves ``<out>/<data>/<cell>/fold_<i>/metrics.json`` and a rerun reuses it; each
+finished cell leaves ``<out>/<data>/<cell>/cell.json`` (pooled scores, what do no harm kept per fold, the commit,
+the machine's load) and a rerun only computes missing cells. The page (``<out>/results.md``, printed) is built from
+the ``cell.json`` files alone: ``--table`` rebuilds it without computing anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from omegaconf import DictConfig, open_dict
+
+from vforge.evaluation import leaderboard as L
+from vforge.evaluation.ensemble import fit_weights
+from vforge.evaluation.report import evaluate_run, frame_metrics
+from vforge.evaluation.walk_forward import walk_forward
+
+log = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+REFERENCES = ("persistence", "baseline", "ssvi")
+MODELS = ("linear", "lightgbm", "mlp", "resnet", "ft_transformer")
+LIGHTGBM, ENSEMBLE = "lightgbm", "ensemble"
+ENSEMBLE_SIZE = 3  # conf/experiment/automl.yaml: hydra.sweeper.ensemble_size
+N_FOLDS = 4
+KEY = ["target_date", "expiry", "strike", "option_type"]
+# The page's own settings per data option (CPU: an MLP epoch on china50etf takes minutes on 2 shared cores).
+PAGE_OVERRIDES: dict[str, list[str]] = {"china50etf": ["trainer.max_epochs=5", "trainer.patience=3"]}
+LABELS = {"persistence": "persistence", "baseline": "baseline", "ssvi": "SSVI", "linear": "linear",
+          "lightgbm": "LightGBM", "mlp": "mlp", "resnet": "resnet", "ft_transformer": "ft_transformer",
+          "ensemble": "ensemble"}
+
+FoldFn = Callable[..., dict[str, float]]
+
+
+# ---- one cell ---------------------------------------------------------------------------------------------------
+
+def cell_overrides(data: str, model: str, n_folds: int, extra: Sequence[str]) -> list[str]:
+    """The overrides of a cell's walk-forward (``lightgbm`` and ``ensemble`` compose ``model=linear``, unused)."""
+    vforge_model = model if model not in (LIGHTGBM, ENSEMBLE) else "linear"
+    return ["logger=none", f"data={data}", f"model={vforge_model}", "evaluation=walk_forward",
+            f"evaluation.n_folds={n_folds}", "evaluation.plots=false", "trainer.num_threads=1",
+            *PAGE_OVERRIDES.get(data, []), *extra]
+
+
+def compose_cell(overrides: list[str], out: Path, name: str) -> DictConfig:
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir, cfg.run_name = str(out), name
+    return cfg
+
+
+def reusing(fold_fn: FoldFn) -> FoldFn:
+    """``fold_fn`` for the folds that have not finished; a finished fold (its ``metrics.json``, written last, and
+    its predictions) is read back instead of run again."""
+
+    def run(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
+        fold_dir = Path(cfg.output_dir)
+        done = fold_dir / "metrics.json"
+        if done.exists() and all((fold_dir / "predictions" / f"{s}.parquet").exists() for s in ("val", "test")):
+            log.info("reusing the finished fold %s", fold_dir)
+            return json.loads(done.read_text())
+        return fold_fn(cfg, callbacks=callbacks)
+
+    return run
+
+
+def lightgbm_fold(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
+    """One walk-forward fold of LightGBM: the fold's data, the leaderboard's fit, the runs' own evaluation."""
+    data = instantiate(cfg.data, _convert_="all")
+    fit = L.lightgbm_fit(data, n_threads=1)
+    if fit is None:
+        raise RuntimeError("lightgbm is not installed: pip install lightgbm, or leave lightgbm out of --models")
+    report = evaluate_run(data, fit.pred, cfg.output_dir, cfg.evaluation)
+    metrics = report.metrics | {"train_seconds": fit.train_s, "lightgbm/trees": float(fit.booster.best_iteration)}
+    (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def ensemble_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
+    """One walk-forward fold of the ensemble of ``members`` (cell folders): the ``size`` members with the lowest
+    validation RMSE on this fold, weights fit on its validation block only."""
+
+    def run(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
+        i, out = int(cfg.data.fold), Path(cfg.output_dir)
+        dirs = {name: d / f"fold_{i}" for name, d in members.items()}
+        val_rmse = {name: json.loads((d / "metrics.json").read_text())["val/rmse"] for name, d in dirs.items()}
+        chosen = sorted(val_rmse, key=val_rmse.__getitem__)[:size]
+        frames = {s: {n: pd.read_parquet(dirs[n] / "predictions" / f"{s}.parquet") for n in chosen}
+                  for s in ("val", "test")}
+        for split, by_name in frames.items():
+            first = by_name[chosen[0]]
+            for name, f in by_name.items():
+                if not (f[KEY].equals(first[KEY]) and np.array_equal(f["market"], first["market"])):
+                    raise ValueError(f"ensemble fold {i}: {name}'s {split} rows differ from {chosen[0]}'s; "
+                                     "the cells ran on different data (rerun them on one commit)")
+        w = fit_weights(np.stack([frames["val"][n]["model"].to_numpy() for n in chosen], axis=1),
+                        frames["val"][chosen[0]]["market"].to_numpy())
+        (out / "predictions").mkdir(parents=True, exist_ok=True)
+        metrics: dict[str, float] = {}
+        for split, by_name in frames.items():
+            pred = np.stack([by_name[n]["model"].to_numpy() for n in chosen], axis=1) @ w
+            frame = by_name[chosen[0]].assign(model=pred)
+            frame.to_parquet(out / "predictions" / f"{split}.parquet", index=False)
+            metrics |= frame_metrics(split, frame, int(cfg.data.horizon))
+        shutil.copy(dirs[chosen[0]] / "data_report.json", out / "data_report.json")
+        metrics |= {f"ensemble/w_{n}": float(wi) for n, wi in zip(chosen, w)}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        return metrics
+
+    return run
+
+
+def scores(frame: pd.DataFrame, column: str, horizon: int = 0) -> dict[str, float]:
+    """Pooled scores of one predictor column of a walk-forward predictions frame, by ``frame_metrics`` (so a
+    model's equal the printed ``wf/*``): RMSE (vol points) on the previously quoted rows and persistence's on them,
+    on all rows and the baseline's, DM p and dates won against persistence (quoted rows) and the baseline (all
+    rows). Rows where ``column`` is missing (SSVI's failed dates) are left out of both sides and counted."""
+    ok = frame[column].notna().to_numpy() | (column == "persistence")
+    f = frame[ok]
+    m = frame_metrics("wf", f.assign(model=f[column]), horizon)
+    keys = {"prev_rmse": "prev_quoted_rmse", "persistence_rmse": "persistence_rmse", "all_rmse": "rmse",
+            "baseline_rmse": "baseline_rmse", "dm_p": "dm_pvalue", "won": "dates_beaten",
+            "baseline_dm_p": "baseline_dm_pvalue", "baseline_won": "baseline_dates_beaten", "n_dates": "n_dates"}
+    out = {k: float(m[f"wf/{v}"]) for k, v in keys.items()}
+    return out | {"rows": float(len(f)), "prev_rows": float(f["prev_quoted"].sum()), "missing_rows": float((~ok).sum())}
+
+
+def commit() -> str:
+    """The checkout's short commit, ``+dirty`` when tracked files differ from it."""
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
+
+
+def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: int = N_FOLDS,
+             members: dict[str, Path] | None = None, fold_fn: FoldFn | None = None) -> dict[str, Any]:
+    """Compute one cell (its unfinished folds) and write its ``cell.json``; returns what it wrote.
+
+    ``fold_fn`` defaults to ``vforge.train.train`` for a vforge model, ``lightgbm_fold``, or ``ensemble_fold(members)``.
+    """
+    cell = out / data / name
+    overrides = cell_overrides(data, name, n_folds, extra)
+    settings = cell / "overrides.json"
+    if settings.exists() and json.loads(settings.read_text()) != overrides:
+        raise ValueError(f"{cell} holds folds run with other overrides ({json.loads(settings.read_text())}, now "
+                         f"{overrides}); use another --out or --rerun {name}")
+    cell.mkdir(parents=True, exist_ok=True)
+    settings.write_text(json.dumps(overrides))
+    if fold_fn is None:
+        if name == LIGHTGBM:
+            fold_fn = lightgbm_fold
+        elif name == ENSEMBLE:
+            assert members is not None, "the ensemble needs its member cells"
+            fold_fn = ensemble_fold(members)
+        else:
+            from vforge.train import train
+
+            fold_fn = train
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    cfg = compose_cell(overrides, cell, name)
+    result = walk_forward(cfg, reusing(fold_fn))
+    log.info("%s / %s\n%s", data, name, result.text)
+    (cell / "metrics.json").write_text(json.dumps(result.metrics, indent=1))  # as python -m vforge.train writes it
+    frame, horizon = result.predictions, int(cfg.data.horizon)
+    folds = []
+    for f in result.folds:
+        keep = {k.split("/")[-1]: v for k, v in f.metrics.items() if k.startswith(("do_no_harm/", "ensemble/w_"))}
+        folds.append({"fold": f.index, "rows": len(f.test), "val_rmse": f.metrics.get("val/rmse", math.nan),
+                      "best_epoch": f.metrics.get("best_epoch", math.nan), "epochs": f.metrics.get("epochs", math.nan),
+                      **keep})
+    record = {"data": data, "name": name, "overrides": overrides, "commit": commit(),
+              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "seconds": round(time.perf_counter() - start, 1), "load": [round(load, 1), round(os.getloadavg()[0], 1)],
+              "scores": scores(frame, "model", horizon), "folds": folds,
+              "references": {r: scores(frame, r, horizon) for r in REFERENCES if r in frame.columns},
+              "members": sorted(members) if members else []}
+    (cell / "cell.json").write_text(json.dumps(record, indent=1))
+    return record
+
+
+def cached_cell(data: str, name: str, out: Path, compute: Callable[[], dict[str, Any]],
+                members: Sequence[str] = ()) -> dict[str, Any]:
+    """The cell's ``cell.json`` if it exists (for the ensemble: with these members), else ``compute()``."""
+    path = out / data / name / "cell.json"
+    if path.exists():
+        record = json.loads(path.read_text())
+        if name != ENSEMBLE or record.get("members") == sorted(members):
+            log.info("cached: %s", path)
+            return record
+        log.info("%s: members changed (%s -> %s), computing it again", path.parent, record.get("members"),
+                 sorted(members))
+        shutil.rmtree(path.parent)  # cheap: the members' predictions are on disk
+    return compute()
+
+
+# ---- the page ---------------------------------------------------------------------------------------------------
+
+def _p(v: float) -> str:
+    if not v == v:
+        return "-"
+    return "< 0.001" if v < 0.001 else f"{v:.3f}"
+
+
+def _num(v: float, fmt: str = ".3f") -> str:
+    return "-" if not v == v else format(v, fmt)
+
+
+def _share(w_model: float, w_linear: float, own: str) -> str:
+    parts = [f"{'' if w == 1 else f'{w:g}'}{tag}" for w, tag in ((w_model, own), (w_linear, "r")) if w]
+    return "+".join(parts) or "p"
+
+
+def kept(record: dict[str, Any]) -> str:
+    """What do no harm kept on each fold, quoted rows / new contracts (``m`` the row's model, ``r`` the ridge,
+    ``p`` persistence; the rest of each share is persistence), or the ensemble's members and weights per fold."""
+    folds = record["folds"]
+    if record["name"] == ENSEMBLE:
+        return "; ".join(" ".join(f"{k[2:]} {v:.2f}" for k, v in f.items() if k.startswith("w_") and v > 0.005)
+                         for f in folds)
+    if record["name"] == LIGHTGBM or not folds or "w_model" not in folds[0]:
+        return "not gated"
+    quoted = ", ".join(_share(f["w_model"], f["w_linear"], "m") for f in folds)
+    new = ", ".join(_share(f["w_model_new"], f["w_linear_new"], "m") for f in folds)
+    return f"{quoted} / {new}"
+
+
+def page_rows(cells: dict[str, dict[str, Any]], names: Sequence[str]) -> list[dict[str, Any]]:
+    """The rows of one data option's table: the references (from the first cell that has them), then ``names``
+    in order (a missing cell: a row that says so). Raises if two cells scored different persistence (other
+    rows, i.e. other data or folds)."""
+    have = [cells[n] for n in names if n in cells]
+    rows: list[dict[str, Any]] = []
+    if have:
+        pers = [c["references"]["persistence"]["persistence_rmse"] for c in have]
+        if not np.allclose(pers, pers[0], rtol=1e-9, atol=0):
+            raise ValueError(f"cells of {have[0]['data']} scored persistence on other rows: "
+                             + ", ".join(f"{c['name']} {p:.6f}" for c, p in zip(have, pers)))
+        refs, commit_ = have[0]["references"], have[0]["commit"]
+        rows += [{"name": r, **refs[r], "kept": "", "commit": commit_} for r in REFERENCES if r in refs]
+    for n in names:
+        c = cells.get(n)
+        rows.append({"name": n, **c["scores"], "kept": kept(c), "commit": c["commit"]} if c else
+                    {"name": n, "missing": True})
+    return rows
+
+
+HEADER = ["", "RMSE prev. quoted", "/ persistence", "DM p", "dates won", "RMSE all rows", "/ baseline",
+          "DM p (all)", "kept per fold: quoted / new", "commit"]
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown: RMSE in vol points on the previously quoted rows and its ratio to persistence's on the same rows,
+    DM p and dates won against persistence there; on all rows the same against the baseline; what was kept."""
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    for r in rows:
+        label = LABELS.get(r["name"], r["name"])
+        if r.get("missing"):
+            lines.append(f"| {label} | not run | | | | | | | | |")
+            continue
+        # dates won is NaN where the predictions equal the benchmark's on every date: no test to speak of
+        same, same_all = not r["won"] == r["won"], not r["baseline_won"] == r["baseline_won"]
+        all_rows = r["all_rmse"] == r["all_rmse"]  # persistence has no all-row score
+        cells = [label, _num(r["prev_rmse"]), _num(r["prev_rmse"] / r["persistence_rmse"]) + "x",
+                 "-" if same else _p(r["dm_p"]), _num(r["won"], ".0%"), _num(r["all_rmse"]),
+                 _num(r["all_rmse"] / r["baseline_rmse"]) + "x" if all_rows else "-",
+                 "-" if same_all or not all_rows else _p(r["baseline_dm_p"]), r["kept"], r["commit"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def page(out: Path, data_names: Sequence[str], names: Sequence[str]) -> str:
+    """The page for ``data_names`` from the ``cell.json`` files under ``out``."""
+    parts = []
+    for d in data_names:
+        cells = {n: json.loads(p.read_text()) for n in names
+                 for p in [out / d / n / "cell.json"] if p.exists()}
+        rows = page_rows(cells, names)
+        any_cell = next(iter(cells.values()), None)
+        head = f"#### `{d}`"
+        if any_cell:
+            ref = any_cell["references"]["persistence"]
+            settings = " ".join(o for o in any_cell["overrides"] if o.startswith("trainer.") or o in
+                                PAGE_OVERRIDES.get(d, []))
+            loads = [c["load"] for c in cells.values()]
+            head += (f" ({int(ref['n_dates'])} out-of-sample dates, {int(ref['rows']):,} rows of which "
+                     f"{int(ref['prev_rows']):,} previously quoted; {settings or 'default trainer'}; load average "
+                     f"{min(min(x) for x in loads):.0f}-{max(max(x) for x in loads):.0f})")
+        parts.append(f"{head}\n\n{markdown_table(rows)}")
+    return "\n\n".join(parts)
+
+
+def results(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    extra = [*args.overrides, *([f"trainer.max_epochs={args.epochs}"] if args.epochs else []),
+             *([f"trainer.patience={args.patience}"] if args.patience else [])]
+    names = [*args.models, *([ENSEMBLE] if args.ensemble else [])]
+    if not args.table:
+        for d in args.data:
+            for n in args.rerun or []:
+                if (out / d / n).exists():
+                    shutil.rmtree(out / d / n)
+            for m in args.models:
+                cached_cell(d, m, out, lambda d=d, m=m: run_cell(d, m, out, extra))
+            if args.ensemble:
+                members = {m: out / d / m for m in args.models if m != LIGHTGBM and (out / d / m / "cell.json").exists()}
+                if len(members) >= 2:
+                    cached_cell(d, ENSEMBLE, out, lambda d=d, ms=members: run_cell(d, ENSEMBLE, out, extra, members=ms),
+                                members=list(members))
+    text = page(out, args.data, names)
+    (out / "results.md").write_text(text + "\n")
+    print(text)
+
+
+def add_parser(sub: Any) -> None:
+    r = sub.add_parser("results", help="the README's results page: walk-forward cells of every predictor")
+    r.add_argument("overrides", nargs="*", help="extra overrides for every cell (after --)")
+    r.add_argument("--data", nargs="+", default=["synthetic", "synthetic_messy", "china50etf"])
+    r.add_argument("--models", nargs="+", default=list(MODELS))
+    r.add_argument("--no-ensemble", dest="ensemble", action="store_false")
+    r.add_argument("--epochs", type=int, help="trainer.max_epochs for every data option (say so when you quote it)")
+    r.add_argument("--patience", type=int)
+    r.add_argument("--rerun", nargs="*", help="cells computed again (e.g. after a change to do no harm)")
+    r.add_argument("--table", action="store_true", help="only rebuild the page from the cached cells")
+    r.add_argument("--out", default="outputs/accuracy_results")
