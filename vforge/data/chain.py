@@ -206,37 +206,13 @@ def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None,
     ``column_hint``: how errors say to use another column (see ``ColumnHint``).
     """
     raw = df[col]
-    out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
-    for _, idx in df.groupby("_file", sort=False).groups.items():
-        values = raw.loc[idx]
-        if pd.api.types.is_datetime64_any_dtype(values):
-            parsed = values
-        elif date_format:
-            parsed = pd.to_datetime(_date_strings(values), errors="coerce", format=date_format)
-        else:
-            values = _date_strings(values)
-            short = _two_digit_years(values, col, df)
-            day_first = _day_first(values, col, df)
-            # ISO dates first, on their own: dayfirst would turn 2024-03-01 into January 3rd
-            iso = values.str.match(r"^\d{4}-\d{1,2}-\d{1,2}").fillna(False).astype(bool)
-            parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns]")
-            parsed[iso] = pd.to_datetime(values[iso], errors="coerce", format="ISO8601")
-            if short is not None:
-                parsed[short.index] = short
-                iso[short.index] = True  # done
-            rest = values[~iso]
-            with warnings.catch_warnings():  # "could not infer format": the mixed-format fallback below handles it
-                warnings.simplefilter("ignore", UserWarning)
-                for fmt in (None, "mixed"):  # one inferred format, then each value on its own
-                    todo = rest.index[parsed[rest.index].isna()]
-                    if len(todo):
-                        try:
-                            parsed[todo] = pd.to_datetime(rest[todo], errors="coerce", format=fmt, dayfirst=day_first)
-                        except (ValueError, TypeError, OverflowError):
-                            pass  # left NaT: reported below with the values
-        if getattr(parsed.dt, "tz", None) is not None:
-            parsed = parsed.dt.tz_localize(None)
-        out.loc[idx] = parsed.astype("datetime64[ns]")
+    files = df["_file"]
+    if not len(df) or (files == files.iloc[0]).all():  # one file: no grouping, no reassembling
+        out = _file_dates(raw, col, date_format, df)
+    else:
+        out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
+        for _, idx in df.groupby("_file", sort=False).groups.items():
+            out.loc[idx] = _file_dates(raw.loc[idx], col, date_format, df)
     bad = out.isna() & raw.notna() | raw.isna()
     if bad.any():
         example = raw[bad].head(3).tolist()
@@ -245,6 +221,56 @@ def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None,
         raise ValueError(f"{col}: unparseable{how} or missing dates in {_rows(bad, df)}, values {example}. "
                          f"Fix the column, set data.date_format, or {other}")
     return out.dt.normalize()
+
+
+def _file_dates(values: pd.Series, col: str, date_format: str | None, df: pd.DataFrame) -> pd.Series:
+    """One file's date cells parsed (``parse_dates``), as naive ``datetime64[ns]``; NaT where unparseable. Each
+    distinct cell is read once: every rule the reading follows (two-digit years, day-first, the format inferred from
+    the first value) depends on which values the file holds, not on how often, so the distinct values in order of
+    first appearance read as the whole column does; a reading that raises is redone on the whole column, whose error
+    names the rows."""
+    if not pd.api.types.is_datetime64_any_dtype(values):
+        codes, distinct = pd.factorize(values)  # missing cells: code -1
+        if len(distinct) < len(values):
+            try:
+                read = _read_dates(pd.Series(distinct), col, date_format, df).to_numpy()
+            except ValueError:
+                pass
+            else:
+                return pd.Series(np.where(codes >= 0, read[codes], np.datetime64("NaT", "ns")), index=values.index,
+                                 dtype="datetime64[ns]")
+    return _read_dates(values, col, date_format, df)
+
+
+def _read_dates(values: pd.Series, col: str, date_format: str | None, df: pd.DataFrame) -> pd.Series:
+    if pd.api.types.is_datetime64_any_dtype(values):
+        parsed = values
+    elif date_format:
+        parsed = pd.to_datetime(_date_strings(values), errors="coerce", format=date_format)
+    else:
+        values = _date_strings(values)
+        short = _two_digit_years(values, col, df)
+        day_first = _day_first(values, col, df)
+        # ISO dates first, on their own: dayfirst would turn 2024-03-01 into January 3rd
+        iso = values.str.match(r"^\d{4}-\d{1,2}-\d{1,2}").fillna(False).astype(bool)
+        parsed = pd.Series(pd.NaT, index=values.index, dtype="datetime64[ns]")
+        parsed[iso] = pd.to_datetime(values[iso], errors="coerce", format="ISO8601")
+        if short is not None:
+            parsed[short.index] = short
+            iso[short.index] = True  # done
+        rest = values[~iso]
+        with warnings.catch_warnings():  # "could not infer format": the mixed-format fallback below handles it
+            warnings.simplefilter("ignore", UserWarning)
+            for fmt in (None, "mixed"):  # one inferred format, then each value on its own
+                todo = rest.index[parsed[rest.index].isna()]
+                if len(todo):
+                    try:
+                        parsed[todo] = pd.to_datetime(rest[todo], errors="coerce", format=fmt, dayfirst=day_first)
+                    except (ValueError, TypeError, OverflowError):
+                        pass  # left NaT: reported below with the values
+    if getattr(parsed.dt, "tz", None) is not None:
+        parsed = parsed.dt.tz_localize(None)
+    return parsed.astype("datetime64[ns]")
 
 
 def check_renames(raw: pd.DataFrame, columns: Mapping[str, str | None]) -> None:
@@ -393,8 +419,11 @@ class Quotes:
 
     def drop(self, mask: Any, reason: str) -> None:
         mask = np.asarray(mask, dtype=bool)
-        self.dropped[reason] = self.dropped.get(reason, 0) + int(mask.sum())
-        self.df = self.df[~mask].reset_index(drop=True)
+        n = int(mask.sum())
+        self.dropped[reason] = self.dropped.get(reason, 0) + n
+        index = self.df.index
+        if n or not (isinstance(index, pd.RangeIndex) and index.start == 0 and index.step == 1):
+            self.df = self.df[~mask].reset_index(drop=True)
 
 
 def _itm(df: pd.DataFrame) -> np.ndarray:
@@ -488,7 +517,9 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
                            "ask", "price", "rate", "dividend_yield", "time_to_expiry") if c in df.columns]
     for col in numeric:
         values = pd.to_numeric(df[col], errors="coerce")
-        bad = values.isna() & df[col].notna() & (df[col].astype(str).str.strip() != "")
+        bad = values.isna() & df[col].notna()
+        if bad.any():  # blank cells are missing values, not errors
+            bad &= df[col].astype(str).str.strip() != ""
         if bad.any():
             raise ValueError(f"{col}: non-numeric values in {_rows(bad, df)}, values {df.loc[bad, col].head(3).tolist()}")
         df[col] = values.astype(np.float64)
@@ -500,10 +531,14 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
         if o.option_type not in ("otm", "C", "P"):
             raise ValueError(f"data.option_type must be null, 'otm', 'C' or 'P', got {o.option_type!r}")
     else:
-        spelled = df["option_type"].astype(str).str.strip().str.lower()
-        df["option_type"] = spelled.map(OPTION_TYPES)
+        # each distinct spelling read once (a chain has a handful), every row then takes its spelling's reading
+        given = df["option_type"]
+        codes, spellings = pd.factorize(given, use_na_sentinel=False)
+        read = pd.Series(spellings).astype(str).str.strip().str.lower().map(OPTION_TYPES)
+        df["option_type"] = pd.Series(read.to_numpy()[codes], index=df.index, dtype=read.dtype)
         bad = df["option_type"].isna()
         if bad.any():
+            spelled = given.astype(str).str.strip().str.lower()
             spellings = sorted({"<missing>" if v != v else str(v) for v in spelled[bad]})[:5]  # NaN != NaN
             raise ValueError(f"option_type: unknown spellings {spellings} in {_rows(bad, df)}; "
                              f"accepted: {', '.join(OPTION_TYPES)} (any case)")
