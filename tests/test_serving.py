@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -21,11 +22,16 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
-from vforge.serving import ModelBundle, load_run, load_serving
+from vforge.data import features as feats
+from vforge.data import messy
+from vforge.data.chain import normalize
+from vforge.data.dataset import CONTRACT, build_rows, info_dates, next_date_rows
+from vforge.serving import ChainModel, ModelBundle, load_run, load_serving, loader_options
 from vforge.train import train
 
 from .conftest import CONF_DIR, TINY_DATA
@@ -237,3 +243,85 @@ def test_logging_the_chain_model_prints_no_mlflow_chatter(chain_run, capfd):
     for chatter in ("CloudPickle", "Validating input example", "Downloading artifacts"):
         assert chatter not in out
     assert logging.getLogger("mlflow.pyfunc").level == logging.NOTSET  # put back as it was
+
+
+# --- the serving fast path: one date's rows against the previous date(s), as the training pipeline builds them ---
+
+MESSY_TINY = ["data=synthetic_messy", "data.n_days=60", "data.listing.n_monthlies=3", "data.listing.n_weeklies=1"]
+
+
+def market(make_cfg, *overrides: str) -> tuple[pd.DataFrame, dict]:
+    """A market's raw rows as a client would send them (its chain columns only) and the run's data options."""
+    cfg = make_cfg(*overrides, tiny=not overrides)
+    data = OmegaConf.to_container(cfg.data, resolve=True)
+    if overrides:
+        raw = messy.generate_messy_chain(**{k: data[k] for k in inspect.signature(messy.generate_messy_chain).parameters})
+    else:
+        raw = raw_synthetic_chain(cfg)
+    return raw.drop(columns=["model_iv", "regime"], errors="ignore"), data
+
+
+def untrained_chain_model(data: dict) -> ChainModel:
+    """A ChainModel of an untrained MLP on the default features (what is tested is the pipeline, not the model)."""
+    features = list(data["features"])
+    config = {"model": {"_target_": "vforge.models.mlp.MLP", "n_blocks": 1, "d_block": 16, "dropout": 0.0},
+              "data": data}
+    torch.manual_seed(0)
+    model = instantiate(config["model"], n_num=len(features), cat_cardinalities=[], d_out=1)
+    bundle = ModelBundle(state_dict=model.state_dict(), config=config, feature_names=features,
+                         x_mean=np.zeros(len(features)), x_std=np.ones(len(features)), y_center=0.0, y_scale=0.01,
+                         target="change")
+    return ChainModel(bundle)
+
+
+@pytest.mark.parametrize("overrides", [(), tuple(MESSY_TINY)], ids=["synthetic", "synthetic_messy"])
+def test_next_date_rows_are_build_rows_bit_for_bit(make_cfg, overrides):
+    """Every feature of ``REGISTRY`` (not only the selected ones), the base and the drops of a date, built from the
+    previous dates alone, equal those the training pipeline builds for it on the whole chain."""
+    raw, data = market(make_cfg, *overrides)
+    options = loader_options(data)
+    chain = normalize(raw, options, report={})
+    built = build_rows(chain, horizon=0, fallback=data["fallback"]).rows
+    dates = np.sort(chain["quote_date"].unique())
+    gaps = np.diff(dates).astype("timedelta64[D]").astype(int)
+    # the second date (one previous date), the date after the longest gap, the last date
+    for date in sorted({dates[1], dates[1 + int(np.argmax(gaps))], dates[-1]}):
+        expected = built[built["quote_date"] == date].reset_index(drop=True)
+        today = chain[chain["quote_date"] == date]
+        rows, no_base = next_date_rows(info_dates(chain[chain["quote_date"] < date]), today,
+                                       fallback=data["fallback"])
+        columns = ["quote_date", *CONTRACT, "persistence", "prev_loo_iv", *feats.REGISTRY, "base"]
+        pd.testing.assert_frame_equal(rows[columns], expected[columns], check_exact=True)
+        assert no_base == len(today) - len(expected)
+        assert expected["prev_iv_missing"].sum() > 0  # contracts new on the date take the previous surface
+    with pytest.raises(ValueError, match="one quote date after"):
+        next_date_rows(info_dates(chain[chain["quote_date"] < dates[-1]]), chain[chain["quote_date"] >= dates[-2]])
+
+
+@pytest.mark.parametrize("overrides", [(), tuple(MESSY_TINY)], ids=["synthetic", "synthetic_messy"])
+def test_remark_gives_the_training_pipelines_ivs_and_drop_counts(make_cfg, overrides):
+    """A request's IVs are the model's on the rows and features the training pipeline builds for that date from the
+    whole file, and its drops by reason are what the loader drops of that date's rows in the whole file."""
+    raw, data = market(make_cfg, *overrides)
+    chain_model = untrained_chain_model(data)
+    dates = np.sort(raw["quote_date"].unique())
+    date, previous = dates[-1], dates[-2]
+    report: dict = {}
+    chain = normalize(raw, chain_model.options, report=report)
+    without: dict = {}
+    normalize(raw[raw["quote_date"] != date], chain_model.options, report=without)
+    loader_drops = {k: v - without["dropped"].get(k, 0) for k, v in report["dropped"].items()}
+    built = build_rows(chain, horizon=0, fallback=data["fallback"]).rows
+    expected = built[built["quote_date"] == date].reset_index(drop=True)
+    with torch.inference_mode():
+        iv = chain_model.module(torch.tensor(expected[chain_model.bundle.feature_names].to_numpy(np.float32)),
+                                torch.tensor(expected["base"].to_numpy(np.float32))).numpy()
+
+    answer = chain_model.remark(request(raw[raw["quote_date"] == previous], raw[raw["quote_date"] == date]))
+    assert answer.previous_date == previous and answer.contracts == (raw["quote_date"] == date).sum()
+    pd.testing.assert_frame_equal(answer.ivs[CONTRACT], expected[CONTRACT])
+    np.testing.assert_array_equal(answer.ivs["implied_volatility"].to_numpy(), iv.astype(np.float64))
+    np.testing.assert_array_equal(answer.ivs["baseline"].to_numpy(), expected["base"].to_numpy())
+    no_base = (chain["quote_date"] == date).sum() - len(expected)
+    assert answer.dropped == {k: v for k, v in {**loader_drops, "drop_no_previous_surface": no_base}.items() if v}
+    assert sum(answer.dropped.values()) > 0 and answer.contracts == len(answer.ivs) + sum(answer.dropped.values())

@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from vforge.data.chain import ChainOptions, ColumnHint, normalize, parse_dates
-from vforge.data.dataset import CONTRACT, DROP_REASONS, build_rows
+from vforge.data.dataset import CONTRACT, DROP_REASONS, InfoDates, info_dates, next_date_rows
 from vforge.data.target import to_level
 from vforge.training.checkpoint import atomic_save
 from vforge.training.losses import Loss
@@ -268,8 +268,10 @@ class ChainModel:
         self.columns: dict[str, str] = {k: v for k, v in self.options.columns.items() if v}
         self.column_hint = input_column_hint(self.columns)
         self.surface = bundle.surface_frame()  # canonical rows of the run's last quote date (None: older model.pt)
-        # A service re-marks many requests against one previous date: its rows are checked and normalized once.
-        self._histories: OrderedDict[bytes, tuple[pd.DataFrame, dict[str, Any]]] = OrderedDict()
+        self._surface_info: InfoDates | None = None
+        # A service re-marks many requests against one previous date: its rows are checked and normalized once, and
+        # what the next date's features read of them (``InfoDates``) is built once.
+        self._histories: OrderedDict[bytes, tuple[pd.DataFrame, dict[str, Any], InfoDates]] = OrderedDict()
 
     def remark(self, raw: pd.DataFrame, date: str | None = None) -> Remark:
         """Raw chain rows -> IVs of the contracts of ``date`` (default: the last date in ``raw``)."""
@@ -278,40 +280,49 @@ class ChainModel:
             raise ValueError(f"predict re-marks a quote date (data.horizon=0); this model was trained with "
                              f"data.horizon={horizon}")
         with run_options_note():
-            chain, info = self.chain(raw, date)
-            rows = build_rows(chain, horizon=0, fallback=self.data_cfg.get("fallback", "moneyness")).rows
-        rows = rows[rows["quote_date"] == info["date"]].reset_index(drop=True)
-        rows.attrs.clear()  # the pipeline's date index: internal, and it breaks later merges and Parquet
+            chain, previous, info = self.chain(raw, date)
+            # the date's rows and features exactly as build_rows gives them on the previous date(s) and this one
+            rows, _ = next_date_rows(previous, chain, fallback=self.data_cfg.get("fallback", "moneyness"))
         features = self.bundle.feature_names
         ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
         dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - len(rows),
                    "drop_missing_feature": int((~ok).sum())}
         rows = rows[ok].reset_index(drop=True)
         with torch.inference_mode():
-            iv = self.module(torch.as_tensor(rows[features].to_numpy(np.float32)),
+            iv = self.module(torch.tensor(rows[features].to_numpy(np.float32)),
                              torch.as_tensor(rows["base"].to_numpy(np.float32))).numpy()
         out = rows[["quote_date", *CONTRACT, "underlying_price"]].assign(
             implied_volatility=iv.astype(np.float64), baseline=rows["base"], new_contract=rows["prev_iv_missing"] > 0)
         return Remark(out, info["date"], info["previous_date"], info["previous_from"], len(raw), info["contracts"],
                       {k: v for k, v in dropped.items() if v}, {k: v for k, v in info["previous_dropped"].items() if v})
 
-    def normalized_history(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """``normalize`` of the request's earlier dates with its report, remembered by the rows' content (the last
-        ``HISTORY_CACHE`` distinct ones): the same rows give the same canonical chain, so it is computed once."""
+    def normalized_history(self, rows: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, Any], InfoDates]:
+        """``normalize`` of the request's earlier dates with its report and what the next date reads of them
+        (``InfoDates``), remembered by the rows' content (the last ``HISTORY_CACHE`` distinct ones): the same rows
+        give the same canonical chain, so it is computed once."""
         key = hashlib.blake2b(pd.util.hash_pandas_object(rows, index=False).to_numpy().tobytes()
                               + "\0".join(map(str, rows.columns)).encode(), digest_size=16).digest()
         if key in self._histories:
             self._histories.move_to_end(key)
         else:
             report: dict[str, Any] = {}
-            self._histories[key] = normalize(rows, self.options, report=report, column_hint=self.column_hint), report
+            history = normalize(rows, self.options, report=report, column_hint=self.column_hint)
+            self._histories[key] = history, report, info_dates(history) if len(history) else EMPTY_INFO
             if len(self._histories) > HISTORY_CACHE:
                 self._histories.popitem(last=False)
-        history, report = self._histories[key]
-        return history, copy.deepcopy(report)
+        history, report, info = self._histories[key]
+        return history, copy.deepcopy(report), info
 
-    def chain(self, raw: pd.DataFrame, date: str | None) -> tuple[pd.DataFrame, dict[str, Any]]:
-        """The canonical chain of the previous date(s) and ``date``, and what was kept and dropped of each."""
+    def surface_info(self) -> InfoDates:
+        """``InfoDates`` of the surface the model carries (built on first use)."""
+        assert self.surface is not None
+        if self._surface_info is None:
+            self._surface_info = info_dates(self.surface)
+        return self._surface_info
+
+    def chain(self, raw: pd.DataFrame, date: str | None) -> tuple[pd.DataFrame, InfoDates, dict[str, Any]]:
+        """The canonical chain of ``date``, what its features read of the previous date(s) (``InfoDates``), and what
+        was kept and dropped of each."""
         date_col = self.columns.get("quote_date", "quote_date")
         iv_col = self.columns.get("implied_volatility", "implied_volatility")
         if date_col not in raw.columns:
@@ -330,10 +341,10 @@ class ChainModel:
         history_raw = raw[dates < target]
         history_report: dict[str, Any] = {}
         if len(history_raw):
-            history, history_report = self.normalized_history(history_raw)
+            history, history_report, previous = self.normalized_history(history_raw)
             source = "request"
         elif self.surface is not None and len(self.surface) and self.surface["quote_date"].max() < target:
-            history, source = self.surface, "model"
+            history, source, previous = self.surface, "model", self.surface_info()
         else:
             stored = ("" if self.surface is None else
                       f", and the model's own surface is of {self.surface['quote_date'].max().date()}, not before it")
@@ -350,23 +361,27 @@ class ChainModel:
             quoted |= today[price].notna()
         if iv_col in today:
             quoted |= today[iv_col].notna()
-        unquoted = today[~quoted].drop(columns=[bid, ask, price], errors="ignore")
-        unquoted[iv_col] = DUMMY_IV * (100.0 if self.options.iv_unit == "percent" else 1.0)
+        parts = [today]
+        if not quoted.all():
+            unquoted = today[~quoted].drop(columns=[bid, ask, price], errors="ignore")
+            unquoted[iv_col] = DUMMY_IV * (100.0 if self.options.iv_unit == "percent" else 1.0)
+            parts = [p for p in (today[quoted], unquoted) if len(p)]
         report: dict[str, Any] = {}
-        parts = [normalize(p, self.options, report=report, column_hint=self.column_hint)
-                 for p in (today[quoted], unquoted) if len(p)]
-        chain = pd.concat([history, *parts], ignore_index=True)
+        parts = [normalize(p, self.options, report=report, column_hint=self.column_hint) for p in parts]
+        chain = parts[0] if len(parts) == 1 else pd.concat(parts, ignore_index=True)
         if history.empty:  # every previous-date row dropped by the checks
             raise ValueError(f"no quote of the input's dates before {target.date()} is left after the checks "
                              f"(dropped: {_named(history_report.get('dropped', {}))}): the model needs the previous "
                              "date's chain")
-        return chain, {"date": target, "previous_date": history["quote_date"].max(), "previous_from": source,
-                       "contracts": len(today), "normalized": sum(len(p) for p in parts),
-                       "dropped": dict(report.get("dropped", {})),
-                       "previous_dropped": dict(history_report.get("dropped", {}))}
+        return chain, previous, {"date": target, "previous_date": history["quote_date"].max(),
+                                 "previous_from": source, "contracts": len(today), "normalized": len(chain),
+                                 "dropped": dict(report.get("dropped", {})),
+                                 "previous_dropped": dict(history_report.get("dropped", {}))}
 
 
 HISTORY_CACHE = 8  # previous-date chains kept normalized per loaded model
+EMPTY_INFO = InfoDates(dates=pd.DatetimeIndex([]), spot=pd.Series(dtype=np.float64), nodes=pd.DataFrame(),
+                       state=pd.DataFrame())  # a request's earlier dates with no quote left: an error, see ``chain``
 
 
 def _named(dropped: dict[str, int]) -> str:

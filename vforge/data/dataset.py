@@ -241,6 +241,84 @@ def build_rows(chain: pd.DataFrame, *, horizon: int, fallback: str = "moneyness"
     return Built(rows, nodes[QUOTE_COLUMNS], report, spot.set_axis(dates[first:]))
 
 
+@dataclass
+class InfoDates:
+    """What the rows of a date read from the quote dates before it when re-marking (``horizon=0``), built once from
+    a canonical chain of those dates (``info_dates``) so that a service re-marking many requests against one previous
+    surface computes it once; ``next_date_rows`` builds a date's rows from it.
+
+    ``dates``: the earlier quote dates (``date_idx`` order); ``spot``: their ``daily_spot``; ``nodes``: the quotes of
+    the last of them (the info date; ``build_rows``' nodes, ``iv`` the IV), with ``loo_iv`` (``smile_leave_one_out``)
+    and ``state``: that date's ``surface_states`` row; ``node_tables``: the features' tables of ``nodes``
+    (``features.Context.of_nodes``), filled by the first request and shared by the next.
+    """
+
+    dates: pd.DatetimeIndex
+    spot: pd.Series
+    nodes: pd.DataFrame
+    state: pd.DataFrame
+    node_tables: dict[str, Any] = field(default_factory=dict)
+
+    def contract_rows(self, rows: pd.DataFrame) -> np.ndarray:
+        """Per row of ``rows``, the position in ``nodes`` of its contract (-1: not quoted on the info date)."""
+        if "contracts" not in self.node_tables:
+            self.node_tables["contracts"] = {key: i for i, key in enumerate(_contract_keys(self.nodes))}
+        positions = self.node_tables["contracts"]
+        return np.array([positions.get(key, -1) for key in _contract_keys(rows)], dtype=np.int64)
+
+
+def _contract_keys(df: pd.DataFrame) -> Iterator[tuple]:
+    """Each row's contract as a key: its expiry (ns since the epoch), strike and option type."""
+    return zip(df["expiry"].to_numpy("datetime64[ns]").view(np.int64).tolist(), df["strike"].tolist(),
+               df["option_type"].tolist())
+
+
+def info_dates(chain: pd.DataFrame) -> InfoDates:
+    """``InfoDates`` of a canonical chain (IV filled) of the dates before the one to re-mark."""
+    enriched = enrich(chain)
+    dates = pd.DatetimeIndex(np.sort(enriched["quote_date"].unique()))
+    last = enriched[enriched["date_idx"] == len(dates) - 1].reset_index(drop=True)
+    # Each date's leave-one-out smile and surface state read that date's quotes only: the last date's alone are what
+    # build_rows computes for it on the whole chain.
+    nodes = last.drop(columns="_spot").rename(columns={"implied_volatility": "iv"})
+    nodes["loo_iv"] = feats.smile_leave_one_out(nodes)
+    return InfoDates(dates=dates, spot=daily_spot(enriched), nodes=nodes, state=feats.surface_states(nodes))
+
+
+def next_date_rows(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "moneyness") -> tuple[pd.DataFrame, int]:
+    """The rows of ``chain`` (canonical quotes of one date after ``info.dates``) re-marked from ``info`` (``horizon=0``)
+    and how many were dropped for want of a base (``drop_no_previous_surface``): each row and feature as
+    ``build_rows`` gives it for that date on the whole chain (the earlier dates and this one), bit for bit
+    (tests/test_serving.py), without redoing the earlier dates' work."""
+    if fallback not in feats.FALLBACKS:
+        raise ValueError(f"data.fallback must be one of {', '.join(feats.FALLBACKS)}, got {fallback!r}")
+    if chain.empty:  # every quote of the date dropped by the loader
+        return chain.assign(**{c: np.empty(0) for c in [*feats.REGISTRY, "base"]}), 0
+    day = chain["quote_date"].iloc[0]
+    if not len(info.dates) or not (chain["quote_date"] == day).all() or day <= info.dates[-1]:
+        raise ValueError(f"next_date_rows: the chain must hold one quote date after {info.dates[-1:].date}")
+    dates = info.dates.append(pd.DatetimeIndex([day]))
+    rows = enrich(chain, dates=dates)
+    spot = pd.concat([info.spot, daily_spot(rows)])
+    rows = rows.drop(columns="_spot")
+    rows["target_idx"] = rows["date_idx"]
+    rows["info_idx"] = rows["date_idx"] - 1
+    rows["iv"] = rows["implied_volatility"]
+    # each contract's quote on the info date (add_lagged's merge: the contracts of a date are unique)
+    at = info.contract_rows(rows)
+    found = at >= 0
+    for col, name in (("iv", "persistence"), ("loo_iv", "prev_loo_iv")):
+        rows[name] = np.where(found, info.nodes[col].to_numpy(np.float64)[at], np.nan)
+    ctx = feats.Context(nodes=info.nodes, spot=spot, dates=dates, fallback=fallback, market=feats.market_state(spot),
+                        state=info.state, node_tables=info.node_tables)
+    columns = feats.compute_columns(rows, ctx)
+    rows = pd.concat([rows.drop(columns=[c for c in columns if c in rows.columns]),
+                      pd.DataFrame(columns, index=rows.index)], axis=1)
+    rows["base"] = rows["prev_iv"]
+    no_base = ~np.isfinite(rows["base"])
+    return rows[~no_base].reset_index(drop=True), int(no_base.sum())
+
+
 def split_rows(rows: pd.DataFrame, *, horizon: int, val_fraction: float, test_fraction: float,
                n_folds: int = 1, fold: int = 0, train_dates: int | None = None) -> dict[str, pd.DataFrame]:
     """Chronological train/val/test on the target date, with an embargo of ``horizon`` dates before val and test.
