@@ -35,9 +35,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from vforge import CONF_DIR
-from vforge.data.dataset import build_rows
+from vforge.data.chain import REQUIRED
+from vforge.data.dataset import info_dates, next_date_rows
 from vforge.data.synthetic import cached_chain
 from vforge.serving import ChainModel, load_run, median_ms
+from vforge.tracking.registry import OPTIONAL
 
 GOAL_MS = {"in process": 20.0, "REST": 100.0}  # issue 14, 1,000 contracts, idle machine
 
@@ -57,8 +59,11 @@ def train_quick(out_dir: Path) -> tuple[Path, dict]:
 
 
 def request_rows(data_cfg: dict, n_contracts: int) -> pd.DataFrame:
+    """The request: the generated market's chain columns, those of the pyfunc signature (not the simulator's own
+    ``model_iv``, which no market publishes: MLflow would drop it with a warning on every call)."""
     keys = ("seed", "n_days", "spot0", "rate", "dividend_yield", "heston", "jumps", "listing", "quotes")
     raw = cached_chain(data_cfg["cache_dir"], **{k: data_cfg[k] for k in keys})
+    raw = raw[[c for c in raw.columns if c in {*REQUIRED, *OPTIONAL}]]
     dates = sorted(raw["quote_date"].unique())
     counts = raw.groupby("quote_date").size()
     date = counts.loc[dates[1]:].idxmax()
@@ -74,20 +79,27 @@ def show(what: str, ms: float, goal: str, repeat: int) -> None:
 
 
 def stages(chain: ChainModel, request: pd.DataFrame, repeat: int) -> None:
-    """Where a cold call goes: loader checks (both dates), features, the model."""
-    def loader() -> tuple[pd.DataFrame, dict]:
-        chain._histories.clear()
-        return chain.chain(request, None)
-
-    canonical, info = loader()
-    built = build_rows(canonical, horizon=0, fallback=chain.data_cfg.get("fallback", "moneyness"))
-    rows = built.rows[built.rows["quote_date"] == info["date"]]
-    x = torch.as_tensor(rows[chain.bundle.feature_names].to_numpy(np.float32))
-    base = torch.as_tensor(rows["base"].to_numpy(np.float32))
+    """Where a call goes: the previous date (cold only: its loader checks and ``info_dates``), the date's rows through
+    the loader, their features (``next_date_rows``), the model."""
+    today, previous, info = chain.chain(request, None)
+    history = chain.normalized_history(request[request["quote_date"] < info["date"]])[0]
+    fallback = chain.data_cfg.get("fallback", "moneyness")
+    rows, _ = next_date_rows(previous, today, fallback=fallback)
+    x = torch.tensor(rows[chain.bundle.feature_names].to_numpy(np.float32))
+    base = torch.tensor(rows["base"].to_numpy(np.float32))
     with torch.inference_mode():
         model = median_ms(lambda: chain.module(x, base), repeat)
-    for name, ms in (("loader (normalize, both dates)", median_ms(loader, repeat)),
-                     ("features (build_rows)", median_ms(lambda: build_rows(canonical, horizon=0), repeat)),
+
+    def cold_previous() -> None:
+        chain._histories.clear()
+        chain.normalized_history(request[request["quote_date"] < info["date"]])
+
+    for name, ms in (("previous date (loader, info_dates; cold only)", median_ms(cold_previous, repeat)),
+                     ("  of which info_dates", median_ms(lambda: info_dates(history), repeat)),
+                     ("the request through the loader (warm)", median_ms(lambda: chain.chain(request, None),
+                                                                             repeat)),
+                     ("features (next_date_rows)", median_ms(lambda: next_date_rows(previous, today,
+                                                                                    fallback=fallback), repeat)),
                      (f"model ({len(x)} rows, {torch.get_num_threads()} threads)", model)):
         print(f"  {name:<44} {ms:8.1f} ms")
 
@@ -124,8 +136,10 @@ def rest_ms(checkpoint: Path, request: pd.DataFrame, repeat: int, workdir: Path)
                     raise RuntimeError("mlflow models serve did not come up") from None
                 time.sleep(0.5)
         print(f"mlflow models serve up in {time.perf_counter() - start:.1f} s")
-        body = json.dumps({"dataframe_split": json.loads(request.to_json(orient="split", index=False,
-                                                                          date_format="iso"))}).encode()
+        # split-oriented JSON as a client writes it: dates as YYYY-MM-DD, floats exact (Python's json)
+        rows = request.assign(**{c: request[c].dt.strftime("%Y-%m-%d") for c in ("quote_date", "expiry")})
+        body = json.dumps({"dataframe_split": {"columns": list(rows.columns),
+                                               "data": rows.to_numpy(object).tolist()}}).encode()
         model = mlflow.pyfunc.load_model(uri)
         schema = model.metadata.get_input_schema()
         in_process = median_ms(lambda: scoring_server.invocations(body, "application/json", model, schema), repeat)
