@@ -200,3 +200,42 @@ def test_cache_key_follows_the_generator_source(tmp_path):
     a = synthetic.generator_digest()
     b = synthetic.generator_digest(messy)
     assert a != b and len(a) == 16
+
+
+def test_ridge_path_is_the_fit_at_each_given_penalty():
+    g = np.random.default_rng(4)
+    x, dates = torch.tensor(g.standard_normal((600, 3))), np.repeat(np.arange(30), 20)
+    y = 0.4 * x[:, 0] + 0.2 * x[:, 1] * x[:, 2] + 0.3 * torch.tensor(g.standard_normal(600))
+    x_eval = torch.tensor(g.standard_normal((50, 3)))
+    path = Ridge(n_num=3, cat_cardinalities=[], d_out=1).path(x, None, y, x_eval, None, [1e-3, 1.0, math.inf])
+    for j, alpha in enumerate([1e-3, 1.0]):
+        ridge = Ridge(n_num=3, cat_cardinalities=[], d_out=1)
+        assert ridge.fit_closed_form(x, None, y, dates, alpha=alpha)["alpha"] == alpha
+        np.testing.assert_allclose(path[:, j], ridge(x_eval.float(), None)[:, 0].detach().numpy(), atol=1e-5)
+    assert not path[:, 2].any()  # an infinite penalty: no change, persistence
+    # a larger penalty shrinks the predicted change
+    assert np.abs(path[:, 1]).mean() < np.abs(path[:, 0]).mean()
+
+
+def test_the_ridge_penalty_is_chosen_with_its_share_on_the_fold_dates():
+    g = np.random.default_rng(5)
+    dates = np.repeat(np.arange(40), 30)
+    true = g.standard_normal(1200)
+    signal = 0.6 * true + 0.3 * g.standard_normal(1200)
+    overfit = signal + 1.5 * g.standard_normal(1200)  # the small penalty's predictions: worse than persistence
+    shrunk = 0.8 * signal  # the large penalty's
+    chosen = shrink_ridge(np.column_stack([overfit, shrunk]), true, dates, weights=[0, 0.5, 1], trim=0.2,
+                          tolerance=0.0, max_p=0.05, cap=0.9, alphas=[1e-4, 1.0])
+    assert chosen["alpha"] == 1.0 and chosen["w_linear"] > 0 and "(penalty 1)" in chosen["why"]
+    assert chosen["scores"][(1e-4, 1.0)] > 1.0 > chosen["score"]
+    # equal scores within the tolerance: the smaller share first, then the larger penalty
+    same = shrink_ridge(np.column_stack([signal, signal]), true, dates, weights=[0, 0.5, 1], trim=0.2,
+                        tolerance=0.3, max_p=1.0, cap=0.9, alphas=[1e-4, 1.0])  # 1 x: 0.25, 0.5 x: ~0.51
+    assert (same["w_linear"], same["alpha"]) == (0.5, 1.0)
+    # nothing beats persistence: persistence, and the best-scoring penalty is still named for other rows
+    none = shrink_ridge(np.column_stack([overfit, -true]), true, dates, weights=[0, 0.5, 1], trim=0.2,
+                        tolerance=0.0, max_p=0.05, cap=0.9, alphas=[1e-4, 1.0])
+    assert none["w_linear"] == 0.0 and none["alpha"] in (1e-4, 1.0) and "persistence" in none["why"]
+    with pytest.raises(ValueError, match="2 columns of fold predictions for 1 penalties"):
+        shrink_ridge(np.column_stack([signal, signal]), true, dates, weights=[0, 1], trim=0.2, tolerance=0.0,
+                     max_p=0.05, alphas=[1.0])

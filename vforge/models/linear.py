@@ -47,7 +47,8 @@ class Ridge(Model):
 
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, interactions: bool = True,
                  alphas: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
-                 fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01) -> None:
+                 fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01,
+                 cap: float | None = None) -> None:
         super().__init__()
         if not alphas or any(a <= 0 for a in alphas):
             raise ValueError(f"alphas must be a non-empty list of positive penalties, got {list(alphas)}")
@@ -55,7 +56,7 @@ class Ridge(Model):
             raise ValueError(f"need n_folds >= 1 and 0 < fold_fraction < 1, got {n_folds=}, {fold_fraction=}")
         self.n_num, self.cat_cardinalities, self.interactions = n_num, list(cat_cardinalities), interactions
         self.alphas, self.n_folds, self.fold_fraction = sorted(float(a) for a in alphas), n_folds, fold_fraction
-        self.trim, self.tolerance = trim, tolerance
+        self.trim, self.tolerance, self.cap = trim, tolerance, cap
         pairs = torch.triu_indices(n_num, n_num) if interactions else torch.empty(2, 0, dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)
         d_in = 1 + n_num + pairs.shape[1] + sum(cat_cardinalities)
@@ -77,28 +78,55 @@ class Ridge(Model):
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
         return (self.expand(x_num, x_cat) / self.scale) @ self.weight.T
 
-    @torch.no_grad()
-    def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray) -> dict:
-        """Choose the penalty on walk-forward folds over ``dates`` (one per row), refit on all rows; returns (and keeps
-        in ``self.selection``) what was chosen and why."""
+    def _columns(self, x_num: Tensor, x_cat: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
+        """The expanded columns of these rows scaled to unit RMS on them, and that scale."""
         z = self.expand(x_num.double(), x_cat).numpy()
         scale = np.sqrt(np.mean(z**2, axis=0))
         scale = np.where(scale > 0, scale, 1.0)
-        z /= scale
+        return z / scale, scale
+
+    @torch.no_grad()
+    def path(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, x_eval: Tensor, cat_eval: Tensor | None,
+             alphas: Sequence[float]) -> np.ndarray:
+        """Predictions (n_eval, len(alphas)) at ``x_eval`` of the fits on ``x_num``/``y`` with each penalty (inf: 0,
+        persistence), the normal equations formed once; the model itself is left unchanged."""
+        z, scale = self._columns(x_num, x_cat)
+        gram, rhs = _normal(z, y.double().numpy().reshape(len(y), -1)[:, :1])
+        ze = self.expand(x_eval.double(), cat_eval).numpy() / scale
+        return np.column_stack([np.zeros(len(ze)) if math.isinf(a) else (ze @ _solve(gram, rhs, a))[:, 0]
+                                for a in alphas])
+
+    @torch.no_grad()
+    def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray,
+                        alpha: float | None = None) -> dict:
+        """Choose the penalty on walk-forward folds over ``dates`` (one per row), refit on all rows; returns (and keeps
+        in ``self.selection``) what was chosen and why. With ``alpha`` (inf: persistence), that penalty, chosen
+        elsewhere (the do-no-harm step chooses it on its own folds), without folds."""
+        z, scale = self._columns(x_num, x_cat)
         yn = y.double().numpy().reshape(len(y), -1)
+        if alpha is not None:
+            gram, rhs = _normal(z, yn)
+            w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(alpha) else _solve(gram, rhs, alpha)
+            self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
+            self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
+            self.selection = {"alpha": alpha, "why": "penalty given (chosen outside this fit)"}
+            return self.selection
         dates = np.asarray(dates)
         blocks = inner_folds(dates, self.n_folds, self.fold_fraction)
         candidates = [*self.alphas, math.inf]
-        ratios: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
+        preds: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
+        evaluated = []
         for block in blocks:
             fit_rows, eval_rows = dates < block[0], np.isin(dates, block)
             if not fit_rows.any():
                 continue
+            evaluated.append(eval_rows)
             gram, rhs = _normal(z[fit_rows], yn[fit_rows])
             for a in candidates:
-                pred = np.zeros_like(yn[eval_rows]) if math.isinf(a) else z[eval_rows] @ _solve(gram, rhs, a)
-                ratios[a].append(per_date_ratio(pred[:, 0], yn[eval_rows, 0], dates[eval_rows]))
-        scores = {a: robust_score(np.concatenate(r), self.trim) if r else math.nan for a, r in ratios.items()}
+                preds[a].append(np.zeros(int(eval_rows.sum())) if math.isinf(a) else
+                                (z[eval_rows] @ _solve(gram, rhs, a))[:, 0])
+        scores = {a: self._score(preds[a], [yn[e, 0] for e in evaluated], [dates[e] for e in evaluated])
+                  for a in candidates}
         finite = {a: s for a, s in scores.items() if np.isfinite(s)}
         if finite:
             best = min(finite.values())
@@ -113,10 +141,24 @@ class Ridge(Model):
             "alpha": chosen, "scores": {str(a): round(s, 4) for a, s in scores.items()}, "fold_dates": int(
                 sum(len(b) for b in blocks)),
             "why": ("no penalty beat predicting no change on the folds: persistence" if math.isinf(chosen) else
-                    f"largest penalty within {self.tolerance:g} of the best robust score" if finite else
+                    f"largest penalty within {self.tolerance:g} of the best "
+                    f"{'capped pooled' if self.cap is not None else 'robust'} score" if finite else
                     "too few training dates for walk-forward folds: the largest penalty"),
         }
         return self.selection
+
+    def _score(self, preds: list[np.ndarray], trues: list[np.ndarray], dates: list[np.ndarray]) -> float:
+        """Score of one penalty's fold predictions (lower is better; 1 is persistence): with ``cap``, the pooled MSE
+        ratio with each date's weight capped (``gating.capped_ratio``, the do-no-harm step's score), else the trimmed
+        mean of per-date ratios."""
+        if not preds:
+            return math.nan
+        pred, true, day = np.concatenate(preds), np.concatenate(trues), np.concatenate(dates)
+        if self.cap is not None:
+            from vforge.training.gating import capped_ratio
+
+            return capped_ratio(pred, true, day, self.cap)
+        return robust_score(per_date_ratio(pred, true, day), self.trim)
 
 
 def _normal(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

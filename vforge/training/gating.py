@@ -14,6 +14,7 @@ persistence leaves persistence, and the note under the results table says so.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -125,41 +126,55 @@ def wins_over(candidate: np.ndarray, reference: np.ndarray, true: np.ndarray, da
 
 
 def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray, *, weights: list[float],
-                 trim: float, tolerance: float, max_p: float, cap: float | None = None) -> dict:
-    """The share of the ridge's predicted change to keep, chosen on its out-of-sample predictions of the inner
-    walk-forward folds: the smallest weight within ``tolerance`` of the best robust score; 0 (persistence) unless it
-    beats persistence by ``tolerance`` and clearly across the fold dates (``wins_over``'s p <= ``max_p``)."""
+                 trim: float, tolerance: float, max_p: float, cap: float | None = None,
+                 alphas: list[float] | None = None) -> dict:
+    """The share of the ridge's predicted change to keep, and its penalty, chosen on its out-of-sample predictions of
+    the inner walk-forward folds (``oos_change``: one column per penalty of ``alphas``, or one column): among the
+    (penalty, share) pairs within ``tolerance`` of the best score the simplest (the smallest share, then the largest
+    penalty); 0 (persistence) unless it beats persistence by ``tolerance`` and clearly across the fold dates
+    (``wins_over``'s p <= ``max_p``). ``alpha`` of the result is the chosen pair's penalty (with persistence, the
+    best-scoring pair's: the ridge may still serve other rows)."""
+    oos = np.asarray(oos_change, dtype=np.float64)
+    oos = oos[:, None] if oos.ndim == 1 else oos
+    alphas = [math.nan] if alphas is None else [float(a) for a in alphas]
+    if len(alphas) != oos.shape[1]:
+        raise ValueError(f"{oos.shape[1]} columns of fold predictions for {len(alphas)} penalties")
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
-    scores = {w: _score(w * oos_change, true_change, dates, trim, cap) for w in grid}
+    scores = {(i, w): _score(w * oos[:, i], true_change, dates, trim, cap) for i in range(len(alphas)) for w in grid}
     best = min(scores.values())
-    w = min(x for x in grid if scores[x] <= best + tolerance)
-    won, n, p = wins_over(w * oos_change, np.zeros_like(true_change), true_change, dates, cap)
-    if w and (scores[w] >= 1.0 - tolerance or p > max_p):
-        why = (f"the ridge's best share ({w:g}, score {scores[w]:.3f}) did not beat persistence clearly on the "
-               f"fold dates (won {won}/{n}, {_test(cap)} p {p:.2g}): persistence")
+    i, w = min((p for p, v in scores.items() if v <= best + tolerance), key=lambda p: (p[1], -alphas[p[0]]))
+    top = min((p for p in scores if p[1] > 0), key=lambda p: (scores[p], p[1], -alphas[p[0]]))
+    if not w:
+        i = top[0]
+    penalty = "" if math.isnan(alphas[i]) else f" (penalty {alphas[i]:g})"
+    won, n, p = wins_over(w * oos[:, i], np.zeros_like(true_change), true_change, dates, cap)
+    if w and (scores[(i, w)] >= 1.0 - tolerance or p > max_p):
+        why = (f"the ridge's best share ({w:g}{penalty}, score {scores[(i, w)]:.3f}) did not beat persistence "
+               f"clearly on the fold dates (won {won}/{n}, {_test(cap)} p {p:.2g}): persistence")
         w = 0.0
     elif w:
-        why = f"{w:g} x ridge: won {won}/{n} fold dates over persistence ({_test(cap)} p {p:.2g}), score {scores[w]:.3f}"
+        why = (f"{w:g} x ridge{penalty}: won {won}/{n} fold dates over persistence ({_test(cap)} p {p:.2g}), score "
+               f"{scores[(i, w)]:.3f}")
     else:
         why = "no share of the ridge beat persistence on the fold dates: persistence"
-    return {"w_linear": w, "score": scores[w], "scores": scores, "why": why, "won": won, "dates": n}
+    return {"w_linear": w, "alpha": alphas[i], "score": scores[(i, w)],
+            "scores": {(alphas[j], x): v for (j, x), v in scores.items()}, "why": why, "won": won, "dates": n}
 
 
 def ridge_oos(x_num: torch.Tensor, x_cat: torch.Tensor | None, y: torch.Tensor, dates: np.ndarray,
-              blocks: list[np.ndarray], make: Callable[[], Ridge]) -> tuple[np.ndarray, np.ndarray]:
-    """The ridge's out-of-sample predictions on ``blocks`` (each fit in closed form, its penalty chosen inside its
-    own fit rows): (mask of the rows predicted, their predictions)."""
-    out, mask = np.zeros(len(y)), np.zeros(len(y), bool)
+              blocks: list[np.ndarray], make: Callable[[], Ridge],
+              alphas: list[float]) -> tuple[np.ndarray, np.ndarray]:
+    """The ridge's out-of-sample predictions on ``blocks``, each block fit in closed form on every date before it,
+    once per penalty of ``alphas``: (mask of the rows predicted, their predictions (n, len(alphas)))."""
+    out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
     for block in blocks:
         fit_rows, rows = dates < block[0], np.isin(dates, block)
         if not fit_rows.any() or not rows.any():
             continue
-        ridge = make()
         fr = torch.as_tensor(np.flatnonzero(fit_rows))
         rr = torch.as_tensor(np.flatnonzero(rows))
-        ridge.fit_closed_form(x_num[fr], None if x_cat is None else x_cat[fr], y[fr], dates[fit_rows])
-        with torch.no_grad():
-            out[rows] = ridge(x_num[rr].float(), None if x_cat is None else x_cat[rr])[:, 0].double().numpy()
+        out[rows] = make().path(x_num[fr], None if x_cat is None else x_cat[fr], y[fr], x_num[rr],
+                                None if x_cat is None else x_cat[rr], alphas)
         mask[rows] = True
     return mask, out
 
@@ -169,17 +184,21 @@ KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "
 
 def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.ndarray, own: np.ndarray,
            linear: np.ndarray | None, true_val: np.ndarray, val_dates: np.ndarray, model_name: str, weights: list[float],
-           trim: float, tolerance: float, max_p: float, max_p_ridge: float, cap: float | None) -> dict:
+           trim: float, tolerance: float, max_p: float, max_p_ridge: float, cap: float | None,
+           alphas: list[float]) -> dict:
     """The weights for one kind of rows (``KINDS``): the simple choice from the ridge's out-of-sample fold
-    predictions (``shrink_ridge``), replaced by a blend with the network only if the validation dates say so
-    clearly (see ``gate``). Arrays are of that kind's rows only; ``linear`` None for ``model=linear``."""
+    predictions (``shrink_ridge``; ``oos`` one column per penalty of ``alphas``), replaced by a blend with the network
+    only if the validation dates say so clearly (see ``gate``). Arrays are of that kind's rows only; ``linear`` (the
+    ridge served, on the validation rows) None for ``model=linear``. The result's ``alpha`` is the ridge's penalty
+    the choice was made with (NaN: no fold dates)."""
     if len(oos):
         simple = shrink_ridge(oos, true_fold, fold_dates, weights=weights, trim=trim, tolerance=tolerance,
-                              max_p=max_p_ridge, cap=cap)
+                              max_p=max_p_ridge, cap=cap, alphas=alphas)
     else:
-        simple = {"w_linear": 0.0, "why": "too few dates for inner folds: persistence", "won": 0, "dates": 0}
+        simple = {"w_linear": 0.0, "alpha": math.nan, "why": "too few dates for inner folds: persistence", "won": 0,
+                  "dates": 0}
     n_fold = len(np.unique(fold_dates))
-    out = {"w_model": 0.0, "w_linear": simple["w_linear"],
+    out = {"w_model": 0.0, "w_linear": simple["w_linear"], "alpha": simple["alpha"],
            "why": f"{simple['why']} (on {n_fold} inner walk-forward fold dates)"}
     if linear is None or not len(own):
         return out
@@ -195,7 +214,8 @@ def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.
     evidence = (f"on {len(np.unique(val_dates))} validation dates {named} scored {blend['score']:.3f} against "
                 f"{simple_score:.3f} and won {won}/{n} dates ({_test(cap)} p {p:.2g}, needed <= {max_p:g})")
     if blend["score"] < simple_score - tolerance and p <= max_p:
-        return {"w_model": blend["w_model"], "w_linear": blend["w_linear"], "why": f"the network earns its place: {evidence}"}
+        return {"w_model": blend["w_model"], "w_linear": blend["w_linear"], "alpha": out["alpha"],
+                "why": f"the network earns its place: {evidence}"}
     out["why"] += f"; the network did not earn its place: {evidence}"
     return out
 
@@ -224,14 +244,21 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     from vforge.models.linear import Blend, Ridge
     from vforge.training.loop import predict
 
-    linear_cfg = {"_target_": "vforge.models.linear.Ridge"}
     is_linear = isinstance(model, Ridge)
+    linear_cfg = model_cfg if is_linear else {"_target_": "vforge.models.linear.Ridge"}
     tr, va = data.train, data.val
     true_val = (va.iv - va.base) / data.y_scale  # the change in target units (change targets: center 0)
     val_dates = va.aux["quote_date_idx"].numpy()
-    make = lambda: Ridge(n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)  # noqa: E731
 
-    # 1. the ridge's out-of-sample predictions on inner walk-forward folds over train + validation
+    def make() -> Ridge:
+        from hydra.utils import instantiate
+
+        ridge = instantiate(linear_cfg, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+        assert isinstance(ridge, Ridge)
+        return ridge
+
+    # 1. the ridge's out-of-sample predictions on inner walk-forward folds over train + validation, one column per
+    # penalty: its penalty and its share are chosen together on these dates, with the score and test of the shares
     y_tr = tr.y.reshape(-1).double()
     x_num = torch.cat([tr.x_num, va.x_num])
     x_cat = None if tr.x_cat is None or va.x_cat is None else torch.cat([tr.x_cat, va.x_cat])
@@ -240,36 +267,44 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     dates = np.concatenate([tr.aux["quote_date_idx"].numpy(), val_dates])
     prev_all = np.concatenate([np.isfinite(tr.persistence), np.isfinite(va.persistence)])
     blocks = inner_folds(dates, n_folds, fold_fraction)
-    fold_rows, oos = ridge_oos(x_num, x_cat, y_fit, dates, blocks, make)
-
-    # 2. the network and the ridge fit on train (the one served: refit on train + validation it scored worse on the
-    # default market's test block, 0.881 against 0.870 of persistence), on the validation dates
-    own = predict(model, va, batch_size)
-    linear = None
-    if not is_linear:
-        linear = make()
-        linear.fit_closed_form(tr.x_num, tr.x_cat, tr.y, tr.aux["quote_date_idx"].numpy())
-    serving = model if linear is None else linear
-    lin_val = None if linear is None else predict(linear, va, batch_size)
+    alphas = list(make().alphas)
+    fold_rows, oos = ridge_oos(x_num, x_cat, y_fit, dates, blocks, make, alphas)
     prev_val = np.isfinite(va.persistence)
     names = list(data.feature_names)
     new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
         {"all": (np.ones_like(prev_all), np.ones_like(prev_val))}  # the blend cannot tell the kinds apart
+    # the penalty: chosen on the first kind's rows (previously quoted rows, where the ridge is judged against
+    # persistence), used for every kind (one ridge is served)
+    first, (on_first, _) = next(iter(kinds.items()))
+    f = fold_rows & on_first
+    alpha = shrink_ridge(oos[f], true_all[f], dates[f], weights=weights, trim=trim, tolerance=tolerance,
+                         max_p=max_p_ridge, cap=cap, alphas=alphas)["alpha"] if f.any() else math.nan
+
+    # 2. the network and the ridge fit on train with that penalty (the one served: refit on train + validation it
+    # scored worse on the default market's test block, 0.881 against 0.870 of persistence), on the validation dates;
+    # without fold dates the ridge chooses its own penalty (``Ridge.fit_closed_form``)
+    own = predict(model, va, batch_size)
+    linear = make()
+    linear.fit_closed_form(tr.x_num, tr.x_cat, tr.y, tr.aux["quote_date_idx"].numpy(),
+                           alpha=None if math.isnan(alpha) else alpha)
+    lin_val = None if is_linear else predict(linear, va, batch_size)
     choices = {}
     for kind, (on_fold, on_val) in kinds.items():
         f = fold_rows & on_fold
-        choices[kind] = decide(kind, oos=oos[f], true_fold=true_all[f], fold_dates=dates[f], own=own[on_val],
+        cols = alphas if kind == first or math.isnan(alpha) else [alpha]
+        choices[kind] = decide(kind, oos=oos[f][:, [alphas.index(a) for a in cols]], true_fold=true_all[f],
+                               fold_dates=dates[f], own=own[on_val],
                                linear=None if lin_val is None else lin_val[on_val], true_val=true_val[on_val],
                                val_dates=val_dates[on_val], model_name=model_name, weights=weights, trim=trim,
-                               tolerance=tolerance, max_p=max_p, max_p_ridge=max_p_ridge, cap=cap)
+                               tolerance=tolerance, max_p=max_p, max_p_ridge=max_p_ridge, cap=cap, alphas=cols)
     prev = choices.get("prev", choices.get("all"))
     new = choices.get("new", prev)
     assert prev is not None and new is not None
     if (prev["w_model"], prev["w_linear"]) == (new["w_model"], new["w_linear"]):
         new_column = None
     choice: dict[str, Any] = {"w_model": prev["w_model"], "w_linear": prev["w_linear"], "w_model_new": new["w_model"],
-                              "w_linear_new": new["w_linear"], "kinds": choices}
+                              "w_linear_new": new["w_linear"], "alpha": alpha, "kinds": choices}
     choice["note"] = describe(choice, model_name)
     if all(c["w_model"] == 1.0 and c["w_linear"] == 0.0 for c in (prev, new)):
         return model, None, choice
@@ -280,7 +315,7 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     out = Blend(n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1,
                 **{k: v for k, v in cfg.items() if not k.startswith("_")})
     out.model.load_state_dict(model.state_dict())
-    out.linear.load_state_dict(serving.state_dict())
+    out.linear.load_state_dict(linear.state_dict())
     device = next(model.parameters()).device
     return out.to(device).eval(), cfg, choice
 
@@ -313,5 +348,7 @@ def do_no_harm(settings: Any, model: nn.Module, data: Dataset, config: dict[str,
                                      batch_size=batch_size)
     if blend_cfg is not None:
         config = {**config, "model": blend_cfg}
-    return DoNoHarm(module, config, "\n" + choice["note"],
-                    {f"do_no_harm/{k}": float(choice[k]) for k in ("w_model", "w_linear", "w_model_new", "w_linear_new")})
+    metrics = {f"do_no_harm/{k}": float(choice[k]) for k in ("w_model", "w_linear", "w_model_new", "w_linear_new")}
+    if math.isfinite(choice["alpha"]):
+        metrics["do_no_harm/ridge_alpha"] = float(choice["alpha"])
+    return DoNoHarm(module, config, "\n" + choice["note"], metrics)
