@@ -166,6 +166,22 @@ def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.n
     return model / np.maximum(persistence, 1e-300)
 
 
+def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray, cap: float) -> float:
+    """Pooled MSE ratio to persistence with each date's weight capped: a date whose persistence loss is above the
+    ``cap`` quantile of the dates' counts as if it were at that quantile (both losses scaled down alike).
+
+    The test RMSE pools rows, so dates with large moves (where the predictable part of the change is) weigh most;
+    a scale-free mean of per-date ratios instead lets calm dates, where any predicted change is noise, outvote them
+    and over-shrinks. Capping keeps the pooled weighting and stops one jump from deciding."""
+    _, inv = np.unique(dates, return_inverse=True)
+    model = np.bincount(inv, (np.asarray(pred_change) - np.asarray(true_change)) ** 2)
+    base = np.bincount(inv, np.asarray(true_change) ** 2)
+    if not len(base) or not base.sum() > 0:
+        return float("nan")
+    weight = np.minimum(1.0, np.quantile(base, cap) / np.maximum(base, 1e-300))
+    return float((model * weight).sum() / (base * weight).sum())
+
+
 def robust_score(ratios: np.ndarray, trim: float) -> float:
     """Trimmed mean of per-date ratios: the lowest and highest ``trim`` share of dates left out (the median when
     ``trim`` is 0.5)."""

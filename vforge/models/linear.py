@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from vforge.data.dataset import inner_folds
-from vforge.evaluation.metrics import per_date_ratio, robust_score
+from vforge.evaluation.metrics import capped_ratio, per_date_ratio, robust_score
 from vforge.models.base import Model
 
 
@@ -149,14 +149,12 @@ class Ridge(Model):
 
     def _score(self, preds: list[np.ndarray], trues: list[np.ndarray], dates: list[np.ndarray]) -> float:
         """Score of one penalty's fold predictions (lower is better; 1 is persistence): with ``cap``, the pooled MSE
-        ratio with each date's weight capped (``gating.capped_ratio``, the do-no-harm step's score), else the trimmed
+        ratio with each date's weight capped (``capped_ratio``, the do-no-harm step's score), else the trimmed
         mean of per-date ratios."""
         if not preds:
             return math.nan
         pred, true, day = np.concatenate(preds), np.concatenate(trues), np.concatenate(dates)
         if self.cap is not None:
-            from vforge.training.gating import capped_ratio
-
             return capped_ratio(pred, true, day, self.cap)
         return robust_score(per_date_ratio(pred, true, day), self.trim)
 
