@@ -133,3 +133,17 @@ def test_parallel_path_matches_and_initial_guess_keeps_iterations_low():
     np.testing.assert_array_equal(head_reason, reason[:1000])
     ok = reason == iv.OK
     assert n_iter[ok].max() <= 4 and n_iter[ok].mean() < 2.6, np.bincount(n_iter[ok])
+
+
+def test_a_small_inversion_leaves_numbas_thread_pool_unstarted():
+    """Below _PARALLEL_MIN_ROWS the rows are inverted on the calling thread (a served request's ~1,000 quotes): the
+    thread pool of numba's parallel kernel is never started, whose idle OpenMP threads spin and slowed a serving
+    process's next torch calls by 10-100x for seconds (without OMP_WAIT_POLICY=PASSIVE)."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np, numba.np.ufunc.parallel as pool; from vforge.data.iv import implied_vol; "
+            "s, _ = implied_vol(np.full(1000, 8.0), 100.0, 100.0, 1.0, 0.0, True); "
+            "assert np.isfinite(s).all(); print(pool._is_initialized)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

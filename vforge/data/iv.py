@@ -240,43 +240,57 @@ def _solve(x, log_target_b, log_target_u, tol, max_iter):
     return s, -1
 
 
+@_jit
+def _invert_row(i, p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter):
+    """Row ``i``: reason code, then the solve on the OTM-normalized price; writes sigma, reason, n_iter."""
+    sigma[i] = math.nan
+    n_iter[i] = 0
+    pi, fi, ki, ti, di = p[i], f[i], k[i], t[i], disc[i]
+    if not (math.isfinite(pi) and math.isfinite(fi) and math.isfinite(ki) and math.isfinite(ti)
+            and math.isfinite(r[i]) and fi > 0 and ki > 0):
+        reason[i] = INVALID_INPUT
+        return
+    if ti <= 0:
+        reason[i] = ZERO_TIME
+        return
+    if pi <= 0:
+        reason[i] = ZERO_PRICE
+        return
+    call = c[i] > 0
+    intrinsic = (max(fi - ki, 0.0) if call else max(ki - fi, 0.0)) * di
+    upper = (fi if call else ki) * di
+    if pi <= intrinsic:
+        reason[i] = BELOW_INTRINSIC
+        return
+    if pi >= upper:
+        reason[i] = ABOVE_UPPER_BOUND
+        return
+    # Both targets straight from the price: its distance to intrinsic (the OTM value by parity)
+    # and to the upper bound.
+    norm = di * math.sqrt(fi * ki)
+    s, n = _solve(-abs(math.log(fi / ki)), math.log((pi - intrinsic) / norm), math.log((upper - pi) / norm),
+                  tol, max_iter)
+    n_iter[i] = n
+    if n < 0:
+        reason[i] = NO_CONVERGENCE
+    else:
+        sigma[i] = s / math.sqrt(ti)
+        reason[i] = OK
+
+
 @numba.njit(cache=True, nogil=True, parallel=True)
 def _invert(p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter):
-    """Row by row: reason code, then the solve on the OTM-normalized price; writes sigma, reason, n_iter."""
+    """``_invert_row`` of every row, rows spread over numba's threads."""
     for i in numba.prange(p.shape[0]):
-        sigma[i] = math.nan
-        n_iter[i] = 0
-        pi, fi, ki, ti, di = p[i], f[i], k[i], t[i], disc[i]
-        if not (math.isfinite(pi) and math.isfinite(fi) and math.isfinite(ki) and math.isfinite(ti)
-                and math.isfinite(r[i]) and fi > 0 and ki > 0):
-            reason[i] = INVALID_INPUT
-            continue
-        if ti <= 0:
-            reason[i] = ZERO_TIME
-            continue
-        if pi <= 0:
-            reason[i] = ZERO_PRICE
-            continue
-        call = c[i] > 0
-        intrinsic = (max(fi - ki, 0.0) if call else max(ki - fi, 0.0)) * di
-        upper = (fi if call else ki) * di
-        if pi <= intrinsic:
-            reason[i] = BELOW_INTRINSIC
-            continue
-        if pi >= upper:
-            reason[i] = ABOVE_UPPER_BOUND
-            continue
-        # Both targets straight from the price: its distance to intrinsic (the OTM value by parity)
-        # and to the upper bound.
-        norm = di * math.sqrt(fi * ki)
-        s, n = _solve(-abs(math.log(fi / ki)), math.log((pi - intrinsic) / norm), math.log((upper - pi) / norm),
-                      tol, max_iter)
-        n_iter[i] = n
-        if n < 0:
-            reason[i] = NO_CONVERGENCE
-        else:
-            sigma[i] = s / math.sqrt(ti)
-            reason[i] = OK
+        _invert_row(i, p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter)
+
+
+@_jit
+def _invert_serial(p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter):
+    """``_invert_row`` of every row on the calling thread: numba's thread pool is never started for it (its idle
+    OpenMP threads spin and, in a serving process, slow torch's next calls by 10-100x for seconds)."""
+    for i in range(p.shape[0]):
+        _invert_row(i, p, f, k, t, r, c, disc, tol, max_iter, sigma, reason, n_iter)
 
 
 def implied_vol(price, forward_, strike, tau, rate, is_call, *, tol: float = 1e-14, max_iter: int = 60):
@@ -306,11 +320,9 @@ def _implied_vol(price, forward_, strike, tau, rate, is_call, *, tol: float, max
     # Small inputs stay on the calling thread: waking the other threads costs more than they save (up to
     # tens of ms on a loaded machine). Large ones go in dynamic chunks, not one static share per thread, so
     # that on shared cores a thread that is descheduled holds up only its current chunk.
-    n_threads = numba.get_num_threads()
-    numba.set_num_threads(1 if p.size < _PARALLEL_MIN_ROWS else n_threads)
-    try:
+    if p.size < _PARALLEL_MIN_ROWS:
+        _invert_serial(p, f, k, t, r, c, disc, float(tol), int(max_iter), sigma, reason, n_iter)
+    else:
         with numba.parallel_chunksize(_CHUNK):
             _invert(p, f, k, t, r, c, disc, float(tol), int(max_iter), sigma, reason, n_iter)
-    finally:
-        numba.set_num_threads(n_threads)
     return sigma.reshape(shape), reason.reshape(shape), n_iter.reshape(shape)
