@@ -287,7 +287,8 @@ class ChainModel:
         ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
         dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - len(rows),
                    "drop_missing_feature": int((~ok).sum())}
-        rows = rows[ok].reset_index(drop=True)
+        if not ok.all():
+            rows = rows[ok].reset_index(drop=True)
         with torch.inference_mode():
             iv = self.module(torch.tensor(rows[features].to_numpy(np.float32)),
                              torch.as_tensor(rows["base"].to_numpy(np.float32))).numpy()

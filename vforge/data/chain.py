@@ -8,6 +8,7 @@ IV not invertible, too wide a spread) are dropped and counted by reason in the d
 
 from __future__ import annotations
 
+import functools
 import glob as globlib
 import re
 import tempfile
@@ -233,13 +234,23 @@ def _file_dates(values: pd.Series, col: str, date_format: str | None, df: pd.Dat
         codes, distinct = pd.factorize(values)  # missing cells: code -1
         if len(distinct) < len(values):
             try:
-                read = _read_dates(pd.Series(distinct), col, date_format, df).to_numpy()
-            except ValueError:
+                read = _distinct_dates(tuple(distinct), str(distinct.dtype), col, date_format)
+            except (ValueError, TypeError):  # TypeError: a cell that is no dictionary key
                 pass
             else:
                 return pd.Series(np.where(codes >= 0, read[codes], np.datetime64("NaT", "ns")), index=values.index,
                                  dtype="datetime64[ns]")
     return _read_dates(values, col, date_format, df)
+
+
+@functools.lru_cache(maxsize=64)
+def _distinct_dates(distinct: tuple, dtype: str, col: str, date_format: str | None) -> np.ndarray:
+    """``_read_dates`` of a file's distinct date cells (in order of first appearance), remembered: a service reads
+    the same few quote dates and expiries request after request. Read-only."""
+    read = _read_dates(pd.Series(distinct, dtype=dtype), col, date_format, pd.DataFrame(index=range(len(distinct))))
+    out = read.to_numpy()
+    out.flags.writeable = False
+    return out
 
 
 def _read_dates(values: pd.Series, col: str, date_format: str | None, df: pd.DataFrame) -> pd.Series:
@@ -516,6 +527,8 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
     numeric = [c for c in ("strike", "underlying_price", "forward", "implied_volatility", "iv_bid", "iv_ask", "bid",
                            "ask", "price", "rate", "dividend_yield", "time_to_expiry") if c in df.columns]
     for col in numeric:
+        if df[col].dtype == np.float64:  # numbers already: nothing to parse or check
+            continue
         values = pd.to_numeric(df[col], errors="coerce")
         bad = values.isna() & df[col].notna()
         if bad.any():  # blank cells are missing values, not errors
@@ -553,11 +566,13 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
             if units[col] not in UNITS:
                 raise ValueError(f"data.{'rate' if col == 'rate' else 'dividend'}_unit must be 'decimal' or "
                                  f"'percent', got {units[col]!r}")
-            df[col] = df[col] * UNITS[units[col]]
-            if df[col].isna().any():
+            if UNITS[units[col]] != 1.0:
+                df[col] = df[col] * UNITS[units[col]]
+            missing = df[col].isna()
+            if missing.any():
                 report.setdefault("assumed", {})[col] = (f"{float(default):g} used (data.{col}) on "
-                                                         f"{int(df[col].isna().sum()):,} rows where {col} is missing")
-        df[col] = df[col].fillna(float(default))
+                                                         f"{int(missing.sum()):,} rows where {col} is missing")
+                df[col] = df[col].fillna(float(default))
     return df
 
 
@@ -626,7 +641,7 @@ def drop_unusable(q: Quotes, o: ChainOptions, report: dict) -> None:
             df = q.df
     scale = UNITS[o.iv_unit]
     for col in ("implied_volatility", "iv_bid", "iv_ask"):
-        if col in df.columns:
+        if col in df.columns and scale != 1.0:
             df[col] = df[col] * scale
     # Price to invert from where IV is absent: the bid/ask mid, else a price (e.g. a close).
     if {"bid", "ask"} <= set(df.columns):
