@@ -329,8 +329,8 @@ class ChainModel:
         if date_col not in raw.columns:
             raise ValueError(f"input has no quote date column {date_col!r}; it has {list(raw.columns)}")
         # dates parse as training parsed them (its data.date_format, two-digit years, time zones, per file)
-        dates = parse_dates(raw if "_file" in raw.columns else raw.assign(_file="input"), date_col,
-                            self.data_cfg.get("date_format"), column_hint=self.column_hint)
+        which = raw[[date_col, "_file"]] if "_file" in raw.columns else raw[[date_col]].assign(_file="input")
+        dates = parse_dates(which, date_col, self.data_cfg.get("date_format"), column_hint=self.column_hint)
         try:
             target = pd.Timestamp(date).normalize() if date is not None else dates.max()
         except ValueError:
