@@ -283,15 +283,14 @@ class ChainModel:
             chain, previous, info = self.chain(raw, date)
             # the date's rows and features exactly as build_rows gives them on the previous date(s) and this one
             rows, _ = next_date_rows(previous, chain, fallback=self.data_cfg.get("fallback", "moneyness"))
-        features = self.bundle.feature_names
-        ok = np.isfinite(rows[features].to_numpy(np.float64)).all(axis=1) & np.isfinite(rows["base"].to_numpy())
+        x, base = rows[self.bundle.feature_names].to_numpy(np.float64), rows["base"].to_numpy(np.float64)
+        ok = np.isfinite(x).all(axis=1) & np.isfinite(base)
         dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - len(rows),
                    "drop_missing_feature": int((~ok).sum())}
         if not ok.all():
-            rows = rows[ok].reset_index(drop=True)
+            rows, x, base = rows[ok].reset_index(drop=True), x[ok], base[ok]
         with torch.inference_mode():
-            iv = self.module(torch.tensor(rows[features].to_numpy(np.float32)),
-                             torch.as_tensor(rows["base"].to_numpy(np.float32))).numpy()
+            iv = self.module(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(base.astype(np.float32))).numpy()
         out = rows[["quote_date", *CONTRACT, "underlying_price"]].assign(
             implied_volatility=iv.astype(np.float64), baseline=rows["base"], new_contract=rows["prev_iv_missing"] > 0)
         return Remark(out, info["date"], info["previous_date"], info["previous_from"], len(raw), info["contracts"],
