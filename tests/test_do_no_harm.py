@@ -45,6 +45,25 @@ def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():
     assert torch.count_nonzero(noise.weight) == 0
 
 
+def test_the_folds_normal_equations_are_each_prefix_multiplied_out():
+    """_prefix_normals sums stretches of dates once; each fold's (n, Z'Z/n, Z'y/n) equals the direct product over
+    the rows dated before its start (rows in any order; a start with no row before it has n = 0)."""
+    from vforge.models.linear import _prefix_normals
+
+    g = np.random.default_rng(1)
+    dates = g.permutation(np.repeat(np.arange(30), 7))
+    z, y = g.standard_normal((len(dates), 5)), g.standard_normal((len(dates), 1))
+    starts = [0, 12, 20, 27]
+    out = _prefix_normals(z, y, dates, starts)
+    assert len(out) == len(starts) + 1
+    for limit, (n, gram, rhs) in zip([*starts, math.inf], out):
+        rows = dates < limit
+        assert n == rows.sum()
+        if n:
+            np.testing.assert_allclose(gram, z[rows].T @ z[rows] / n, rtol=1e-12, atol=1e-14)
+            np.testing.assert_allclose(rhs, z[rows].T @ y[rows] / n, rtol=1e-12, atol=1e-14)
+
+
 def test_per_date_ratio_and_trimmed_score_by_hand():
     pred, true = np.array([1.0, 1.0, 0.0, 2.0]), np.array([2.0, 0.0, 1.0, 2.0])
     dates = np.array([5, 5, 7, 7])

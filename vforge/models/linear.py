@@ -116,15 +116,16 @@ class Ridge(Model):
         candidates = [*self.alphas, math.inf]
         preds: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
         evaluated = []
-        for block in blocks:
-            fit_rows, eval_rows = dates < block[0], np.isin(dates, block)
-            if not fit_rows.any():
+        normals = _prefix_normals(z, yn, dates, [b[0] for b in blocks])
+        for block, (n_fit, gram, rhs) in zip(blocks, normals):
+            if not n_fit:
                 continue
+            eval_rows = np.isin(dates, block)
             evaluated.append(eval_rows)
-            gram, rhs = _normal(z[fit_rows], yn[fit_rows])
+            z_eval = z[eval_rows]
             for a in candidates:
                 preds[a].append(np.zeros(int(eval_rows.sum())) if math.isinf(a) else
-                                (z[eval_rows] @ _solve(gram, rhs, a))[:, 0])
+                                (z_eval @ _solve(gram, rhs, a))[:, 0])
         scores = {a: self._score(preds[a], [yn[e, 0] for e in evaluated], [dates[e] for e in evaluated])
                   for a in candidates}
         finite = {a: s for a, s in scores.items() if np.isfinite(s)}
@@ -133,7 +134,7 @@ class Ridge(Model):
             chosen = max(a for a, s in finite.items() if s <= best + self.tolerance)
         else:  # too few training dates for a fold: the smallest penalty the grid allows is no evidence; the largest
             chosen = self.alphas[-1]
-        gram, rhs = _normal(z, yn)
+        _, gram, rhs = normals[-1]  # every row
         w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
         self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
@@ -161,6 +162,26 @@ class Ridge(Model):
 
 def _normal(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z.T @ z / len(z), z.T @ y / len(z)
+
+
+def _prefix_normals(z: np.ndarray, y: np.ndarray, dates: np.ndarray, starts: list) -> list[tuple[int, np.ndarray,
+                                                                                                  np.ndarray]]:
+    """``(n, Z'Z / n, Z'y / n)`` on the rows dated before each of ``starts`` (increasing), then on every row.
+
+    The fits of expanding walk-forward folds share their rows: each stretch of dates between consecutive starts is
+    multiplied out once and a fold's sums are the sum of the stretches before it (one pass over the rows instead of
+    one per fold and one for the final fit; the same sums, added in another order).
+    """
+    stretch = np.searchsorted(np.asarray(starts), dates, side="right")  # 0: before the first start
+    n, gram, rhs = 0, np.zeros((z.shape[1], z.shape[1])), np.zeros((z.shape[1], y.shape[1]))
+    out = []
+    for i in range(len(starts) + 1):
+        rows = stretch == i
+        if rows.any():
+            zs = z[rows]
+            n, gram, rhs = n + len(zs), gram + zs.T @ zs, rhs + zs.T @ y[rows]
+        out.append((n, gram / max(n, 1), rhs / max(n, 1)))
+    return out
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
