@@ -245,6 +245,33 @@ def test_logging_the_chain_model_prints_no_mlflow_chatter(chain_run, capfd):
     assert logging.getLogger("mlflow.pyfunc").level == logging.NOTSET  # put back as it was
 
 
+def test_logging_the_chain_model_does_not_replay_its_example_but_the_example_is_answered(chain_run, monkeypatch):
+    """log_model would load the logged model back and predict its input example (MLflow's serving-input check,
+    a warning if it failed); vforge skips that replay, and this test does it: the example and its serving payload
+    are in the logged model, and the loaded model answers it."""
+    import mlflow.models.utils as model_utils
+
+    from vforge.tracking.registry import ChainIVModel, log_chain_model
+
+    predicted = []
+    real_predict = ChainIVModel.predict
+
+    def predict(self, context, model_input, params=None):  # the signature MLflow inspects for params
+        predicted.append(1)
+        return real_predict(self, context, model_input, params)
+
+    monkeypatch.setattr(ChainIVModel, "predict", predict)
+    hook = model_utils._validate_serving_input
+    mlflow.set_tracking_uri(chain_run.uri)
+    with mlflow.start_run(experiment_id=mlflow.set_experiment("test-serving-replay").experiment_id):
+        uri = log_chain_model(Path(chain_run.cfg.output_dir) / "model.pt")
+    assert predicted == [] and model_utils._validate_serving_input is hook  # not replayed; the hook put back
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert (local / "serving_input_example.json").exists() and (local / "input_example.json").exists()
+    answer = model_utils._validate_serving_input(str(local), (local / "serving_input_example.json").read_text())
+    assert predicted == [1] and answer["re_marked"] == len(answer["ivs"]) > 0
+
+
 # --- the serving fast path: one date's rows against the previous date(s), as the training pipeline builds them ---
 
 MESSY_TINY = ["data=synthetic_messy", "data.n_days=60", "data.listing.n_monthlies=3", "data.listing.n_weeklies=1"]
