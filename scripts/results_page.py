@@ -195,7 +195,7 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
             from vforge.train import train
 
             fold_fn = train
-    start, load = time.perf_counter(), os.getloadavg()[0]
+    start, load, at = time.perf_counter(), os.getloadavg()[0], commit()
     cfg = compose_cell(overrides, cell, name)
     result = walk_forward(cfg, reusing(fold_fn))
     log.info("%s / %s\n%s", data, name, result.text)
@@ -207,9 +207,10 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
         folds.append({"fold": f.index, "rows": len(f.test), "val_rmse": f.metrics.get("val/rmse", math.nan),
                       "best_epoch": f.metrics.get("best_epoch", math.nan), "epochs": f.metrics.get("epochs", math.nan),
                       **keep})
-    record = {"data": data, "name": name, "overrides": overrides, "commit": commit(),
+    record = {"data": data, "name": name, "overrides": overrides, "commit": at,
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "seconds": round(time.perf_counter() - start, 1), "load": [round(load, 1), round(os.getloadavg()[0], 1)],
+              "train_seconds": round(sum(f.metrics.get("train_seconds", 0.0) for f in result.folds), 1),
               "scores": scores(frame, "model", horizon), "folds": folds,
               "references": {r: scores(frame, r, horizon) for r in REFERENCES if r in frame.columns},
               "members": sorted(members) if members else []}
@@ -318,11 +319,11 @@ def page(out: Path, data_names: Sequence[str], names: Sequence[str]) -> str:
         head = f"#### `{d}`"
         if any_cell:
             ref = any_cell["references"]["persistence"]
-            settings = " ".join(o for o in any_cell["overrides"] if o.startswith("trainer.") or o in
-                                PAGE_OVERRIDES.get(d, []))
+            settings = " ".join(o for o in any_cell["overrides"] if o.startswith("trainer.") and
+                                o != "trainer.num_threads=1")
             loads = [c["load"] for c in cells.values()]
             head += (f" ({int(ref['n_dates'])} out-of-sample dates, {int(ref['rows']):,} rows of which "
-                     f"{int(ref['prev_rows']):,} previously quoted; {settings or 'default trainer'}; load average "
+                     f"{int(ref['prev_rows']):,} previously quoted; {settings or 'default trainer'}, one thread; load average "
                      f"{min(min(x) for x in loads):.0f}-{max(max(x) for x in loads):.0f})")
         parts.append(f"{head}\n\n{markdown_table(rows)}")
     return "\n\n".join(parts)
