@@ -46,6 +46,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vforge.evaluation import leaderboard as L
+from vforge.evaluation import significance as sig
 from vforge.evaluation.ensemble import fit_weights
 from vforge.evaluation.report import evaluate_run, frame_metrics
 from vforge.evaluation.walk_forward import walk_forward
@@ -213,7 +214,7 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
               "train_seconds": round(sum(f.metrics.get("train_seconds", 0.0) for f in result.folds), 1),
               "scores": scores(frame, "model", horizon), "folds": folds,
               "references": {r: scores(frame, r, horizon) for r in REFERENCES if r in frame.columns},
-              "members": sorted(members) if members else []}
+              "members": sorted(members) if members else [], "horizon": horizon}
     (cell / "cell.json").write_text(json.dumps(record, indent=1))
     return record
 
@@ -308,6 +309,45 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def head_to_head(a: pd.DataFrame, b: pd.DataFrame, horizon: int = 0) -> dict[str, float]:
+    """One-sided DM p (small: ``a``'s ``model`` better) and share of dates won of ``a`` against ``b``, two
+    predictions frames of the same rows: on the previously quoted rows (``dm_p``, ``won``) and on all rows."""
+    if not (a[KEY].equals(b[KEY]) and np.array_equal(a["market"], b["market"])):
+        raise ValueError("head_to_head: the two frames hold other rows (cells of other data, folds or commits)")
+    dates, y = a["target_date"].to_numpy(), a["market"].to_numpy(np.float64)
+    pa, pb = a["model"].to_numpy(np.float64), b["model"].to_numpy(np.float64)
+    dm, won = sig.compare(dates, pa, pb, y, a["prev_quoted"].to_numpy(bool), horizon=horizon + 1)
+    dm_all, won_all = sig.compare(dates, pa, pb, y, horizon=horizon + 1)
+    return {"dm_p": dm.pvalue, "won": won, "dm_p_all": dm_all.pvalue, "won_all": won_all}
+
+
+def automl_pick(cells: dict[str, dict[str, Any]]) -> str | None:
+    """What AutoML would pick: the vforge model or ensemble with the lowest mean validation RMSE over the folds
+    (the leaderboard ranks by validation RMSE; LightGBM is a reference row there, not a candidate)."""
+    val = {n: float(np.mean([f["val_rmse"] for f in c["folds"]])) for n, c in cells.items() if n != LIGHTGBM}
+    return min(val, key=val.__getitem__) if val else None
+
+
+def pick_lines(out: Path, data: str, cells: dict[str, dict[str, Any]]) -> str:
+    """The AutoML pick against LightGBM, linear and persistence, tested head to head on the same rows."""
+    pick = automl_pick(cells)
+    if pick is None:
+        return ""
+    val = np.mean([f["val_rmse"] for f in cells[pick]["folds"]])
+    s = cells[pick]["scores"]
+    text = (f"AutoML's pick (lowest mean fold validation RMSE, {val:.3f}): **{LABELS.get(pick, pick)}**; against "
+            f"persistence DM p {_p(s['dm_p'])} on quoted rows")
+    frames = {n: pd.read_parquet(out / data / n / "predictions" / "test.parquet")
+              for n in (pick, LIGHTGBM, "linear") if n in cells}
+    for other in (LIGHTGBM, "linear"):
+        if other == pick or other not in frames:
+            continue
+        h = head_to_head(frames[pick], frames[other], int(cells[pick].get("horizon", 0)))
+        text += (f"; against {LABELS[other]} DM p {_p(h['dm_p'])} on quoted rows (won {_num(h['won'], '.0%')} of "
+                 f"dates), {_p(h['dm_p_all'])} on all rows (won {_num(h['won_all'], '.0%')})")
+    return text + "."
+
+
 def page(out: Path, data_names: Sequence[str], names: Sequence[str]) -> str:
     """The page for ``data_names`` from the ``cell.json`` files under ``out``."""
     parts = []
@@ -325,7 +365,7 @@ def page(out: Path, data_names: Sequence[str], names: Sequence[str]) -> str:
             head += (f" ({int(ref['n_dates'])} out-of-sample dates, {int(ref['rows']):,} rows of which "
                      f"{int(ref['prev_rows']):,} previously quoted; {settings or 'default trainer'}, one thread; load average "
                      f"{min(min(x) for x in loads):.0f}-{max(max(x) for x in loads):.0f})")
-        parts.append(f"{head}\n\n{markdown_table(rows)}")
+        parts.append(f"{head}\n\n{markdown_table(rows)}\n\n{pick_lines(out, d, cells)}".rstrip())
     return "\n\n".join(parts)
 
 

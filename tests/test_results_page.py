@@ -166,3 +166,22 @@ def test_linear_lightgbm_and_their_ensemble_walk_forward_on_a_tiny_market(tmp_pa
         assert sum(v for k, v in fold.items() if k.startswith("w_")) == pytest.approx(1.0)
     page = R.page(tmp_path, ["synthetic"], ["linear", "lightgbm", "ensemble"])
     assert page.count("\n| ") == 7 and "| LightGBM |" in page and "not gated" in page
+
+
+def test_head_to_head_tests_one_cell_against_another_on_the_same_rows():
+    a = four_dates().assign(expiry=pd.Timestamp("2024-03-15"), strike=100.0, option_type="C")
+    b = a.assign(model=a["baseline"])  # on quoted rows the baseline is persistence
+    h = R.head_to_head(a, b)
+    s = R.scores(a, "model")
+    assert h["dm_p"] == pytest.approx(s["dm_p"]) and h["won"] == 0.75
+    assert h["dm_p_all"] == pytest.approx(s["baseline_dm_p"]) and h["won_all"] == 1.0
+    with pytest.raises(ValueError, match="hold other rows"):
+        R.head_to_head(a, b.iloc[::-1].reset_index(drop=True))
+
+
+def test_automl_picks_the_lowest_mean_validation_rmse_and_never_lightgbm():
+    cells = {"lightgbm": {"folds": [{"val_rmse": 0.1}, {"val_rmse": 0.1}]},
+             "mlp": {"folds": [{"val_rmse": 0.3}, {"val_rmse": 0.5}]},
+             "ensemble": {"folds": [{"val_rmse": 0.2}, {"val_rmse": 0.7}]}}
+    assert R.automl_pick(cells) == "mlp"  # 0.4 against 0.45
+    assert R.automl_pick({"lightgbm": cells["lightgbm"]}) is None
