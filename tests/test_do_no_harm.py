@@ -221,19 +221,24 @@ def test_cache_key_follows_the_generator_source(tmp_path):
     assert a != b and len(a) == 16
 
 
-def test_ridge_path_is_the_fit_at_each_given_penalty():
+def test_ridge_fold_path_is_the_refit_on_each_fold_at_each_given_penalty():
     g = np.random.default_rng(4)
     x, dates = torch.tensor(g.standard_normal((600, 3))), np.repeat(np.arange(30), 20)
+    x[dates >= 20] *= 3.0  # later dates spread wider: a fold's column scale is that of its own fit rows
     y = 0.4 * x[:, 0] + 0.2 * x[:, 1] * x[:, 2] + 0.3 * torch.tensor(g.standard_normal(600))
-    x_eval = torch.tensor(g.standard_normal((50, 3)))
-    path = Ridge(n_num=3, cat_cardinalities=[], d_out=1).path(x, None, y, x_eval, None, [1e-3, 1.0, math.inf])
-    for j, alpha in enumerate([1e-3, 1.0]):
-        ridge = Ridge(n_num=3, cat_cardinalities=[], d_out=1)
-        assert ridge.fit_closed_form(x, None, y, dates, alpha=alpha)["alpha"] == alpha
-        np.testing.assert_allclose(path[:, j], ridge(x_eval.float(), None)[:, 0].detach().numpy(), atol=1e-5)
-    assert not path[:, 2].any()  # an infinite penalty: no change, persistence
+    blocks = [np.arange(10, 15), np.arange(15, 22), np.arange(26, 30)]  # 22-25 in no block
+    mask, path = Ridge(n_num=3, cat_cardinalities=[], d_out=1).fold_path(x, None, y, dates, blocks,
+                                                                         [1e-3, 1.0, math.inf])
+    np.testing.assert_array_equal(mask, np.isin(dates, np.concatenate(blocks)))
+    for block in blocks:
+        fit, rows = torch.as_tensor(dates < block[0]), np.isin(dates, block)
+        for j, alpha in enumerate([1e-3, 1.0]):
+            ridge = Ridge(n_num=3, cat_cardinalities=[], d_out=1)
+            assert ridge.fit_closed_form(x[fit], None, y[fit], dates[fit.numpy()], alpha=alpha)["alpha"] == alpha
+            np.testing.assert_allclose(path[rows, j], ridge(x[rows].float(), None)[:, 0].detach().numpy(), atol=1e-5)
+    assert not path[:, 2].any() and not path[~mask].any()  # an infinite penalty, or no fold: no change
     # a larger penalty shrinks the predicted change
-    assert np.abs(path[:, 1]).mean() < np.abs(path[:, 0]).mean()
+    assert np.abs(path[mask, 1]).mean() < np.abs(path[mask, 0]).mean()
 
 
 def test_the_ridge_penalty_is_chosen_with_its_share_on_the_fold_dates():

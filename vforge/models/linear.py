@@ -86,15 +86,30 @@ class Ridge(Model):
         return z / scale, scale
 
     @torch.no_grad()
-    def path(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, x_eval: Tensor, cat_eval: Tensor | None,
-             alphas: Sequence[float]) -> np.ndarray:
-        """Predictions (n_eval, len(alphas)) at ``x_eval`` of the fits on ``x_num``/``y`` with each penalty (inf: 0,
-        persistence), the normal equations formed once; the model itself is left unchanged."""
-        z, scale = self._columns(x_num, x_cat)
-        gram, rhs = _normal(z, y.double().numpy().reshape(len(y), -1)[:, :1])
-        ze = self.expand(x_eval.double(), cat_eval).numpy() / scale
-        return np.column_stack([np.zeros(len(ze)) if math.isinf(a) else (ze @ _solve(gram, rhs, a))[:, 0]
-                                for a in alphas])
+    def fold_path(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray, blocks: list[np.ndarray],
+                  alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+        """Out-of-sample predictions on expanding walk-forward ``blocks`` (sorted, disjoint arrays of ``dates``): each
+        block predicted by the fits on every row dated before it, one per penalty of ``alphas`` (inf: 0,
+        persistence), with the columns scaled to unit RMS on those fit rows, as a fit on them alone scales them.
+        Returns (mask of the rows predicted, predictions (n, len(alphas))); the model itself is left unchanged.
+
+        The fits share one pass over the rows (``_prefix_normals``); a fold's column scale follows from the diagonal
+        of its ``Z'Z / n``."""
+        dates = np.asarray(dates)
+        z = self.expand(x_num.double(), x_cat).numpy()
+        yn = y.double().numpy().reshape(len(y), -1)[:, :1]
+        out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
+        for block, (n, gram, rhs) in zip(blocks, _prefix_normals(z, yn, dates, [b[0] for b in blocks])):
+            rows = np.flatnonzero(np.isin(dates, block))
+            if not n or not len(rows):
+                continue
+            scale = np.sqrt(np.diag(gram))
+            scale = np.where(scale > 0, scale, 1.0)
+            g, r, ze = gram / np.outer(scale, scale), rhs / scale[:, None], z[rows] / scale
+            out[rows] = np.column_stack([np.zeros(len(ze)) if math.isinf(a) else (ze @ _solve(g, r, a))[:, 0]
+                                         for a in alphas])
+            mask[rows] = True
+        return mask, out
 
     @torch.no_grad()
     def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray,

@@ -150,17 +150,7 @@ def ridge_oos(x_num: torch.Tensor, x_cat: torch.Tensor | None, y: torch.Tensor, 
               alphas: list[float]) -> tuple[np.ndarray, np.ndarray]:
     """The ridge's out-of-sample predictions on ``blocks``, each block fit in closed form on every date before it,
     once per penalty of ``alphas``: (mask of the rows predicted, their predictions (n, len(alphas)))."""
-    out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
-    for block in blocks:
-        fit_rows, rows = dates < block[0], np.isin(dates, block)
-        if not fit_rows.any() or not rows.any():
-            continue
-        fr = torch.as_tensor(np.flatnonzero(fit_rows))
-        rr = torch.as_tensor(np.flatnonzero(rows))
-        out[rows] = make().path(x_num[fr], None if x_cat is None else x_cat[fr], y[fr], x_num[rr],
-                                None if x_cat is None else x_cat[rr], alphas)
-        mask[rows] = True
-    return mask, out
+    return make().fold_path(x_num, x_cat, y, dates, blocks, alphas)
 
 
 KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "all": "all rows"}
