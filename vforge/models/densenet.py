@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vforge.layers.dropout import Dropout
 from vforge.layers.embeddings import FlatInput
 from vforge.models.base import Model
 
@@ -15,7 +16,7 @@ class DenseLayer(nn.Module):
 
     def __init__(self, d_in: int, growth: int, dropout: float) -> None:
         super().__init__()
-        self.f = nn.Sequential(nn.BatchNorm1d(d_in), nn.ReLU(), nn.Linear(d_in, growth), nn.Dropout(dropout))
+        self.f = nn.Sequential(nn.BatchNorm1d(d_in), nn.ReLU(), nn.Linear(d_in, growth), Dropout(dropout))
 
     def forward(self, x: Tensor) -> Tensor:
         return torch.cat([x, self.f(x)], dim=1)

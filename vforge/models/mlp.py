@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vforge.layers.activations import GLU_ACTIVATIONS, get_activation, glu_factor
 from vforge.layers.blocks import FeedForward
+from vforge.layers.dropout import Dropout
 from vforge.layers.embeddings import FlatInput
 from vforge.layers.norms import get_norm
 from vforge.models.base import Model
@@ -40,7 +41,7 @@ class MLP(Model):
         d_in = self.input.d_out
         for _ in range(n_blocks):
             layers += [nn.Linear(d_in, d_block * glu_factor(activation)), get_activation(activation, d_block),
-                       nn.Dropout(dropout)]
+                       Dropout(dropout)]
             d_in = d_block
         self.blocks = nn.Sequential(*layers)
         self.head = nn.Linear(d_block, d_out)
@@ -79,7 +80,7 @@ class GLUMLP(Model):
         self.norms = nn.ModuleList(get_norm(norm, d_block) for _ in range(n_blocks))
         self.ffns = nn.ModuleList(FeedForward(d_block, d_hidden, activation=activation, dropout=dropout)
                                   for _ in range(n_blocks))
-        self.residual_dropout = nn.Dropout(residual_dropout)
+        self.residual_dropout = Dropout(residual_dropout)
         self.head = nn.Sequential(get_norm(norm, d_block), nn.Linear(d_block, d_out))
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None = None) -> Tensor:

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vforge.layers.activations import get_activation
 from vforge.layers.blocks import DropPath, FeedForward
+from vforge.layers.dropout import Dropout
 from vforge.layers.embeddings import FlatInput
 from vforge.layers.norms import LayerScale, get_norm
 from vforge.models.base import Model
@@ -20,8 +21,8 @@ class ResNetBlock(nn.Module):
     def __init__(self, d_block: int, d_hidden: int, dropout1: float, dropout2: float) -> None:
         super().__init__()
         self.f = nn.Sequential(
-            nn.BatchNorm1d(d_block), nn.Linear(d_block, d_hidden), nn.ReLU(), nn.Dropout(dropout1),
-            nn.Linear(d_hidden, d_block), nn.Dropout(dropout2),
+            nn.BatchNorm1d(d_block), nn.Linear(d_block, d_hidden), nn.ReLU(), Dropout(dropout1),
+            nn.Linear(d_hidden, d_block), Dropout(dropout2),
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -62,7 +63,7 @@ class ModernResNetBlock(nn.Module):
         super().__init__()
         self.norm = get_norm(norm, d_block)
         self.ffn = FeedForward(d_block, d_hidden, activation=activation, dropout=dropout)
-        self.residual_dropout = nn.Dropout(residual_dropout)
+        self.residual_dropout = Dropout(residual_dropout)
         self.scale = LayerScale(d_block, layer_scale_init) if layer_scale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
 
@@ -115,7 +116,7 @@ class PyramidBlock(nn.Module):
     def __init__(self, d_in: int, d_out: int, d_hidden: int, dropout: float) -> None:
         super().__init__()
         self.d_pad = d_out - d_in
-        self.f = nn.Sequential(nn.BatchNorm1d(d_in), nn.Linear(d_in, d_hidden), nn.ReLU(), nn.Dropout(dropout),
+        self.f = nn.Sequential(nn.BatchNorm1d(d_in), nn.Linear(d_in, d_hidden), nn.ReLU(), Dropout(dropout),
                                nn.Linear(d_hidden, d_out), nn.BatchNorm1d(d_out))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vforge.layers.dropout import Dropout
 from vforge.layers.embeddings import FlatInput
 from vforge.models.base import Model
 
@@ -75,7 +76,7 @@ class TabM(Model):
         for i in range(n_blocks):
             layers += [LinearBatchEnsemble(d_block if i else self.input.d_out, d_block, k, scale_input=full or i == 0,
                                            scale_output=full, random_signs=i == 0),
-                       nn.ReLU(), nn.Dropout(dropout)]
+                       nn.ReLU(), Dropout(dropout)]
         self.blocks = nn.Sequential(*layers)
         bound = d_block**-0.5
         self.head_weight = nn.Parameter(torch.empty(k, d_block, d_out).uniform_(-bound, bound))
