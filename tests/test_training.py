@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -159,6 +161,24 @@ def test_every_optimizer_takes_param_groups_and_steps(make_cfg, option):
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("option", ["adam", "adamw"])
+def test_the_fused_adam_steps_are_the_reference_steps(make_cfg, option):
+    models = [mlp(), mlp()]
+    models[1].load_state_dict(models[0].state_dict())
+    cfg = make_cfg(f"optimizer={option}", "optimizer.weight_decay=0.01").optimizer
+    opts = [instantiate(cfg)(param_groups(models[0])), instantiate(cfg, fused=False)(param_groups(models[1]))]
+    assert [o.defaults["fused"] for o in opts] == [True, False]
+    x = torch.randn(64, 3)
+    for _ in range(20):
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[0].state_dict()["head.weight"], mlp().state_dict()["head.weight"])
+
+
 def lrs(scheduler, steps: int) -> list[float]:
     out = []
     for _ in range(steps):
@@ -272,3 +292,14 @@ def test_grad_checkpointing_is_the_models_own_and_survives_averagings_copy(make_
     assert checkpointed["val/rmse"] == pytest.approx(plain["val/rmse"], rel=1e-5)
     model = mlp(dropout=0.1)
     assert model.set_grad_checkpointing() == len(model.blocks) and copy.deepcopy(model).grad_checkpointing
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_determinism_is_switched_on_and_inductor_is_loaded_only_to_compile(compile):
+    code = ("import sys, torch; from vforge.training.device import set_up_torch\n"
+            f"set_up_torch(0, device='cpu', num_threads=None, deterministic=True, compile={compile})\n"
+            "assert torch.are_deterministic_algorithms_enabled()\n"
+            "assert torch.is_deterministic_algorithms_warn_only_enabled()\n"
+            "print('torch._inductor.config' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == str(compile)  # the 1.2 s import of dynamo only where torch.compile needs it
