@@ -166,6 +166,12 @@ def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.n
     return model / np.maximum(persistence, 1e-300)
 
 
+def capped_weights(base: np.ndarray, cap: float) -> np.ndarray:
+    """Per-date weights of the per-date persistence losses ``base``: 1, except a date above the ``cap`` quantile
+    of them, which is scaled down to count as if at that quantile."""
+    return np.minimum(1.0, np.quantile(base, cap) / np.maximum(base, 1e-300)) if len(base) else base
+
+
 def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray, cap: float) -> float:
     """Pooled MSE ratio to persistence with each date's weight capped: a date whose persistence loss is above the
     ``cap`` quantile of the dates' counts as if it were at that quantile (both losses scaled down alike).
@@ -178,7 +184,7 @@ def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.nda
     base = np.bincount(inv, np.asarray(true_change) ** 2)
     if not len(base) or not base.sum() > 0:
         return float("nan")
-    weight = np.minimum(1.0, np.quantile(base, cap) / np.maximum(base, 1e-300))
+    weight = capped_weights(base, cap)
     return float((model * weight).sum() / (base * weight).sum())
 
 

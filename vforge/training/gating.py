@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from vforge.data.dataset import inner_folds
-from vforge.evaluation.metrics import capped_ratio, per_date_ratio, robust_score
+from vforge.evaluation.metrics import capped_ratio, capped_weights, per_date_ratio, robust_score
 
 if TYPE_CHECKING:
     from torch import nn
@@ -103,8 +103,7 @@ def wins_over(candidate: np.ndarray, reference: np.ndarray, true: np.ndarray, da
     won, n = int((a < b)[decided].sum()), int(decided.sum())
     if cap is None:
         return won, n, sign_test((a < b)[decided])
-    base = np.bincount(inv, true**2)  # persistence's loss: the weights of capped_ratio
-    weight = np.minimum(1.0, np.quantile(base, cap) / np.maximum(base, 1e-300)) if len(base) else base
+    weight = capped_weights(np.bincount(inv, true**2), cap)  # on persistence's loss, as capped_ratio weighs
     p = diebold_mariano(a * weight, b * weight).pvalue
     return won, n, float(p) if p == p else 1.0
 
