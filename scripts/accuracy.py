@@ -22,6 +22,10 @@ Results: the README's results page, walk-forward cells of every predictor on sev
 (``scripts/results_page.py``)::
 
     python scripts/accuracy.py results --data synthetic synthetic_messy china50etf [--epochs N] [-- overrides]
+
+Diagnose: where a run loses to persistence, from its ``predictions/*.parquet`` (``scripts/diagnose.py``)::
+
+    python scripts/accuracy.py diagnose outputs/runs/<time>_mlp
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from vforge.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import diagnose  # noqa: E402
 import results_page  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
@@ -192,8 +197,9 @@ def main() -> None:
     f.add_argument("--only", type=int, nargs="*", help="fold indices to run (default: all)")
     f.add_argument("--out", default="outputs/accuracy")
     results_page.add_parser(sub)
+    diagnose.add_parser(sub)
     args = p.parse_args()
-    {"suite": suite, "folds": folds, "results": results_page.results}[args.command](args)
+    {"suite": suite, "folds": folds, "results": results_page.results, "diagnose": diagnose.main}[args.command](args)
 
 
 if __name__ == "__main__":
