@@ -300,22 +300,23 @@ def next_date_rows(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "mon
     dates = info.dates.append(pd.DatetimeIndex([day]))
     rows = enrich(chain, dates=dates)
     spot = pd.concat([info.spot, daily_spot(rows)])
-    # add_lagged's columns (added at once: a frame insert costs ~0.2 ms); each contract's quote on the info date as
-    # add_lagged's merge finds it (the contracts of a date are unique)
-    date_idx = rows["date_idx"].to_numpy()
+    # the features read the rows as arrays: the enriched chain's, add_lagged's (each contract's quote on the info date
+    # as add_lagged's merge finds it; the contracts of a date are unique) and the features above them
+    columns: dict[str, Any] = {c: rows[c].to_numpy() for c in rows.columns if c != "_spot"}
+    date_idx = columns["date_idx"]
     at = info.contract_rows(rows)
     found = at >= 0
-    lagged = {"target_idx": date_idx, "info_idx": date_idx - 1, "iv": rows["implied_volatility"].to_numpy(),
+    lagged = {"target_idx": date_idx, "info_idx": date_idx - 1, "iv": columns["implied_volatility"],
               **{name: np.where(found, info.nodes[col].to_numpy(np.float64)[at], np.nan)
                  for col, name in (("iv", "persistence"), ("loo_iv", "prev_loo_iv"))}}
     ctx = feats.Context(nodes=info.nodes, spot=spot, dates=dates, fallback=fallback, market=feats.market_state(spot),
                         state=info.state, node_tables=info.node_tables)
-    rows = pd.concat([rows.drop(columns="_spot"), pd.DataFrame(lagged, index=rows.index)], axis=1)
-    columns = feats.compute_columns(rows, ctx)
-    columns["base"] = columns["prev_iv"]
-    rows = pd.concat([rows.drop(columns=[c for c in columns if c in rows.columns]),
-                      pd.DataFrame(columns, index=rows.index)], axis=1)
-    no_base = ~np.isfinite(rows["base"].to_numpy())
+    new = {**lagged, **feats.compute_columns({**columns, **lagged}, ctx)}
+    new["base"] = new["prev_iv"]
+    # one frame: the chain's columns as they are (their dtypes), the new ones after them
+    rows = pd.concat([rows.drop(columns=["_spot", *(c for c in new if c in rows.columns)]),
+                      pd.DataFrame(new, index=rows.index)], axis=1)
+    no_base = ~np.isfinite(new["base"])
     return (rows[~no_base].reset_index(drop=True) if no_base.any() else rows), int(no_base.sum())
 
 

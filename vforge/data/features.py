@@ -11,7 +11,7 @@ Select features with ``data.features=[...]``; ``FEATURES`` lists every valid nam
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,7 +38,7 @@ class Context:
     fallback: str = "moneyness"
     market: pd.DataFrame | None = None
     state: pd.DataFrame | None = None
-    memo: dict[str, pd.DataFrame] = field(default_factory=dict)  # features computed together, per ``compute`` call
+    memo: dict[str, Any] = field(default_factory=dict)  # what features share, per ``compute_columns`` call
     # Tables of ``nodes`` alone (``of_nodes``), kept across ``compute`` calls: contexts that share their nodes (a
     # served model's requests against one previous date) may share this dict.
     node_tables: dict[str, Any] = field(default_factory=dict)
@@ -56,7 +56,31 @@ class Context:
         return self.node_tables[name]
 
 
-Compute = Callable[[pd.DataFrame, Context], Any]
+class Columns:
+    """Rows as numpy arrays by column name, what a feature reads: the columns of a frame (each read once, as an
+    array) or of a dict of arrays, and the features set so far. ``len`` is the number of rows."""
+
+    def __init__(self, rows: pd.DataFrame | Mapping[str, Any]) -> None:
+        self.rows = rows
+        self.arrays: dict[str, np.ndarray] = {}
+        self.n = len(rows) if isinstance(rows, pd.DataFrame) else len(next(iter(rows.values()), ()))
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.arrays:
+            self.arrays[name] = np.asarray(self.rows[name])
+        return self.arrays[name]
+
+    def __setitem__(self, name: str, values: Any) -> None:
+        self.arrays[name] = np.asarray(values)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.arrays or name in self.rows
+
+    def __len__(self) -> int:
+        return self.n
+
+
+Compute = Callable[[Columns, Context], Any]
 
 
 @dataclass(frozen=True)
@@ -74,32 +98,42 @@ def _column(name: str) -> Compute:
 
 
 def _per_date(table: str, name: str, on: str) -> Compute:
-    """A per-quote-date value (``ctx.market`` or ``ctx.state``) on the row's terms (``date_idx``) or info date."""
-    return lambda rows, ctx: getattr(ctx, table)[name].reindex(rows[on].to_numpy()).to_numpy()
-
-
-def _smile(name: str) -> Compute:
-    def compute(rows: pd.DataFrame, ctx: Context) -> Any:
-        if "smile" not in ctx.memo:
-            ctx.memo["smile"] = smile_features(rows, ctx.nodes, tables=ctx.of_nodes("smile", smile_tables))
-        return ctx.memo["smile"][name].to_numpy()
+    """A per-quote-date value (``ctx.market`` or ``ctx.state``) on the row's terms (``date_idx``) or info date (NaN
+    for a date the table does not hold)."""
+    def compute(rows: Columns, ctx: Context) -> np.ndarray:
+        values = getattr(ctx, table)
+        key = f"{table}@{on}"  # the rows' positions in the table, found once per table and date column
+        if key not in ctx.memo:
+            ctx.memo[key] = values.index.get_indexer(rows[on])
+        at = ctx.memo[key]
+        return np.where(at >= 0, values[name].to_numpy(np.float64)[at], np.nan)
     return compute
 
 
-def _prev_surface_iv(rows: pd.DataFrame, ctx: Context) -> np.ndarray:
-    own = (rows["persistence"].notna() & rows["prev_loo_iv"].notna()).to_numpy()
+def _smile(name: str) -> Compute:
+    def compute(rows: Columns, ctx: Context) -> Any:
+        if "smile" not in ctx.memo:
+            ctx.memo["smile"] = smile_values(rows, tables=ctx.of_nodes("smile", smile_tables))
+        return ctx.memo["smile"][:, SMILE_FEATURES.index(name)]
+    return compute
+
+
+def _prev_surface_iv(rows: Columns, ctx: Context) -> np.ndarray:
+    own = ~np.isnan(rows["persistence"]) & ~np.isnan(rows["prev_loo_iv"])
     surface = np.full(len(rows), np.nan)
-    surface[~own] = previous_surface(rows[~own], ctx.nodes, ctx.spot, sticky=ctx.fallback,
-                                     tables=ctx.of_nodes("surface", surface_tables))
-    return rows["prev_loo_iv"].where(own, surface).to_numpy()
+    if not own.all():
+        reads = ("info_idx", "option_type", "log_moneyness", "tau", "expiry", "rate", "dividend_yield", "strike")
+        surface[~own] = previous_surface({c: rows[c][~own] for c in reads if c in rows}, ctx.nodes, ctx.spot,
+                                         sticky=ctx.fallback, tables=ctx.of_nodes("surface", surface_tables))
+    return np.where(own, rows["prev_loo_iv"], surface)
 
 
-def _gap_days(rows: pd.DataFrame, ctx: Context) -> np.ndarray:
-    target, info = ctx.dates[rows["target_idx"].to_numpy()], ctx.dates[rows["info_idx"].to_numpy()]
+def _gap_days(rows: Columns, ctx: Context) -> np.ndarray:
+    target, info = ctx.dates[rows["target_idx"]], ctx.dates[rows["info_idx"]]
     return (target - info).days.to_numpy().astype(float)
 
 
-def _delta(rows: pd.DataFrame, ctx: Context) -> Any:
+def _delta(rows: Columns, ctx: Context) -> Any:
     return bs_delta(rows["forward"], rows["strike"], rows["tau"], rows["prev_iv"], rows["rate"],
                     rows["dividend_yield"], rows["is_call"])
 
@@ -141,9 +175,10 @@ REGISTRY: dict[str, Feature] = {
         "the info date's smile at this contract's strike and expiry, leaving the contract's own quote out "
         "(neighbouring strikes in log-moneyness; total variance across expiries)", _prev_surface_iv),
     "prev_iv_missing": Feature("1 where the contract was not quoted on the info date",
-                               lambda rows, ctx: rows["persistence"].isna().astype(float)),
+                               lambda rows, ctx: np.isnan(rows["persistence"]).astype(float)),
     "prev_iv": Feature("the contract's own IV on the info date, filled with prev_surface_iv where it was not quoted",
-                       lambda rows, ctx: rows["persistence"].fillna(rows["prev_surface_iv"])),
+                       lambda rows, ctx: np.where(np.isnan(rows["persistence"]), rows["prev_surface_iv"],
+                                                  rows["persistence"])),
     "prev_iv_resid": Feature("prev_iv - prev_surface_iv: how far the contract's own quote sat from its neighbours",
                              lambda rows, ctx: rows["prev_iv"] - rows["prev_surface_iv"]),
     # transferable across regimes (the previous surface with one IV per strike and expiry: see one_iv_nodes)
@@ -170,56 +205,20 @@ FEATURES: dict[str, str] = {name: f.doc for name, f in REGISTRY.items()}
 
 def compute(rows: pd.DataFrame, ctx: Context) -> pd.DataFrame:
     """Every feature of ``REGISTRY`` as a column of ``rows`` (in place; returned), in registry order."""
-    ctx.memo.clear()
-    for name, feature in REGISTRY.items():
-        rows[name] = feature.compute(rows, ctx)
-    ctx.memo.clear()
+    for name, values in compute_columns(rows, ctx).items():
+        rows[name] = values
     return rows
 
 
-def compute_columns(rows: pd.DataFrame, ctx: Context) -> dict[str, np.ndarray]:
-    """Every feature of ``REGISTRY`` (``compute``'s values, from the same entries) as arrays, ``rows`` untouched: what a
-    served model computes for one date's rows, where inserting ~25 columns into a frame one by one would cost more
-    than computing them (pandas 3: ~0.2 ms an insert)."""
+def compute_columns(rows: pd.DataFrame | Mapping[str, Any], ctx: Context) -> dict[str, np.ndarray]:
+    """Every feature of ``REGISTRY`` as arrays, in registry order, ``rows`` (a frame, or a dict of arrays) untouched:
+    each feature reads the rows' columns and the features above it as numpy arrays (``Columns``)."""
     ctx.memo.clear()
-    view = _Columns(rows)
+    view = Columns(rows)
     for name, feature in REGISTRY.items():
         view[name] = feature.compute(view, ctx)
     ctx.memo.clear()
-    return {name: view.new[name].to_numpy() for name in REGISTRY}
-
-
-class _Columns:
-    """``rows`` with the features computed so far as columns, for ``compute_columns``: a feature reads a column
-    (``rows[name]``, a Series on ``rows``' index) or anything else of the frame (``groupby``, ``index``, a row
-    selection, which sees the features too) as it would on the frame with the columns inserted."""
-
-    def __init__(self, rows: pd.DataFrame) -> None:
-        self.rows = rows
-        self.new: dict[str, pd.Series] = {}
-        self._frame: pd.DataFrame | None = None  # rows with the features so far, for row selections
-
-    def __setitem__(self, name: str, values: Any) -> None:
-        self._frame = None
-        if not isinstance(values, pd.Series):
-            values = pd.Series(values, index=self.rows.index, copy=False)
-        elif not values.index.equals(self.rows.index):  # as a frame's column assignment aligns a Series
-            values = values.reindex(self.rows.index)
-        self.new[name] = values
-
-    def __getitem__(self, key: Any) -> Any:
-        if isinstance(key, str):
-            return self.new[key] if key in self.new else self.rows[key]
-        if self._frame is None:
-            self._frame = pd.concat([self.rows.drop(columns=[c for c in self.new if c in self.rows.columns]),
-                                     pd.DataFrame(self.new, index=self.rows.index)], axis=1)
-        return self._frame[key]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.rows, name)
+    return {name: view[name] for name in REGISTRY}
 
 
 # Features with a natural zero (moves, residuals): scaled by their train RMS, never centred on the train mean, so a
@@ -406,6 +405,9 @@ def smile_tables(nodes: pd.DataFrame) -> NodeTables:
         "date_idx", sort=False).indices
 
 
+SMILE_FEATURES = ["prev_smile_iv", "prev_smile_slope", "prev_smile_curvature"]
+
+
 def smile_features(rows: pd.DataFrame, nodes: pd.DataFrame, *, tables: NodeTables | None = None) -> pd.DataFrame:
     """``prev_smile_iv``, ``prev_smile_slope``, ``prev_smile_curvature`` of each row (see ``FEATURES``).
 
@@ -413,12 +415,18 @@ def smile_features(rows: pd.DataFrame, nodes: pd.DataFrame, *, tables: NodeTable
     tau`` and ``nodes`` with ``date_idx, expiry, strike, option_type, tau, log_moneyness, iv``. ``tables``:
     ``smile_tables(nodes)``, when computed already.
     """
+    values = smile_values(rows, tables=smile_tables(nodes) if tables is None else tables)
+    return pd.DataFrame(values, columns=SMILE_FEATURES, index=rows.index)
+
+
+def smile_values(rows: pd.DataFrame | Columns, *, tables: NodeTables) -> np.ndarray:
+    """``smile_features`` as an array (n, 3), from the rows' columns and ``smile_tables`` of the nodes."""
     out = np.full((len(rows), 3), np.nan)
-    cols, groups = smile_tables(nodes) if tables is None else tables
-    k_all, tau_all = rows["log_moneyness"].to_numpy(np.float64), np.maximum(rows["tau"].to_numpy(np.float64), 1e-6)
+    cols, groups = tables
+    k_all, tau_all = np.asarray(rows["log_moneyness"], np.float64), np.maximum(np.asarray(rows["tau"], np.float64), 1e-6)
     scale, lo, hi = SMILE_DK
     h_all = np.clip(scale * np.sqrt(tau_all), lo, hi)
-    for info, pos in rows.groupby("info_idx", sort=False).indices.items():
+    for (info,), pos in group_positions(np.asarray(rows["info_idx"])).items():
         sel = groups.get(info)
         if sel is None:
             continue
@@ -428,7 +436,25 @@ def smile_features(rows: pd.DataFrame, nodes: pd.DataFrame, *, tables: NodeTable
         out[pos, 0] = v[1]
         out[pos, 1] = (v[2] - v[0]) / (2 * h) * np.sqrt(tau)
         out[pos, 2] = (v[2] - 2 * v[1] + v[0]) / (h * h) * tau
-    return pd.DataFrame(out, columns=["prev_smile_iv", "prev_smile_slope", "prev_smile_curvature"], index=rows.index)
+    return out
+
+
+def group_positions(*keys: np.ndarray) -> dict[tuple, np.ndarray]:
+    """The positions (ascending) of the rows of each distinct tuple of ``keys`` (equal-length arrays), by that tuple:
+    ``groupby(...).indices`` of a frame of the keys without the frame (a served date's rows share one info date)."""
+    n = len(keys[0])
+    if not n:
+        return {}
+    if all((k[1:] == k[0]).all() for k in keys):
+        return {tuple(k[0] for k in keys): np.arange(n)}
+    code = np.zeros(n, dtype=np.int64)
+    for k in keys:
+        codes, uniques = pd.factorize(k)
+        code = code * len(uniques) + codes
+    order = np.argsort(code, kind="stable")
+    starts = np.flatnonzero(np.diff(code[order], prepend=-1))
+    return {tuple(k[order[a]] for k in keys): order[a:b]
+            for a, b in zip(starts, np.append(starts[1:], n))}
 
 
 FALLBACKS = ("strike", "moneyness")
@@ -442,7 +468,8 @@ def surface_tables(nodes: pd.DataFrame) -> tuple[list[np.ndarray], dict[Any, np.
             nodes.groupby("date_idx")["quote_date"].first())
 
 
-def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, sticky: str = "strike", *,
+def previous_surface(rows: pd.DataFrame | Mapping[str, Any], nodes: pd.DataFrame, spot: pd.Series,
+                     sticky: str = "strike", *,
                      tables: tuple[list[np.ndarray], dict[Any, np.ndarray], pd.Series] | None = None) -> np.ndarray:
     """For each row, the info date's smile of the same option type at the contract's strike and expiry.
 
@@ -453,22 +480,24 @@ def previous_surface(rows: pd.DataFrame, nodes: pd.DataFrame, spot: pd.Series, s
     NaN where the info date has no quote of that type.
 
     Args:
+        rows: a frame or a dict of arrays with ``info_idx, option_type`` and ``log_moneyness, tau`` (moneyness) or
+            ``expiry, strike, rate, dividend_yield`` (strike).
         nodes: the chain with ``date_idx, tau, log_moneyness`` and IVs in ``iv``.
         tables: ``surface_tables(nodes)``, when computed already.
     """
-    out = np.full(len(rows), np.nan)
+    column = lambda name: np.asarray(rows[name])  # noqa: E731
+    out = np.full(len(column("info_idx")), np.nan)
     cols, groups, info_dates = surface_tables(nodes) if tables is None else tables
-    for (info, opt), pos in rows.groupby(["info_idx", "option_type"], sort=False).indices.items():
+    for (info, opt), pos in group_positions(column("info_idx"), column("option_type")).items():
         sel = groups.get((info, opt))
         if sel is None:
             continue
-        g = rows.iloc[pos]
         if sticky == "moneyness":
-            k, tau = g["log_moneyness"].to_numpy(np.float64), g["tau"].to_numpy(np.float64)
+            k, tau = column("log_moneyness")[pos].astype(np.float64), column("tau")[pos].astype(np.float64)
         else:
-            tau = (pd.DatetimeIndex(g["expiry"]) - info_dates[info]).days.to_numpy() / 365.0
-            fwd = spot[info] * np.exp((g["rate"] - g["dividend_yield"]).to_numpy() * tau)
-            k = np.log(g["strike"].to_numpy() / fwd)
+            tau = (pd.DatetimeIndex(column("expiry")[pos]) - info_dates[info]).days.to_numpy() / 365.0
+            fwd = spot[info] * np.exp((column("rate")[pos] - column("dividend_yield")[pos]) * tau)
+            k = np.log(column("strike")[pos] / fwd)
         out[pos] = surface_at_arrays(cols[0][sel], cols[1][sel], cols[2][sel], k, np.maximum(tau, 1e-6))
     return out
 
@@ -509,11 +538,12 @@ def at_terms(x_num: np.ndarray, names: list[str], x_mean: np.ndarray, x_std: np.
     # what the terms features read besides the rows: only the info dates' quotes (no spot path, no state)
     ctx = Context(nodes=pd.DataFrame() if nodes is None else nodes, spot=pd.Series(dtype=float),
                   dates=pd.DatetimeIndex([]), market=pd.DataFrame(), state=pd.DataFrame())
+    view = Columns(rows)
     for name in [n for n in REGISTRY if n in TERMS_FEATURES]:  # registry order: a feature may use those above it
         if smile or name not in reads_smile:  # the smile (the costly part) only when a selected feature reads it
-            rows[name] = REGISTRY[name].compute(rows, ctx)
+            view[name] = REGISTRY[name].compute(view, ctx)
     out = np.array(x_num, dtype=np.float64, copy=True)
     for name in wanted:
         j = names.index(name)
-        out[:, j] = (rows[name].to_numpy(np.float64) - x_mean[j]) / x_std[j]
+        out[:, j] = (view[name].astype(np.float64) - x_mean[j]) / x_std[j]
     return out
