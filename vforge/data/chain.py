@@ -316,7 +316,7 @@ def plausible_ranges(plausible: dict | None) -> dict[str, tuple[float, float]]:
 
 
 def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, plausible: dict | None,
-                     implausible: str) -> pd.Series:
+                     implausible: str) -> np.ndarray:
     """Rows whose IV (as given), moneyness, rate or dividend yield lies outside ``data.plausible``.
 
     The IVs' median must fit the declared unit first (a whole column in the other unit); then each row is
@@ -327,43 +327,49 @@ def implausible_rows(df: pd.DataFrame, *, units: dict[str, str], forward: str, p
         raise ValueError(f"data.implausible must be 'error' or 'drop', got {implausible!r}")
     ranges = plausible_ranges(plausible)
     iv_unit = units["iv"]
-    if "implied_volatility" in df.columns:
-        raw_iv = df["implied_volatility"]
-    elif {"iv_bid", "iv_ask"} <= set(df.columns):
-        raw_iv = (0.5 * (df["iv_bid"] + df["iv_ask"])).where(df["iv_bid"] > 0)
-    else:
-        raw_iv = pd.Series(np.nan, index=df.index)
-    given = raw_iv[raw_iv > 0]  # missing or zero: dropped later as drop_missing_iv
-    if len(given):
-        med = float(given[np.isfinite(given)].median()) if np.isfinite(given).any() else float("inf")
-        lo, hi = IV_RANGE[iv_unit]
-        if not lo <= med <= hi:
-            other = "percent" if iv_unit == "decimal" else "decimal"
-            raise ValueError(
-                f"data.iv_unit={iv_unit} but the implied volatilities look like {other}: median {med:.4g} "
-                f"(expected {lo:g}..{hi:g} for {iv_unit}). Set data.iv_unit={other}"
-            )
-    if forward == "spot":
-        ratio = df["strike"] / df["underlying_price"]
-    elif forward == "column":
-        ratio = df["strike"] / df["forward"]
-    else:  # parity: the forward comes from prices later; the strike must still be a finite number
-        ratio = pd.Series(np.where(np.isfinite(df["strike"]), 1.0, np.inf), index=df.index)
-    checks = [  # name, values in decimal, column shown, the unit option, its unit
-        ("iv", raw_iv.where(raw_iv > 0) * UNITS[iv_unit], "implied_volatility", "data.iv_unit", iv_unit),
-        ("moneyness", ratio, "strike / " + ("underlying_price" if forward == "spot" else "forward"), None, None),
-        ("rate", df["rate"], "rate", "data.rate_unit", units["rate"]),
-        ("dividend_yield", df["dividend_yield"], "dividend_yield", "data.dividend_unit", units["dividend_yield"]),
-    ]
-    drop = pd.Series(False, index=df.index)
-    for name, values, shown, unit_key, unit in checks:
+    column = lambda name: df[name].to_numpy(np.float64)  # noqa: E731 - the checks run on arrays; errors show Series
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if "implied_volatility" in df.columns:
+            raw_iv = column("implied_volatility")
+        elif {"iv_bid", "iv_ask"} <= set(df.columns):
+            raw_iv = np.where(column("iv_bid") > 0, 0.5 * (column("iv_bid") + column("iv_ask")), np.nan)
+        else:
+            raw_iv = np.full(len(df), np.nan)
+        given = raw_iv[raw_iv > 0]  # missing or zero: dropped later as drop_missing_iv
+        if len(given):
+            finite = given[np.isfinite(given)]
+            med = float(np.median(finite)) if len(finite) else float("inf")
+            lo, hi = IV_RANGE[iv_unit]
+            if not lo <= med <= hi:
+                other = "percent" if iv_unit == "decimal" else "decimal"
+                raise ValueError(
+                    f"data.iv_unit={iv_unit} but the implied volatilities look like {other}: median {med:.4g} "
+                    f"(expected {lo:g}..{hi:g} for {iv_unit}). Set data.iv_unit={other}"
+                )
+        if forward == "spot":
+            ratio = column("strike") / column("underlying_price")
+        elif forward == "column":
+            ratio = column("strike") / column("forward")
+        else:  # parity: the forward comes from prices later; the strike must still be a finite number
+            ratio = np.where(np.isfinite(column("strike")), 1.0, np.inf)
+        checks = [  # name, values in decimal, column shown, the unit option, its unit
+            ("iv", np.where(raw_iv > 0, raw_iv, np.nan) * UNITS[iv_unit], "implied_volatility", "data.iv_unit",
+             iv_unit),
+            ("moneyness", ratio, "strike / " + ("underlying_price" if forward == "spot" else "forward"), None, None),
+            ("rate", column("rate"), "rate", "data.rate_unit", units["rate"]),
+            ("dividend_yield", column("dividend_yield"), "dividend_yield", "data.dividend_unit",
+             units["dividend_yield"]),
+        ]
+    drop = np.zeros(len(df), dtype=bool)
+    for name, array, shown, unit_key, unit in checks:
         lo, hi = ranges[name]
-        out = values.notna() & ~values.between(lo, hi)
+        out = ~np.isnan(array) & ~((array >= lo) & (array <= hi))
         if not out.any():
             continue
         if implausible == "drop":
             drop |= out
             continue
+        values = pd.Series(array, index=df.index)
         hint = ""
         if unit_key:
             other = "percent" if unit == "decimal" else "decimal"
@@ -579,23 +585,25 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
 def check_rules(df: pd.DataFrame) -> None:
     """Impossible values are errors, never silent drops: the rule, the offending rows and how to fix it."""
     mapping = "check data.columns.{} points at the right column"
+    a = {c: df[c].to_numpy() for c in ("strike", "expiry", "quote_date", "bid", "ask", "price", "underlying_price",
+                                       "forward", "iv_bid", "iv_ask") if c in df.columns}  # masks on arrays
     rules = [
-        ("strike must be > 0", df["strike"] <= 0, ["strike"], mapping.format("strike")),
-        ("expiry must not be before quote_date", df["expiry"] < df["quote_date"], ["quote_date", "expiry"],
+        ("strike must be > 0", a["strike"] <= 0, ["strike"], mapping.format("strike")),
+        ("expiry must not be before quote_date", a["expiry"] < a["quote_date"], ["quote_date", "expiry"],
          "check data.columns.expiry and data.columns.quote_date, and that the dates parse as intended "
          "(e.g. day-first vs month-first); remove rows of expired contracts"),
     ]
     for col in ("bid", "ask", "price"):
-        if col in df.columns:
-            rules.append((f"{col} must be >= 0", df[col] < 0, [col], mapping.format(col)))
+        if col in a:
+            rules.append((f"{col} must be >= 0", a[col] < 0, [col], mapping.format(col)))
     for col in ("underlying_price", "forward"):
-        if col in df.columns:
-            rules.append((f"{col} must be > 0", df[col] <= 0, [col], mapping.format(col)))
-    if {"bid", "ask"} <= set(df.columns):
-        rules.append(("bid must not exceed ask (crossed quote)", df["bid"] > df["ask"], ["bid", "ask"],
+        if col in a:
+            rules.append((f"{col} must be > 0", a[col] <= 0, [col], mapping.format(col)))
+    if {"bid", "ask"} <= set(a):
+        rules.append(("bid must not exceed ask (crossed quote)", a["bid"] > a["ask"], ["bid", "ask"],
                       "check that data.columns.bid and data.columns.ask are not swapped; remove crossed quotes"))
-    if {"iv_bid", "iv_ask"} <= set(df.columns):
-        rules.append(("iv_bid must not exceed iv_ask (crossed quote)", df["iv_bid"] > df["iv_ask"], ["iv_bid", "iv_ask"],
+    if {"iv_bid", "iv_ask"} <= set(a):
+        rules.append(("iv_bid must not exceed iv_ask (crossed quote)", a["iv_bid"] > a["iv_ask"], ["iv_bid", "iv_ask"],
                       "check that data.columns.iv_bid and data.columns.iv_ask are not swapped"))
     for rule, bad, cols, fix in rules:
         if bad.any():
