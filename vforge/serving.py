@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.utils import benchmark
 
 from vforge.data.chain import ChainOptions, ColumnHint, normalize, parse_dates
-from vforge.data.dataset import CONTRACT, DROP_REASONS, InfoDates, info_dates, next_date_rows
+from vforge.data.dataset import CONTRACT, DROP_REASONS, InfoDates, info_dates, next_date_columns
 from vforge.data.target import to_level
 from vforge.training.checkpoint import atomic_save
 from vforge.training.losses import Loss
@@ -282,17 +282,20 @@ class ChainModel:
         with run_options_note():
             chain, previous, info = self.chain(raw, date)
             # the date's rows and features exactly as build_rows gives them on the previous date(s) and this one
-            rows, _ = next_date_rows(previous, chain, fallback=self.data_cfg.get("fallback", "moneyness"))
-        x, base = rows[self.bundle.feature_names].to_numpy(np.float64), rows["base"].to_numpy(np.float64)
-        ok = np.isfinite(x).all(axis=1) & np.isfinite(base)
-        dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - len(rows),
-                   "drop_missing_feature": int((~ok).sum())}
+            rows, columns = next_date_columns(previous, chain, fallback=self.data_cfg.get("fallback", "moneyness"))
+        x = np.column_stack([columns[name] for name in self.bundle.feature_names]).astype(np.float64, copy=False)
+        base = columns["base"]
+        has_base = np.isfinite(base)
+        ok = has_base & np.isfinite(x).all(axis=1)
+        dropped = {**info["dropped"], "drop_no_previous_surface": info["normalized"] - int(has_base.sum()),
+                   "drop_missing_feature": int((has_base & ~ok).sum())}
         if not ok.all():
-            rows, x, base = rows[ok].reset_index(drop=True), x[ok], base[ok]
+            rows, x, base, columns = (rows[ok].reset_index(drop=True), x[ok], base[ok],
+                                      {"prev_iv_missing": columns["prev_iv_missing"][ok]})
         with torch.inference_mode():
             iv = self.module(torch.from_numpy(x.astype(np.float32)), torch.from_numpy(base.astype(np.float32))).numpy()
         out = rows[["quote_date", *CONTRACT, "underlying_price"]].assign(
-            implied_volatility=iv.astype(np.float64), baseline=rows["base"], new_contract=rows["prev_iv_missing"] > 0)
+            implied_volatility=iv.astype(np.float64), baseline=base, new_contract=columns["prev_iv_missing"] > 0)
         return Remark(out, info["date"], info["previous_date"], info["previous_from"], len(raw), info["contracts"],
                       {k: v for k, v in dropped.items() if v}, {k: v for k, v in info["previous_dropped"].items() if v})
 

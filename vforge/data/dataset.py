@@ -161,7 +161,11 @@ def enrich(chain: pd.DataFrame, dates: pd.DatetimeIndex | None = None, first_idx
     """The chain sorted by quote date and contract, with ``date_idx`` (the quote date's position in ``dates``, by
     default the chain's own, plus ``first_idx``), ``tau`` (years to expiry from the quote date), ``forward`` and
     ``log_moneyness``, and rate and dividend yield (0 where absent)."""
-    chain = chain.sort_values(["quote_date", *CONTRACT]).reset_index(drop=True)
+    # sort_values' order, from one lexsort of the keys' arrays (a quote date's contracts are unique)
+    keys = [pd.factorize(chain[c], sort=True)[0] if c == "option_type" else chain[c].to_numpy()
+            for c in reversed(["quote_date", *CONTRACT])]
+    order = np.lexsort(keys)
+    chain = (chain if (order[1:] > order[:-1]).all() else chain.take(order)).reset_index(drop=True)
     for col in ("rate", "dividend_yield"):
         if col not in chain.columns:
             chain[col] = 0.0
@@ -285,15 +289,22 @@ def info_dates(chain: pd.DataFrame) -> InfoDates:
     return InfoDates(dates=dates, spot=daily_spot(enriched), nodes=nodes, state=feats.surface_states(nodes))
 
 
-def next_date_rows(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "moneyness") -> tuple[pd.DataFrame, int]:
-    """The rows of ``chain`` (canonical quotes of one date after ``info.dates``) re-marked from ``info`` (``horizon=0``)
-    and how many were dropped for want of a base (``drop_no_previous_surface``): each row and feature as
-    ``build_rows`` gives it for that date on the whole chain (the earlier dates and this one), bit for bit
-    (tests/test_serving.py), without redoing the earlier dates' work."""
+class DateRows(NamedTuple):
+    """One date's rows re-marked from ``InfoDates`` (``next_date_columns``): ``chain`` the date's canonical rows as
+    ``enrich`` gives them (sorted by contract), ``columns`` what ``build_rows`` adds to them, as arrays aligned with
+    ``chain``: ``add_lagged``'s columns, every feature of ``REGISTRY`` and ``base`` (NaN: no previous surface)."""
+
+    chain: pd.DataFrame
+    columns: dict[str, np.ndarray]
+
+
+def next_date_columns(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "moneyness") -> DateRows:
+    """The rows of ``chain`` (canonical quotes of one date after ``info.dates``) re-marked from ``info``
+    (``horizon=0``), every row kept: ``next_date_rows`` without building the frame (what a served model reads)."""
     if fallback not in feats.FALLBACKS:
         raise ValueError(f"data.fallback must be one of {', '.join(feats.FALLBACKS)}, got {fallback!r}")
     if chain.empty:  # every quote of the date dropped by the loader
-        return chain.assign(**{c: np.empty(0) for c in [*feats.REGISTRY, "base"]}), 0
+        return DateRows(chain, {c: np.empty(0) for c in [*LAGGED, *feats.REGISTRY, "base"]})
     day = chain["quote_date"].iloc[0]
     if not len(info.dates) or not (chain["quote_date"] == day).all() or day <= info.dates[-1]:
         raise ValueError(f"next_date_rows: the chain must hold one quote date after {info.dates[-1:].date}")
@@ -313,9 +324,21 @@ def next_date_rows(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "mon
                         state=info.state, node_tables=info.node_tables)
     new = {**lagged, **feats.compute_columns({**columns, **lagged}, ctx)}
     new["base"] = new["prev_iv"]
+    return DateRows(rows.drop(columns="_spot"), new)
+
+
+LAGGED = ["target_idx", "info_idx", "iv", "persistence", "prev_loo_iv"]  # add_lagged's columns
+
+
+def next_date_rows(info: InfoDates, chain: pd.DataFrame, *, fallback: str = "moneyness") -> tuple[pd.DataFrame, int]:
+    """The rows of ``chain`` (canonical quotes of one date after ``info.dates``) re-marked from ``info`` (``horizon=0``)
+    and how many were dropped for want of a base (``drop_no_previous_surface``): each row and feature as
+    ``build_rows`` gives it for that date on the whole chain (the earlier dates and this one), bit for bit
+    (tests/test_serving.py), without redoing the earlier dates' work."""
+    rows, new = next_date_columns(info, chain, fallback=fallback)
     # one frame: the chain's columns as they are (their dtypes), the new ones after them
-    rows = pd.concat([rows.drop(columns=["_spot", *(c for c in new if c in rows.columns)]),
-                      pd.DataFrame(new, index=rows.index)], axis=1)
+    rows = pd.concat([rows.drop(columns=[c for c in new if c in rows.columns]), pd.DataFrame(new, index=rows.index)],
+                     axis=1)
     no_base = ~np.isfinite(new["base"])
     return (rows[~no_base].reset_index(drop=True) if no_base.any() else rows), int(no_base.sum())
 

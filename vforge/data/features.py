@@ -257,16 +257,26 @@ def market_state(spot: pd.Series) -> pd.DataFrame:
         spot: underlying price indexed by quote-date index (sorted). Windows count quote dates;
             the first dates use what history exists (a return of 0 and a vol of 0 before any).
     """
-    logs = np.log(spot)
-    ret = logs.diff()
-    vol = lambda n: ret.rolling(n, min_periods=2).std().fillna(0.0) * np.sqrt(252)  # noqa: E731
+    logs = np.log(spot.to_numpy(np.float64))
+    fill = lambda values, by: np.where(np.isnan(values), by, values)  # noqa: E731 - Series.fillna on arrays
+    ret = logs - _shifted(logs, 1)
+    # pandas' rolling std (its running sums are what the training rows were computed with); the rest on arrays
+    vol = lambda n: fill(pd.Series(ret).rolling(n, min_periods=2).std().to_numpy(), 0.0) * np.sqrt(252)  # noqa: E731
+    since_first = logs - logs[0]
     return pd.DataFrame({
-        "spot_ret_1d": ret.fillna(0.0),
-        "spot_ret_5d": (logs - logs.shift(5)).fillna(logs - logs.iloc[0]),
-        "spot_ret_21d": (logs - logs.shift(21)).fillna(logs - logs.iloc[0]),
+        "spot_ret_1d": fill(ret, 0.0),
+        "spot_ret_5d": fill(logs - _shifted(logs, 5), since_first),
+        "spot_ret_21d": fill(logs - _shifted(logs, 21), since_first),
         "realized_vol_5d": vol(5),
         "realized_vol_21d": vol(21),
-    })
+    }, index=spot.index)
+
+
+def _shifted(values: np.ndarray, n: int) -> np.ndarray:
+    """``Series.shift(n)`` (n >= 1) of an array: NaN for the first n."""
+    out = np.full(len(values), np.nan)
+    out[n:] = values[:-n] if n < len(values) else values[:0]
+    return out
 
 
 def smile_leave_one_out(chain: pd.DataFrame) -> np.ndarray:
