@@ -353,7 +353,8 @@ class ChainModel:
                       f", and the model's own surface is of {self.surface['quote_date'].max().date()}, not before it")
             raise ValueError(f"the input holds no quote date before {target.date()}{stored}: the model needs the "
                              "previous date's chain (its IVs, or bid/ask to invert them) beside the rows to predict")
-        today = raw[dates == target]
+        on_date = (dates == target).to_numpy()
+        today = raw[on_date].assign(**{date_col: dates.to_numpy()[on_date]})  # parsed once; the loader takes them so
         # Quotes of the date go through the run's filters as in training (a zero bid, a too-wide spread, ... is
         # dropped and counted); listed contracts with no quote at all get a stand-in IV so that they are re-marked too.
         quoted = pd.Series(False, index=today.index)

@@ -207,21 +207,27 @@ def parse_dates(df: pd.DataFrame, col: str, date_format: str | None = None,
     ``column_hint``: how errors say to use another column (see ``ColumnHint``).
     """
     raw = df[col]
-    files = df["_file"]
-    if not len(df) or (files == files.iloc[0]).all():  # one file: no grouping, no reassembling
+    files = df["_file"].to_numpy()
+    if not len(df) or (files == files[0]).all():  # one file: no grouping, no reassembling
         out = _file_dates(raw, col, date_format, df)
     else:
         out = pd.Series(pd.NaT, index=df.index, dtype="datetime64[ns]")
         for _, idx in df.groupby("_file", sort=False).groups.items():
             out.loc[idx] = _file_dates(raw.loc[idx], col, date_format, df)
-    bad = out.isna() & raw.notna() | raw.isna()
+    missing = raw.isna().to_numpy()
+    bad = np.isnat(out.to_numpy()) & ~missing | missing
     if bad.any():
         example = raw[bad].head(3).tolist()
         how = f" with data.date_format={date_format!r}" if date_format else ""
         other = column_hint(col) if column_hint else f"map another column with data.columns.{col}=<your column>"
         raise ValueError(f"{col}: unparseable{how} or missing dates in {_rows(bad, df)}, values {example}. "
                          f"Fix the column, set data.date_format, or {other}")
+    if not (out.to_numpy().view(np.int64) % _NS_PER_DAY).any():  # dates at midnight already (no NaT is left)
+        return out
     return out.dt.normalize()
+
+
+_NS_PER_DAY = 86_400 * 10**9
 
 
 def _file_dates(values: pd.Series, col: str, date_format: str | None, df: pd.DataFrame) -> pd.Series:
@@ -553,8 +559,8 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
         # each distinct spelling read once (a chain has a handful), every row then takes its spelling's reading
         given = df["option_type"]
         codes, spellings = pd.factorize(given, use_na_sentinel=False)
-        read = pd.Series(spellings).astype(str).str.strip().str.lower().map(OPTION_TYPES)
-        df["option_type"] = pd.Series(read.to_numpy()[codes], index=df.index, dtype=read.dtype)
+        read, dtype = _option_types(tuple(spellings), str(spellings.dtype))
+        df["option_type"] = pd.Series(read[codes], index=df.index, dtype=dtype)
         bad = df["option_type"].isna()
         if bad.any():
             spelled = given.astype(str).str.strip().str.lower()
@@ -580,6 +586,16 @@ def canonical(raw: pd.DataFrame, o: ChainOptions, report: dict, column_hint: Col
                                                          f"{int(missing.sum()):,} rows where {col} is missing")
                 df[col] = df[col].fillna(float(default))
     return df
+
+
+@functools.lru_cache(maxsize=64)
+def _option_types(spellings: tuple, dtype: str) -> tuple[np.ndarray, Any]:
+    """The canonical option type of each distinct spelling (missing where unknown) and the column's dtype,
+    remembered: a service reads the same few spellings request after request. Read-only."""
+    read = pd.Series(spellings, dtype=dtype).astype(str).str.strip().str.lower().map(OPTION_TYPES)
+    out = read.to_numpy()
+    out.flags.writeable = False
+    return out, read.dtype
 
 
 def check_rules(df: pd.DataFrame) -> None:
@@ -638,7 +654,7 @@ def drop_unusable(q: Quotes, o: ChainOptions, report: dict) -> None:
     if "time_to_expiry" in df.columns:
         df["_tau"] = df["time_to_expiry"].to_numpy()
     else:
-        df["_tau"] = (df["expiry"] - df["quote_date"]).dt.days.to_numpy() / 365.0
+        df["_tau"] = D.calendar_days(df["expiry"], df["quote_date"]) / 365.0
     # Implied volatility given (its unit was checked against the values in implausible_rows).
     if "implied_volatility" not in df.columns:
         df["implied_volatility"] = np.nan
@@ -656,14 +672,16 @@ def drop_unusable(q: Quotes, o: ChainOptions, report: dict) -> None:
         df["_price"] = 0.5 * (df["bid"] + df["ask"])
     elif "price" in df.columns:
         df["_price"] = df["price"]
-    df["_need_iv"] = df["implied_volatility"].isna() | (df["implied_volatility"] <= 0)
-    df["_iv_given"] = ~df["_need_iv"]
+    iv = df["implied_volatility"].to_numpy(np.float64)
+    df["_need_iv"] = np.isnan(iv) | (iv <= 0)
+    df["_iv_given"] = ~df["_need_iv"].to_numpy()
     if "_price" in df.columns:
+        column = lambda name: q.df[name].to_numpy()  # noqa: E731 - of the rows left
         if "bid" in df.columns:
-            q.drop(df["_need_iv"] & ((df["bid"] <= 0) | df["bid"].isna()), "drop_zero_bid")
-        q.drop(q.df["_need_iv"] & q.df["_price"].isna(), "drop_missing_price")
+            q.drop(column("_need_iv") & ((column("bid") <= 0) | np.isnan(column("bid"))), "drop_zero_bid")
+        q.drop(column("_need_iv") & np.isnan(column("_price")), "drop_missing_price")
         if o.min_price:
-            q.drop(q.df["_need_iv"] & (q.df["_price"] < o.min_price), "drop_min_price")
+            q.drop(column("_need_iv") & (column("_price") < o.min_price), "drop_min_price")
 
 
 def fill_iv(q: Quotes, o: ChainOptions, report: dict) -> None:
@@ -692,10 +710,12 @@ def fill_iv(q: Quotes, o: ChainOptions, report: dict) -> None:
     inverted = bool(need_iv.any()) and has_price  # without prices, missing IVs stay missing (or take their OTM's)
     if inverted:
         m = need_iv
-        sigma, reason = implied_vol(df["_price"][m].to_numpy(), df["forward"][m].to_numpy(),
-                                    df["strike"][m].to_numpy(), tau[m], df["rate"][m].to_numpy(),
-                                    (df["option_type"][m] == "C").to_numpy())
-        df.loc[m, "implied_volatility"] = sigma
+        column = lambda name: df[name].to_numpy()[m]  # noqa: E731
+        sigma, reason = implied_vol(column("_price"), column("forward"), column("strike"), tau[m], column("rate"),
+                                    column("option_type") == "C")
+        iv = df["implied_volatility"].to_numpy(np.float64, copy=True)
+        iv[m] = sigma
+        df["implied_volatility"] = iv
         inv_reason = np.zeros(len(df), dtype=np.int8)
         inv_reason[m] = reason
         df["_inv_reason"] = inv_reason
@@ -717,7 +737,8 @@ def fill_iv(q: Quotes, o: ChainOptions, report: dict) -> None:
     # Every row without a usable IV is dropped once, counted under why: the inverter's reason, an absurd inverted
     # IV (a stale or torn price: data.plausible.iv), or no IV at all.
     dropped = q.dropped
-    bad_iv = ~(np.isfinite(df["implied_volatility"]) & (df["implied_volatility"] > 0)).to_numpy()
+    iv = df["implied_volatility"].to_numpy(np.float64)
+    bad_iv = ~(np.isfinite(iv) & (iv > 0))
     if inverted:
         failed = df["_inv_reason"].to_numpy()[bad_iv]
         for code, count in zip(*np.unique(failed[failed != 0], return_counts=True)):
@@ -726,7 +747,7 @@ def fill_iv(q: Quotes, o: ChainOptions, report: dict) -> None:
         if unexplained:
             dropped["drop_missing_iv"] = dropped.get("drop_missing_iv", 0) + unexplained
         lo, hi = plausible_ranges(dict(o.plausible or {}) or None)["iv"]
-        absurd = need_iv & ~bad_iv & ~df["implied_volatility"].between(lo, hi).to_numpy()
+        absurd = need_iv & ~bad_iv & ~((iv >= lo) & (iv <= hi))
         dropped["drop_iv_implausible"] = dropped.get("drop_iv_implausible", 0) + int(absurd.sum())
         bad_iv = bad_iv | absurd
     if bad_iv.any():
@@ -766,9 +787,11 @@ def spread_vol(df: pd.DataFrame, tau: np.ndarray) -> pd.Series:
     if {"iv_bid", "iv_ask"} <= set(df.columns):
         return (df["iv_ask"] - df["iv_bid"]).fillna(0.0)
     if {"bid", "ask"} <= set(df.columns):
-        vega = bs_vega(df["forward"], df["strike"], tau, df["implied_volatility"], df["rate"])
+        column = lambda name: df[name].to_numpy(np.float64)  # noqa: E731
+        vega = bs_vega(column("forward"), column("strike"), tau, column("implied_volatility"), column("rate"))
         with np.errstate(divide="ignore", invalid="ignore"):
-            return pd.Series((df["ask"] - df["bid"]).to_numpy() / vega, index=df.index).fillna(np.inf)
+            width = (column("ask") - column("bid")) / vega
+        return pd.Series(np.where(np.isnan(width), np.inf, width), index=df.index)
     return pd.Series(0.0, index=df.index)
 
 

@@ -174,7 +174,7 @@ def enrich(chain: pd.DataFrame, dates: pd.DatetimeIndex | None = None, first_idx
     if "time_to_expiry" in chain.columns:  # given by the data (e.g. with intraday expiry times)
         tau = chain["time_to_expiry"].to_numpy(np.float64)
     else:
-        tau = (chain["expiry"] - chain["quote_date"]).dt.days.to_numpy() / 365.0
+        tau = calendar_days(chain["expiry"], chain["quote_date"]) / 365.0
     carry = np.exp((chain["rate"] - chain["dividend_yield"]).to_numpy() * tau)
     if "forward" in chain.columns:
         fwd = chain["forward"].to_numpy(np.float64)
@@ -187,6 +187,11 @@ def enrich(chain: pd.DataFrame, dates: pd.DatetimeIndex | None = None, first_idx
     chain["log_moneyness"] = np.log(chain["strike"] / fwd)
     chain["_spot"] = fwd / carry
     return chain
+
+
+def calendar_days(later: pd.Series, earlier: pd.Series) -> np.ndarray:
+    """``(later - earlier).dt.days`` of two date columns without missing dates, as an int64 array."""
+    return (later.to_numpy() - earlier.to_numpy()) // np.timedelta64(1, "D")
 
 
 def daily_spot(chain: pd.DataFrame) -> pd.Series:
