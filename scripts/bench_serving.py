@@ -36,7 +36,7 @@ from omegaconf import OmegaConf, open_dict
 
 from vforge import CONF_DIR
 from vforge.data.chain import REQUIRED
-from vforge.data.dataset import info_dates, next_date_rows
+from vforge.data.dataset import info_dates, next_date_columns
 from vforge.data.synthetic import cached_chain
 from vforge.serving import ChainModel, load_run, median_ms
 from vforge.tracking.registry import OPTIONAL
@@ -80,13 +80,14 @@ def show(what: str, ms: float, goal: str, repeat: int) -> None:
 
 def stages(chain: ChainModel, request: pd.DataFrame, repeat: int) -> None:
     """Where a call goes: the previous date (cold only: its loader checks and ``info_dates``), the date's rows through
-    the loader, their features (``next_date_rows``), the model."""
+    the loader, their features (``next_date_columns``), the model."""
     today, previous, info = chain.chain(request, None)
     history = chain.normalized_history(request[request["quote_date"] < info["date"]])[0]
     fallback = chain.data_cfg.get("fallback", "moneyness")
-    rows, _ = next_date_rows(previous, today, fallback=fallback)
-    x = torch.tensor(rows[chain.bundle.feature_names].to_numpy(np.float32))
-    base = torch.tensor(rows["base"].to_numpy(np.float32))
+    _, columns = next_date_columns(previous, today, fallback=fallback)
+    ok = np.isfinite(columns["base"])
+    x = torch.tensor(np.column_stack([columns[f] for f in chain.bundle.feature_names])[ok].astype(np.float32))
+    base = torch.tensor(columns["base"][ok].astype(np.float32))
     with torch.inference_mode():
         model = median_ms(lambda: chain.module(x, base), repeat)
 
@@ -98,8 +99,8 @@ def stages(chain: ChainModel, request: pd.DataFrame, repeat: int) -> None:
                      ("  of which info_dates", median_ms(lambda: info_dates(history), repeat)),
                      ("the request through the loader (warm)", median_ms(lambda: chain.chain(request, None),
                                                                              repeat)),
-                     ("features (next_date_rows)", median_ms(lambda: next_date_rows(previous, today,
-                                                                                    fallback=fallback), repeat)),
+                     ("features (next_date_columns)", median_ms(lambda: next_date_columns(previous, today,
+                                                                                          fallback=fallback), repeat)),
                      (f"model ({len(x)} rows, {torch.get_num_threads()} threads)", model)):
         print(f"  {name:<44} {ms:8.1f} ms")
 
@@ -181,6 +182,7 @@ def main() -> None:
             chain._histories.clear()
             chain.remark(request)
 
+        load_before = os.getloadavg()
         show("in process, ChainModel.remark, warm", median_ms(lambda: chain.remark(request), args.repeat),
              "in process", args.repeat)
         show("in process, ChainModel.remark, cold", median_ms(cold, args.repeat), "in process", args.repeat)
@@ -189,6 +191,8 @@ def main() -> None:
             handling, round_trip = rest_ms(checkpoint, request, args.repeat, workdir)
             show("REST, MLflow's request handling in process", handling, "REST", args.repeat)
             show("REST, mlflow models serve HTTP round trip", round_trip, "REST", args.repeat)
+        print("load average (1, 5, 15 min) at the start of the timings {:.2f} {:.2f} {:.2f}, at the end "
+              "{:.2f} {:.2f} {:.2f} (2 cores: above ~0.5 the machine was not idle)".format(*load_before, *os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -141,3 +141,21 @@ def test_at_terms_at_a_rows_own_terms_gives_back_its_features_and_moves_only_ter
     j = names.index("moneyness_std")  # by hand: (k / (prev_iv sqrt(tau)) - mean) / std at the new terms
     expect = ((k + 0.05) / (split.base * np.sqrt(tau + 0.1)) - data.x_mean[j]) / data.x_std[j]
     np.testing.assert_allclose(moved[:, j], expect, rtol=1e-12)
+
+
+def test_group_positions_are_groupbys_indices():
+    """The rows of each distinct key tuple, ascending, as pandas' groupby gives them (one key or several, one group
+    or many; the features group a served date's rows and a training chain's by this)."""
+    rng = np.random.default_rng(0)
+    info = rng.integers(0, 4, 200)
+    option_type = rng.choice(np.array(["C", "P"], dtype=object), 200)
+    frame = pd.DataFrame({"info": info, "option_type": option_type})
+    for keys, by in (((info,), ["info"]), ((info, option_type), ["info", "option_type"]),
+                     ((np.full(5, 3), np.array(["P"] * 5, dtype=object)), None)):
+        expected = (frame.groupby(by, sort=False).indices if by else {(3, "P"): np.arange(5)})
+        got = feats.group_positions(*keys)
+        expected = {k if isinstance(k, tuple) else (k,): v for k, v in expected.items()}
+        assert got.keys() == expected.keys()
+        for k in got:
+            np.testing.assert_array_equal(got[k], expected[k])
+    assert feats.group_positions(np.empty(0)) == {}

@@ -325,6 +325,21 @@ def test_next_date_rows_are_build_rows_bit_for_bit(make_cfg, overrides):
         next_date_rows(info_dates(chain[chain["quote_date"] < dates[-1]]), chain[chain["quote_date"] >= dates[-2]])
 
 
+def test_the_json_answer_holds_the_frames_records_with_iso_dates(make_cfg):
+    """``Remark.to_json``'s rows are ``ivs.to_dict(orient="records")`` with the dates as YYYY-MM-DD: the same Python
+    values, so the same JSON text."""
+    raw, data = market(make_cfg)
+    dates = np.sort(raw["quote_date"].unique())
+    answer = untrained_chain_model(data).remark(request(raw[raw["quote_date"] == dates[-2]],
+                                                        raw[raw["quote_date"] == dates[-1]]))
+    ivs = answer.ivs
+    expected = ivs.assign(**{c: ivs[c].dt.strftime("%Y-%m-%d") for c in ("quote_date", "expiry")}).to_dict(
+        orient="records")
+    got = answer.to_json()["ivs"]
+    assert len(got) == len(ivs) > 0 and got == expected and json.dumps(got) == json.dumps(expected)
+    assert {type(v) for row in got for v in row.values()} == {str, float, bool}
+
+
 @pytest.mark.parametrize("overrides", [(), tuple(MESSY_TINY)], ids=["synthetic", "synthetic_messy"])
 def test_remark_gives_the_training_pipelines_ivs_and_drop_counts(make_cfg, overrides):
     """A request's IVs are the model's on the rows and features the training pipeline builds for that date from the

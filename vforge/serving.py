@@ -250,11 +250,13 @@ class Remark:
 
     def to_json(self) -> dict[str, Any]:
         """The answer as JSON types (what the REST service returns; dates as YYYY-MM-DD)."""
-        ivs = self.ivs.assign(**{c: self.ivs[c].dt.strftime("%Y-%m-%d") for c in ("quote_date", "expiry")})
+        # the records of ``to_dict(orient="records")`` (Python scalars), built from each column's list at once
+        columns = {c: (np.datetime_as_string(self.ivs[c].to_numpy(), unit="D") if c in ("quote_date", "expiry")
+                       else self.ivs[c]).tolist() for c in self.ivs.columns}
         return {"date": str(self.date.date()), "previous_date": str(self.previous_date.date()),
                 "previous_from": self.previous_from, "rows": self.rows, "contracts": self.contracts,
                 "re_marked": len(self.ivs), "dropped": self.dropped, "previous_dropped": self.previous_dropped,
-                "ivs": ivs.to_dict(orient="records")}
+                "ivs": [dict(zip(columns, row)) for row in zip(*columns.values())]}
 
 
 class ChainModel:
