@@ -288,9 +288,12 @@ def smile_leave_one_out(chain: pd.DataFrame) -> np.ndarray:
     order = np.lexsort((chain["log_moneyness"].to_numpy(), chain["expiry"].to_numpy(),
                         chain["option_type"].to_numpy(), chain["date_idx"].to_numpy()))
     g = chain.iloc[order]
-    key = g["date_idx"].astype(str) + g["option_type"] + g["expiry"].astype(str)
-    same_prev = (key == key.shift(1)).to_numpy()
-    same_next = (key == key.shift(-1)).to_numpy()
+    # whether each quote's neighbour in that order is of its smile (the same date, type and expiry)
+    same = np.ones(max(len(g) - 1, 0), dtype=bool)
+    for c in ("date_idx", "option_type", "expiry"):
+        values = g[c].to_numpy()
+        same &= values[1:] == values[:-1]
+    same_prev, same_next = np.append(False, same)[:len(g)], np.append(same, False)[:len(g)]
     k, iv = g["log_moneyness"].to_numpy(), g["iv"].to_numpy()
     k_prev, k_next = np.roll(k, 1), np.roll(k, -1)
     iv_prev, iv_next = np.roll(iv, 1), np.roll(iv, -1)
