@@ -96,7 +96,8 @@ def test_rows_across_a_chunk_boundary_keep_the_previous_date(files, tmp_path):
 
 def test_train_stats_of_parts_equal_those_of_the_frame():
     rng = np.random.default_rng(0)
-    df = pd.DataFrame(rng.normal(3.0, 2.0, size=(1000, 3)), columns=["a", "b", "c"]).assign(iv=0.2, base=0.19)
+    df = pd.DataFrame(rng.normal(3.0, 2.0, size=(1000, 3)), columns=["a", "b", "c"]).assign(iv=0.2, base=0.19,
+                                                                                         persistence=0.19)
     stats = D.TrainStats(["a", "b", "c"], [], "change")
     for a, b in [(0, 1), (1, 250), (250, 700), (700, 1000)]:  # a part of one row too
         stats.add(df.iloc[a:b])

@@ -22,6 +22,7 @@ from vforge.models.linear import Blend, Ridge
 from vforge.training.gating import (
     capped_ratio,
     choose_blend,
+    clip_like,
     do_no_harm,
     shrink_ridge,
     sign_test,
@@ -173,12 +174,20 @@ def test_quote_filters_are_named_and_counted_and_assumed_rates_reported(make_cfg
     assert "0.02 used (data.rate): the table has no rate column" in text
 
 
-def test_winsorizing_clips_train_targets_only_and_moves_are_scaled_not_centred(make_cfg):
+def test_winsorizing_clips_train_targets_only_each_kind_to_its_own_quantiles_and_scales_not_centres(make_cfg):
     ds = instantiate(make_cfg("data.winsorize=0.05").data, _convert_="all")
     raw = lambda s: s.iv - s.base  # noqa: E731
-    y_train = ds.train.y.numpy() * ds.y_scale
-    lo, hi = np.quantile(raw(ds.train), [0.05, 0.95])
-    assert y_train.min() >= lo - 1e-6 and y_train.max() <= hi + 1e-6 and "train only" in ds.report["winsorized"]
+    y_train, y_raw = ds.train.y.numpy() * ds.y_scale, raw(ds.train)
+    new = ~np.isfinite(ds.train.persistence)
+    assert 0 < new.sum() < len(new) and "train only" in ds.report["winsorized"]
+    for kind in (new, ~new):
+        lo, hi = np.quantile(y_raw[kind], [0.05, 0.95])
+        assert lo - 1e-6 <= y_train[kind].min() and y_train[kind].max() <= hi + 1e-6
+        inside = (y_raw[kind] > lo) & (y_raw[kind] < hi)  # untouched inside the kind's own range
+        np.testing.assert_allclose(y_train[kind][inside], y_raw[kind][inside], atol=1e-6)
+        assert np.isclose(y_train[kind], hi, atol=1e-6).any() and np.isclose(y_train[kind], lo, atol=1e-6).any()
+    # a new contract moves more (over the previous surface): pooled quantiles would clip its ordinary moves
+    assert np.quantile(y_raw[new], 0.95) > 2 * np.quantile(y_raw[~new], 0.95)
     np.testing.assert_allclose(ds.val.y.numpy() * ds.y_scale, raw(ds.val), atol=1e-6)  # untouched
     for i, name in enumerate(ds.feature_names):
         if name in feats.UNCENTERED:
@@ -263,3 +272,11 @@ def test_the_ridge_penalty_is_chosen_with_its_share_on_the_fold_dates():
     with pytest.raises(ValueError, match="2 columns of fold predictions for 1 penalties"):
         shrink_ridge(np.column_stack([signal, signal]), true, dates, weights=[0, 1], trim=0.2, tolerance=0.0,
                      max_p=0.05, alphas=[1.0])
+
+
+def test_validation_targets_are_clipped_to_the_train_range_of_their_kind():
+    y_train, prev_train = np.array([-1.0, 2.0, -5.0, 9.0]), np.array([True, True, False, False])
+    y, prev = np.array([3.0, -3.0, 10.0, -6.0, 1.0]), np.array([True, True, False, False, True])
+    np.testing.assert_array_equal(clip_like(y_train, prev_train, y, prev), [2.0, -1.0, 9.0, -5.0, 1.0])
+    # no new contract in train: the new rows take the whole range
+    np.testing.assert_array_equal(clip_like(y_train[:2], prev_train[:2], y, prev), [2.0, -1.0, 2.0, -1.0, 1.0])

@@ -494,7 +494,7 @@ def prepare_chunks(chains: Iterable[pd.DataFrame], *, features: list[str], targe
 
     # Scaling and categorical vocabularies from the train part only.
     stats = TrainStats(features, cat_features, target)
-    for rows in store.read(columns=[*features, "iv", "base", "target_idx", *CONTRACT, "underlying"]):
+    for rows in store.read(columns=[*features, "iv", "base", "persistence", "target_idx", *CONTRACT, "underlying"]):
         stats.add(rows[split_masks(rows["target_idx"], bounds, horizon)["train"]])
     fit = stats.fit(winsorize)
     if fit.note:
@@ -592,12 +592,14 @@ def _add_reports(total: dict, part: dict) -> dict:
 class TrainStats:
     """Train-only statistics added a part of the train rows at a time: the features' mean, standard deviation and
     root mean square (pandas' own on one part; combined by Chan's update across parts), the targets (kept: one
-    float a train row, for exact quantiles) and the categorical vocabularies."""
+    float a train row, for exact quantiles) with whether each row's contract is new on its date (no persistence),
+    and the categorical vocabularies."""
 
     def __init__(self, features: list[str], cat_features: list[str], target: str):
         self.features, self.cat_features, self.target = features, cat_features, target
         self.parts: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []
         self.raw_y: list[pd.Series] = []
+        self.new: list[np.ndarray] = []
         self.iv: list[pd.Series] = []
         self.vocab: dict[str, set[str]] = {c: set() for c in cat_features}
 
@@ -607,6 +609,7 @@ class TrainStats:
         x = train[self.features]
         self.parts.append((len(x), x.mean().to_numpy(), x.std().to_numpy(), (x**2).mean().to_numpy()))
         self.raw_y.append(train["iv"] - (train["base"] if self.target == "change" else 0.0))
+        self.new.append(train["persistence"].isna().to_numpy())
         if self.target == "level":
             self.iv.append(train["iv"])
         for c in self.cat_features:
@@ -630,22 +633,37 @@ class TrainStats:
         x_std = np.where(uncentered, np.sqrt(square), std)
         x_std = np.where(np.isfinite(x_std) & (x_std > 0), x_std, 1.0)
         raw_y = self.raw_y[0] if len(self.raw_y) == 1 else pd.concat(self.raw_y, ignore_index=True)
-        clip, note = (-np.inf, np.inf), ""
+        new = np.concatenate(self.new)
+        clip, clip_new, note = (-np.inf, np.inf), (-np.inf, np.inf), ""
         if winsorize:
             if not 0 < winsorize < 0.5:
                 raise ValueError(f"data.winsorize must be in (0, 0.5) or null, got {winsorize}")
-            lo_q, hi_q = (float(q) for q in raw_y.quantile([winsorize, 1 - winsorize]))
-            clip = (lo_q, hi_q)
-            n_clipped = int(((raw_y < clip[0]) | (raw_y > clip[1])).sum())
-            note = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} "
-                    f"quantiles [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}] vol pts (train only)")
+            # each kind its own quantiles: the change of a new contract (over the previous surface) is typically
+            # several times a quoted contract's (over its own IV); pooled quantiles clip new contracts' real moves
+            clip, clip_new = (_quantiles(raw_y[kind], winsorize) for kind in (~new, new))
+            n_clipped = int(((raw_y < np.where(new, clip_new[0], clip[0]))
+                             | (raw_y > np.where(new, clip_new[1], clip[1]))).sum())
+            note = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} quantiles, each "
+                    f"kind its own: previously quoted [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}], "
+                    f"new contracts [{clip_new[0] * VOL_POINTS:+.2f}, {clip_new[1] * VOL_POINTS:+.2f}] vol pts "
+                    "(train only)")
+        raw_y = raw_y.clip(np.where(new, clip_new[0], clip[0]), np.where(new, clip_new[1], clip[1]))
         if self.target == "change":
-            center, scale = 0.0, float(raw_y.clip(*clip).std() or 1.0)
+            center, scale = 0.0, float(raw_y.std() or 1.0)
         else:
             iv = self.iv[0] if len(self.iv) == 1 else pd.concat(self.iv, ignore_index=True)
             center, scale = float(iv.mean()), float(iv.std() or 1.0)
         vocab = {c: sorted(v) for c, v in self.vocab.items()}
-        return Scaling(self.features, self.cat_features, self.target, x_mean, x_std, clip, center, scale, vocab, note)
+        return Scaling(self.features, self.cat_features, self.target, x_mean, x_std, clip, clip_new, center, scale, vocab,
+                       note)
+
+
+def _quantiles(y: pd.Series, q: float) -> tuple[float, float]:
+    """The ``q`` and ``1 - q`` quantiles of ``y``; unbounded without rows."""
+    if not len(y):
+        return -np.inf, np.inf
+    lo, hi = (float(v) for v in y.quantile([q, 1 - q]))
+    return lo, hi
 
 
 @dataclass
@@ -657,7 +675,8 @@ class Scaling:
     target: str
     x_mean: np.ndarray
     x_std: np.ndarray
-    clip: tuple[float, float]
+    clip: tuple[float, float]  # train targets of previously quoted contracts
+    clip_new: tuple[float, float]  # of contracts new on their date (no persistence)
     center: float
     scale: float
     vocab: dict[str, list[str]]
@@ -666,9 +685,12 @@ class Scaling:
     def arrays(self, df: pd.DataFrame, *, train: bool) -> dict[str, Any]:
         """A split's rows as its arrays: ``x_num`` (n, n_num) float32, ``x_cat`` (n, n_cat) int64 or None, ``y``
         float32 (train targets clipped), ``iv``, ``base``, ``persistence`` and the ``aux`` values (see ``Split``)."""
-        clip = self.clip if train else (-np.inf, np.inf)
+        y = df["iv"] - (df["base"] if self.target == "change" else 0.0)
+        if train:
+            new = df["persistence"].isna().to_numpy()
+            y = y.clip(np.where(new, self.clip_new[0], self.clip[0]), np.where(new, self.clip_new[1], self.clip[1]))
         x = (df[self.features].to_numpy() - self.x_mean) / self.x_std
-        y = ((df["iv"] - (df["base"] if self.target == "change" else 0.0)).clip(*clip) - self.center) / self.scale
+        y = (y - self.center) / self.scale
         x_cat = None
         if self.cat_features:
             x_cat = np.column_stack([

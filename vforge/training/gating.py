@@ -193,6 +193,17 @@ def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.
     return out
 
 
+def clip_like(y_train: np.ndarray, prev_train: np.ndarray, y: np.ndarray, prev: np.ndarray) -> np.ndarray:
+    """``y`` clipped, each kind (previously quoted: ``prev``, or new contracts) to the range of the (winsorized)
+    train targets of its kind, as the training targets were; a kind without train rows to the whole range."""
+    def bounds(kind: np.ndarray) -> tuple[float, float]:
+        part = y_train[kind] if kind.any() else y_train
+        return float(part.min()), float(part.max())
+
+    (lo, hi), (lo_new, hi_new) = bounds(prev_train), bounds(~prev_train)
+    return np.clip(y, np.where(prev, lo, lo_new), np.where(prev, hi, hi_new))
+
+
 def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, weights: list[float], trim: float,
          tolerance: float, max_p: float = 0.05, max_p_ridge: float = 0.1, n_folds: int = 4,
          fold_fraction: float = 0.5, cap: float | None = None, batch_size: int = 8192) -> tuple[nn.Module, dict | None, dict]:
@@ -235,14 +246,14 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     y_tr = tr.y.reshape(-1).double()
     x_num = torch.cat([tr.x_num, va.x_num])
     x_cat = None if tr.x_cat is None or va.x_cat is None else torch.cat([tr.x_cat, va.x_cat])
-    y_fit = torch.cat([y_tr, torch.as_tensor(true_val).clamp(float(y_tr.min()), float(y_tr.max()))])  # train's clip
+    prev_tr, prev_val = np.isfinite(tr.persistence), np.isfinite(va.persistence)
+    y_fit = torch.cat([y_tr, torch.as_tensor(clip_like(y_tr.numpy(), prev_tr, true_val, prev_val))])
     true_all = np.concatenate([(tr.iv - tr.base) / data.y_scale, true_val])
     dates = np.concatenate([tr.aux["quote_date_idx"].numpy(), val_dates])
-    prev_all = np.concatenate([np.isfinite(tr.persistence), np.isfinite(va.persistence)])
+    prev_all = np.concatenate([prev_tr, prev_val])
     blocks = inner_folds(dates, n_folds, fold_fraction)
     alphas = list(make().alphas)
     fold_rows, oos = ridge_oos(x_num, x_cat, y_fit, dates, blocks, make, alphas)
-    prev_val = np.isfinite(va.persistence)
     names = list(data.feature_names)
     new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
