@@ -54,8 +54,7 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     if cfg.evaluation.name == "walk_forward":  # one run per fold (each through this function), scored together
         return train_walk_forward(cfg, callbacks)
     tr = cfg.trainer
-    device = set_up_torch(cfg.seed, device=tr.device, num_threads=tr.num_threads, deterministic=tr.deterministic,
-                          compile=tr.compile)
+    device = set_up_torch(cfg.seed, device=tr.device, num_threads=tr.num_threads, deterministic=tr.deterministic)
     strategy = make_strategy(tr.strategy, device)  # DDP: rank 0 alone logs, saves, prints
     data = instantiate(cfg.data, _convert_="all")
     log.info("%s", format_report(data.report), extra={ONCE_PER_SWEEP: True})

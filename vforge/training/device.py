@@ -14,19 +14,10 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def set_up_torch(seed: int, *, device: str, num_threads: int | None, deterministic: bool,
-                 compile: bool = False) -> torch.device:
-    """Seed torch, set its threads and determinism (``trainer.num_threads``, ``trainer.deterministic``); the device.
-
-    ``torch.use_deterministic_algorithms`` also sets the flag of torch.compile's inductor, and importing inductor's
-    config imports dynamo: 1.2 s of a 30 s run. Without ``compile`` (``trainer.compile``) only eager kernels run, so
-    only their switch is set.
-    """
+def set_up_torch(seed: int, *, device: str, num_threads: int | None, deterministic: bool) -> torch.device:
+    """Seed torch, set its threads and determinism (``trainer.num_threads``, ``trainer.deterministic``); the device."""
     torch.manual_seed(seed)
     if num_threads:
         torch.set_num_threads(num_threads)
-    if compile:
-        torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    else:
-        torch._C._set_deterministic_algorithms(deterministic, warn_only=True)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     return resolve_device(device)
