@@ -641,21 +641,27 @@ class TrainStats:
             # each kind its own quantiles: the change of a new contract (over the previous surface) is typically
             # several times a quoted contract's (over its own IV); pooled quantiles clip new contracts' real moves
             clip, clip_new = (_quantiles(raw_y[kind], winsorize) for kind in (~new, new))
-            n_clipped = int(((raw_y < np.where(new, clip_new[0], clip[0]))
-                             | (raw_y > np.where(new, clip_new[1], clip[1]))).sum())
-            note = (f"{n_clipped:,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} quantiles, each "
+        clipped = raw_y.clip(*kind_bounds(new, clip, clip_new))
+        if winsorize:
+            note = (f"{int((clipped != raw_y).sum()):,} train targets clipped to their {winsorize:g}/{1 - winsorize:g} quantiles, each "
                     f"kind its own: previously quoted [{clip[0] * VOL_POINTS:+.2f}, {clip[1] * VOL_POINTS:+.2f}], "
                     f"new contracts [{clip_new[0] * VOL_POINTS:+.2f}, {clip_new[1] * VOL_POINTS:+.2f}] vol pts "
                     "(train only)")
-        raw_y = raw_y.clip(np.where(new, clip_new[0], clip[0]), np.where(new, clip_new[1], clip[1]))
         if self.target == "change":
-            center, scale = 0.0, float(raw_y.std() or 1.0)
+            center, scale = 0.0, float(clipped.std() or 1.0)
         else:
             iv = self.iv[0] if len(self.iv) == 1 else pd.concat(self.iv, ignore_index=True)
             center, scale = float(iv.mean()), float(iv.std() or 1.0)
         vocab = {c: sorted(v) for c, v in self.vocab.items()}
         return Scaling(self.features, self.cat_features, self.target, x_mean, x_std, clip, clip_new, center, scale, vocab,
                        note)
+
+
+def kind_bounds(new: np.ndarray, prev: tuple[float, float], new_bounds: tuple[float, float]) -> tuple[np.ndarray,
+                                                                                                   np.ndarray]:
+    """Per-row (lower, upper) bounds: ``new_bounds`` on the rows of contracts new on their date (``new``), ``prev``
+    on the others (previously quoted)."""
+    return np.where(new, new_bounds[0], prev[0]), np.where(new, new_bounds[1], prev[1])
 
 
 def _quantiles(y: pd.Series, q: float) -> tuple[float, float]:
@@ -687,8 +693,7 @@ class Scaling:
         float32 (train targets clipped), ``iv``, ``base``, ``persistence`` and the ``aux`` values (see ``Split``)."""
         y = df["iv"] - (df["base"] if self.target == "change" else 0.0)
         if train:
-            new = df["persistence"].isna().to_numpy()
-            y = y.clip(np.where(new, self.clip_new[0], self.clip[0]), np.where(new, self.clip_new[1], self.clip[1]))
+            y = y.clip(*kind_bounds(df["persistence"].isna().to_numpy(), self.clip, self.clip_new))
         x = (df[self.features].to_numpy() - self.x_mean) / self.x_std
         y = (y - self.center) / self.scale
         x_cat = None

@@ -15,21 +15,19 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from vforge.data.dataset import inner_folds
+from vforge.data.dataset import inner_folds, kind_bounds
 from vforge.evaluation.metrics import capped_ratio, capped_weights, per_date_ratio, robust_score
 
 if TYPE_CHECKING:
     from torch import nn
 
     from vforge.data.dataset import Dataset
-    from vforge.models.linear import Ridge
 
 
 def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, true_change: np.ndarray,
@@ -144,14 +142,6 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
             "scores": {(alphas[j], x): v for (j, x), v in scores.items()}, "why": why, "won": won, "dates": n}
 
 
-def ridge_oos(x_num: torch.Tensor, x_cat: torch.Tensor | None, y: torch.Tensor, dates: np.ndarray,
-              blocks: list[np.ndarray], make: Callable[[], Ridge],
-              alphas: list[float]) -> tuple[np.ndarray, np.ndarray]:
-    """The ridge's out-of-sample predictions on ``blocks``, each block fit in closed form on every date before it,
-    once per penalty of ``alphas``: (mask of the rows predicted, their predictions (n, len(alphas)))."""
-    return make().fold_path(x_num, x_cat, y, dates, blocks, alphas)
-
-
 KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "all": "all rows"}
 
 
@@ -200,8 +190,7 @@ def clip_like(y_train: np.ndarray, prev_train: np.ndarray, y: np.ndarray, prev: 
         part = y_train[kind] if kind.any() else y_train
         return float(part.min()), float(part.max())
 
-    (lo, hi), (lo_new, hi_new) = bounds(prev_train), bounds(~prev_train)
-    return np.clip(y, np.where(prev, lo, lo_new), np.where(prev, hi, hi_new))
+    return np.clip(y, *kind_bounds(~prev, bounds(prev_train), bounds(~prev_train)))
 
 
 def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, weights: list[float], trim: float,
@@ -253,7 +242,7 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     prev_all = np.concatenate([prev_tr, prev_val])
     blocks = inner_folds(dates, n_folds, fold_fraction)
     alphas = list(make().alphas)
-    fold_rows, oos = ridge_oos(x_num, x_cat, y_fit, dates, blocks, make, alphas)
+    fold_rows, oos = make().fold_path(x_num, x_cat, y_fit, dates, blocks, alphas)  # fit on the dates before each
     names = list(data.feature_names)
     new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
