@@ -188,6 +188,26 @@ def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.nda
     return float((model * weight).sum() / (base * weight).sum())
 
 
+def score_se(pred_a: np.ndarray, pred_b: np.ndarray, true_change: np.ndarray, dates: np.ndarray,
+             cap: float | None) -> float:
+    """Standard error, across dates, of the difference of two predicted changes' scores (``capped_ratio`` with
+    ``cap``; without, the mean of per-date ratios): each date's contribution to the difference taken as one draw,
+    so the fewer the dates and the more they disagree, the larger it is."""
+    _, inv = np.unique(dates, return_inverse=True)
+    a = np.bincount(inv, (np.asarray(pred_a) - np.asarray(true_change)) ** 2)
+    b = np.bincount(inv, (np.asarray(pred_b) - np.asarray(true_change)) ** 2)
+    base = np.bincount(inv, np.asarray(true_change) ** 2)
+    n = len(base)
+    if n < 2 or not base.sum() > 0:
+        return float("inf")
+    if cap is not None:
+        weight = capped_weights(base, cap)
+        part = (a - b) * weight / (base * weight).sum()  # the score difference is their sum
+        return float(np.sqrt(n) * part.std(ddof=1))
+    keep = base > 0
+    return float(((a - b)[keep] / base[keep]).std(ddof=1) / np.sqrt(keep.sum())) if keep.sum() > 1 else float("inf")
+
+
 def robust_score(ratios: np.ndarray, trim: float) -> float:
     """Trimmed mean of per-date ratios: the lowest and highest ``trim`` share of dates left out (the median when
     ``trim`` is 0.5)."""

@@ -6,8 +6,9 @@ ridge's share comes from inner walk-forward folds over the training and validati
 dates; ``shrink_ridge``), the network's from its validation dates, where it must beat that choice clearly
 (``decide``). Scores are ``capped_ratio`` (the pooled MSE ratio to persistence, each date's weight capped at a
 quantile; or the trimmed mean of per-date ratios, ``robust_score``), evidence ``wins_over`` (a one-sided DM test on
-the capped per-date losses, or a sign test). Among blends scoring within ``tolerance`` of the best the simplest wins
-(persistence, then the ridge alone, then anything with the network; less weight before more). What cannot beat
+the capped per-date losses, or a sign test). Among blends scoring within ``tolerance`` of the best, or within ``se``
+standard errors of their difference from it across the dates (``score_se``: thin or disagreeing dates widen it), the
+simplest wins (persistence, then the ridge alone, then anything with the network; less weight before more). What cannot beat
 persistence leaves persistence, and the note under the results table says so.
 """
 
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from vforge.data.dataset import inner_folds, kind_bounds
-from vforge.evaluation.metrics import capped_ratio, capped_weights, per_date_ratio, robust_score
+from vforge.evaluation.metrics import capped_ratio, capped_weights, per_date_ratio, robust_score, score_se
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
 
 def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, true_change: np.ndarray,
                  dates: np.ndarray, *, weights: list[float], trim: float, tolerance: float,
-                 cap: float | None = None) -> dict:
+                 cap: float | None = None, se: float = 0.0) -> dict:
     """The blend to keep, and why. Returns ``w_model, w_linear, score`` (of the chosen blend), ``scores`` (of the
     model alone, the linear model alone, persistence) and ``why``."""
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
@@ -41,7 +42,9 @@ def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, tru
     score = {p: _score(p[0] * model_change + p[1] * lin, true_change, dates, trim, cap) for p in pairs}
     best = min(score.values())
     simplicity = lambda p: (p[0] > 0, p[1] > 0, p[0] + p[1], p[0])  # noqa: E731
-    chosen = min((p for p in pairs if score[p] <= best + tolerance), key=simplicity)
+    blend = lambda p: p[0] * model_change + p[1] * lin  # noqa: E731
+    margin = _margins(score, blend, true_change, dates, tolerance=tolerance, se=se, cap=cap)
+    chosen = min((p for p in pairs if score[p] <= best + margin[p]), key=simplicity)
     if score[chosen] >= 1.0:
         chosen = (0.0, 0.0)
     named = {"model": score[(1.0, 0.0)], "persistence": score[(0.0, 0.0)]}
@@ -50,7 +53,7 @@ def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, tru
     if chosen == (0.0, 0.0):
         why = "nothing beat persistence on the validation dates: falls back to persistence"
     elif score[chosen] > best:
-        why = f"the simplest blend within {tolerance:g} of the best ({best:.3f})"
+        why = f"the simplest blend within {_within(tolerance, se)} of the best ({best:.3f})"
     else:
         why = "the best blend"
     return {"w_model": chosen[0], "w_linear": chosen[1], "score": score[chosen], "scores": named, "why": why}
@@ -64,6 +67,24 @@ def describe(choice: dict, model_name: str) -> str:
         lines.append(f"  {KINDS[kind]}: " + (" + ".join(parts) + " (rest: persistence)" if parts else "persistence")
                      + f"; {c['why']}")
     return "do no harm (predicted change kept, chosen out of sample):\n" + "\n".join(lines)
+
+
+def _margins(score: dict, predict: Any, true: np.ndarray, dates: np.ndarray, *, tolerance: float, se: float,
+             cap: float | None) -> dict:
+    """How much worse than the best each candidate of ``score`` may score and still be chosen for being simpler:
+    ``tolerance``, or ``se`` standard errors of its score's difference from the best's across the dates
+    (``score_se``) where that is larger: the thinner and noisier the evidence, the simpler the choice (the
+    one-standard-error rule of cross-validation, on the differences)."""
+    if not se:
+        return dict.fromkeys(score, tolerance)
+    top = min(score, key=score.get)
+    ref = predict(top)
+    return {p: tolerance if p == top else max(tolerance, se * score_se(predict(p), ref, true, dates, cap))
+            for p in score}
+
+
+def _within(tolerance: float, se: float) -> str:
+    return f"{tolerance:g}" + (f" or {se:g} standard error{'s' if se != 1 else ''}" if se else "")
 
 
 def _score(pred: np.ndarray, true: np.ndarray, dates: np.ndarray, trim: float, cap: float | None) -> float:
@@ -108,7 +129,7 @@ def wins_over(candidate: np.ndarray, reference: np.ndarray, true: np.ndarray, da
 
 def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray, *, weights: list[float],
                  trim: float, tolerance: float, max_p: float, cap: float | None = None,
-                 alphas: list[float] | None = None) -> dict:
+                 alphas: list[float] | None = None, se: float = 0.0) -> dict:
     """The share of the ridge's predicted change to keep, and its penalty, chosen on its out-of-sample predictions of
     the inner walk-forward folds (``oos_change``: one column per penalty of ``alphas``, or one column): among the
     (penalty, share) pairs within ``tolerance`` of the best score the simplest (the smallest share, then the largest
@@ -123,7 +144,8 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
     scores = {(i, w): _score(w * oos[:, i], true_change, dates, trim, cap) for i in range(len(alphas)) for w in grid}
     best = min(scores.values())
-    i, w = min((p for p, v in scores.items() if v <= best + tolerance), key=lambda p: (p[1], -alphas[p[0]]))
+    margin = _margins(scores, lambda p: p[1] * oos[:, p[0]], true_change, dates, tolerance=tolerance, se=se, cap=cap)
+    i, w = min((p for p, v in scores.items() if v <= best + margin[p]), key=lambda p: (p[1], -alphas[p[0]]))
     top = min((p for p in scores if p[1] > 0), key=lambda p: (scores[p], p[1], -alphas[p[0]]))
     if not w:
         i = top[0]
@@ -148,7 +170,7 @@ KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "
 def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.ndarray, own: np.ndarray,
            linear: np.ndarray | None, true_val: np.ndarray, val_dates: np.ndarray, model_name: str, weights: list[float],
            trim: float, tolerance: float, max_p: float, max_p_ridge: float, cap: float | None,
-           alphas: list[float]) -> dict:
+           alphas: list[float], se: float = 0.0) -> dict:
     """The weights for one kind of rows (``KINDS``): the simple choice from the ridge's out-of-sample fold
     predictions (``shrink_ridge``; ``oos`` one column per penalty of ``alphas``), replaced by a blend with the network
     only if the validation dates say so clearly (see ``gate``). Arrays are of that kind's rows only; ``linear`` (the
@@ -156,7 +178,7 @@ def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.
     the choice was made with (NaN: no fold dates)."""
     if len(oos):
         simple = shrink_ridge(oos, true_fold, fold_dates, weights=weights, trim=trim, tolerance=tolerance,
-                              max_p=max_p_ridge, cap=cap, alphas=alphas)
+                              max_p=max_p_ridge, cap=cap, alphas=alphas, se=se)
     else:
         simple = {"w_linear": 0.0, "alpha": math.nan, "why": "too few dates for inner folds: persistence", "won": 0,
                   "dates": 0}
@@ -167,7 +189,8 @@ def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.
         return out
     simple_val = simple["w_linear"] * linear
     simple_score = _score(simple_val, true_val, val_dates, trim, cap)
-    blend = choose_blend(own, linear, true_val, val_dates, weights=weights, trim=trim, tolerance=tolerance, cap=cap)
+    blend = choose_blend(own, linear, true_val, val_dates, weights=weights, trim=trim, tolerance=tolerance, cap=cap,
+                         se=se)
     if blend["w_model"] == 0:
         out["why"] += f"; on {len(np.unique(val_dates))} validation dates the best blend leaves {model_name} out"
         return out
@@ -195,7 +218,8 @@ def clip_like(y_train: np.ndarray, prev_train: np.ndarray, y: np.ndarray, prev: 
 
 def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, weights: list[float], trim: float,
          tolerance: float, max_p: float = 0.05, max_p_ridge: float = 0.1, n_folds: int = 4,
-         fold_fraction: float = 0.5, cap: float | None = None, batch_size: int = 8192) -> tuple[nn.Module, dict | None, dict]:
+         fold_fraction: float = 0.5, cap: float | None = None, se: float = 0.0,
+         batch_size: int = 8192) -> tuple[nn.Module, dict | None, dict]:
     """Choose what of a trained change model, the ridge and persistence to keep, on the evidence each has; separately
     for previously quoted rows (a change over persistence) and for contracts new on the date (a change over the
     previous surface), each kind on its own rows, so the large errors of new contracts do not decide for the others.
@@ -252,7 +276,7 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     first, (on_first, _) = next(iter(kinds.items()))
     f = fold_rows & on_first
     alpha = shrink_ridge(oos[f], true_all[f], dates[f], weights=weights, trim=trim, tolerance=tolerance,
-                         max_p=max_p_ridge, cap=cap, alphas=alphas)["alpha"] if f.any() else math.nan
+                         max_p=max_p_ridge, cap=cap, alphas=alphas, se=se)["alpha"] if f.any() else math.nan
 
     # 2. the network and the ridge fit on train with that penalty (the one served: refit on train + validation it
     # scored worse on the default market's test block, 0.881 against 0.870 of persistence), on the validation dates;
@@ -270,7 +294,8 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
                                fold_dates=dates[f], own=own[on_val],
                                linear=None if lin_val is None else lin_val[on_val], true_val=true_val[on_val],
                                val_dates=val_dates[on_val], model_name=model_name, weights=weights, trim=trim,
-                               tolerance=tolerance, max_p=max_p, max_p_ridge=max_p_ridge, cap=cap, alphas=cols)
+                               tolerance=tolerance, max_p=max_p, max_p_ridge=max_p_ridge, cap=cap, alphas=cols,
+                               se=se)
     prev = choices.get("prev", choices.get("all"))
     new = choices.get("new", prev)
     assert prev is not None and new is not None
@@ -318,7 +343,7 @@ def do_no_harm(settings: Any, model: nn.Module, data: Dataset, config: dict[str,
                                      n_folds=int(settings.get("n_folds", 4)),
                                      fold_fraction=float(settings.get("fold_fraction", 0.5)),
                                      cap=None if settings.get("cap") is None else float(settings["cap"]),
-                                     batch_size=batch_size)
+                                     se=float(settings.get("se", 0.0)), batch_size=batch_size)
     if blend_cfg is not None:
         config = {**config, "model": blend_cfg}
     metrics = {f"do_no_harm/{k}": float(choice[k]) for k in ("w_model", "w_linear", "w_model_new", "w_linear_new")}
