@@ -46,23 +46,27 @@ def test_ridge_closed_form_recovers_an_interaction_and_refuses_noise():
     assert torch.count_nonzero(noise.weight) == 0
 
 
-def test_the_folds_normal_equations_are_each_prefix_multiplied_out():
-    """_prefix_normals sums stretches of dates once; each fold's (n, Z'Z/n, Z'y/n) equals the direct product over
-    the rows dated before its start (rows in any order; a start with no row before it has n = 0)."""
-    from vforge.models.linear import _prefix_normals
-
-    g = np.random.default_rng(1)
-    dates = g.permutation(np.repeat(np.arange(30), 7))
-    z, y = g.standard_normal((len(dates), 5)), g.standard_normal((len(dates), 1))
-    starts = [0, 12, 20, 27]
-    out = _prefix_normals(z, y, dates, starts)
-    assert len(out) == len(starts) + 1
-    for limit, (n, gram, rhs) in zip([*starts, math.inf], out):
-        rows = dates < limit
-        assert n == rows.sum()
-        if n:
-            np.testing.assert_allclose(gram, z[rows].T @ z[rows] / n, rtol=1e-12, atol=1e-14)
-            np.testing.assert_allclose(rhs, z[rows].T @ y[rows] / n, rtol=1e-12, atol=1e-14)
+def test_ridge_inputs_are_clipped_to_their_fit_rows_quantiles_and_the_bounds_are_saved():
+    """A row far outside the training range (here x0 = 50 where it was within +-1) would get ~50 x the interaction
+    unclipped; clipped, it is predicted as at the fit rows' 0.999 quantile of x0, and the bounds travel with the
+    state dict (serving, export)."""
+    g = np.random.default_rng(2)
+    x = torch.tensor(g.uniform(-1, 1, (5000, 2)))
+    y = x[:, 0] * x[:, 1]
+    dates = np.repeat(np.arange(50), 100)
+    far, at_bound = torch.tensor([[50.0, 0.5]]), torch.tensor([[np.quantile(x[:, 0].numpy(), 0.999), 0.5]])
+    plain, clipped = (Ridge(n_num=2, cat_cardinalities=[], d_out=1, clip=c) for c in (None, 0.001))
+    for ridge in (plain, clipped):
+        ridge.fit_closed_form(x, None, y, dates, alpha=1e-6)
+    assert plain(far.float(), None).item() == pytest.approx(25.0, rel=0.01)
+    assert clipped(far.float(), None).item() == pytest.approx(clipped(at_bound.float(), None).item(), abs=1e-6)
+    assert clipped(at_bound.float(), None).item() == pytest.approx(at_bound[0, 0].item() * 0.5, abs=0.01)
+    np.testing.assert_allclose(clipped.lo.numpy(), np.quantile(x.numpy(), 0.001, axis=0))
+    copy = Ridge(n_num=2, cat_cardinalities=[], d_out=1)
+    copy.load_state_dict(clipped.state_dict())
+    assert copy(far.float(), None).item() == clipped(far.float(), None).item()
+    with pytest.raises(ValueError, match="clip must be a quantile"):
+        Ridge(n_num=2, cat_cardinalities=[], d_out=1, clip=0.5)
 
 
 def test_per_date_ratio_and_trimmed_score_by_hand():
@@ -280,3 +284,34 @@ def test_validation_targets_are_clipped_to_the_train_range_of_their_kind():
     np.testing.assert_array_equal(clip_like(y_train, prev_train, y, prev), [2.0, -1.0, 9.0, -5.0, 1.0])
     # no new contract in train: the new rows take the whole range
     np.testing.assert_array_equal(clip_like(y_train[:2], prev_train[:2], y, prev), [2.0, -1.0, 2.0, -1.0, 1.0])
+
+
+def test_score_se_by_hand_and_the_one_standard_error_rule_keeps_less_on_thin_evidence():
+    from vforge.evaluation.metrics import score_se
+
+    # three dates, persistence losses 1, 1, 4; a's losses 0, 1, 1 and b's 1, 1, 4 (b is persistence)
+    dates, true = np.array([0, 1, 2, 2]), np.array([1.0, 1.0, 2.0 ** 0.5, 2.0 ** 0.5])
+    a, b = np.array([1.0, 0.0, 2.0 ** 0.5 - 0.5**0.5, 2.0 ** 0.5 - 0.5**0.5]), np.zeros(4)
+    part = np.array([-1.0, 0.0, -3.0]) / 6.0  # per-date loss differences over the pooled persistence loss
+    assert score_se(a, b, true, dates, cap=1.0) == pytest.approx(np.sqrt(3) * part.std(ddof=1))
+    capped = np.array([-1.0, 0.0, -3.0 / 4.0]) / 3.0  # date 2's weight 1/4 (the median of 1, 1, 4 is 1)
+    assert score_se(a, b, true, dates, cap=0.5) == pytest.approx(np.sqrt(3) * capped.std(ddof=1))
+    ratios = np.array([-1.0, 0.0, -0.75])  # without a cap: the per-date ratio differences' standard error
+    assert score_se(a, b, true, dates, cap=None) == pytest.approx(ratios.std(ddof=1) / np.sqrt(3))
+    assert score_se(a[:1], b[:1], true[:1], dates[:1], cap=0.9) == math.inf  # one date: no spread to measure
+
+    # A real gain that varies from date to date (the predicted change is c x the true one, c ~ N(0.5, 0.6) per
+    # date: expected loss ratios 0.61 at the full share, 0.65 at half): the full share scores best on 12 fold
+    # dates too, but not by a standard error, so the rule keeps half; on 400 dates it is clear, the full share kept.
+    g = np.random.default_rng(7)
+    for n_dates, share in ((12, 0.5), (400, 1.0)):
+        from scipy.stats import norm
+
+        c = 0.5 + 0.6 * g.permutation(norm.ppf((np.arange(n_dates) + 0.5) / n_dates))  # N(0.5, 0.6)'s quantiles
+        dates = np.repeat(np.arange(n_dates), 200)
+        true = g.standard_normal(len(dates))
+        pred = np.repeat(c, 200) * true
+        plain = shrink_ridge(pred, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0, max_p=1.0, cap=0.9)
+        rule = shrink_ridge(pred, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0, max_p=1.0, cap=0.9,
+                            se=1.0)
+        assert plain["w_linear"] == 1.0 and rule["w_linear"] == share, (n_dates, plain, rule)

@@ -22,7 +22,9 @@ from vforge.models.base import Model
 
 class Ridge(Model):
     """``y = w . z(x)`` with ``z`` the inputs, their pairwise products, one-hot categories and a constant, each column
-    scaled to unit RMS on the training rows.
+    scaled to unit RMS on the training rows. Each input is first clipped to the ``clip`` / ``1 - clip`` quantiles of
+    the rows it was fit on: a product of two inputs far outside their training range (a torn quote's residual, a
+    gap twice the longest seen) would otherwise extrapolate quadratically, tens of vol points on one row.
 
     Trains like any model through ``forward`` (the model contract), but ``fit_closed_form`` is what the training
     entry point calls: it solves the ridge normal equations for each penalty in ``alphas`` on expanding walk-forward
@@ -39,16 +41,19 @@ class Ridge(Model):
         n_folds: walk-forward folds inside the training dates; they cover its last ``fold_fraction``.
         trim: share of fold dates trimmed at each end of the per-date loss ratios.
         tolerance: how much worse (in units of persistence's per-date loss) a larger penalty may score and still win.
+        clip: quantile of the fit rows each input is clipped to at either end (None: not clipped).
     """
 
     closed_form = True
     pairs: Tensor  # buffers
     scale: Tensor
+    lo: Tensor
+    hi: Tensor
 
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, interactions: bool = True,
                  alphas: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
                  fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01,
-                 cap: float | None = None) -> None:
+                 cap: float | None = None, clip: float | None = 0.001) -> None:
         super().__init__()
         if not alphas or any(a <= 0 for a in alphas):
             raise ValueError(f"alphas must be a non-empty list of positive penalties, got {list(alphas)}")
@@ -56,19 +61,33 @@ class Ridge(Model):
             raise ValueError(f"need n_folds >= 1 and 0 < fold_fraction < 1, got {n_folds=}, {fold_fraction=}")
         self.n_num, self.cat_cardinalities, self.interactions = n_num, list(cat_cardinalities), interactions
         self.alphas, self.n_folds, self.fold_fraction = sorted(float(a) for a in alphas), n_folds, fold_fraction
-        self.trim, self.tolerance, self.cap = trim, tolerance, cap
+        if clip is not None and not 0 <= clip < 0.5:
+            raise ValueError(f"clip must be a quantile in [0, 0.5) or null, got {clip}")
+        self.trim, self.tolerance, self.cap, self.clip = trim, tolerance, cap, clip
         pairs = torch.triu_indices(n_num, n_num) if interactions else torch.empty(2, 0, dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)
         d_in = 1 + n_num + pairs.shape[1] + sum(cat_cardinalities)
         self.register_buffer("scale", torch.ones(d_in))
+        self.register_buffer("lo", torch.full((n_num,), -math.inf))  # the inputs' clip bounds (the fit rows')
+        self.register_buffer("hi", torch.full((n_num,), math.inf))
         # A plain parameter, not an nn.Linear: int8 dynamic quantization (export) leaves it alone; products of inputs
         # span too wide a range for one int8 scale.
         self.weight = nn.Parameter(torch.zeros(d_out, d_in))
         nn.init.normal_(self.weight, std=d_in**-0.5)
         self.selection: dict = {}
 
-    def expand(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
-        """(batch, n_num), (batch, n_cat) -> (batch, d_in) unscaled columns."""
+    def bounds(self, x_num: Tensor) -> tuple[Tensor, Tensor]:
+        """The clip bounds a fit on these rows uses: each input's ``clip`` and ``1 - clip`` quantiles (none: infinite)."""
+        if self.clip is None or not len(x_num):
+            return torch.full((self.n_num,), -math.inf), torch.full((self.n_num,), math.inf)
+        q = np.quantile(x_num.double().numpy(), [self.clip, 1 - self.clip], axis=0)
+        return torch.as_tensor(q[0]), torch.as_tensor(q[1])
+
+    def expand(self, x_num: Tensor, x_cat: Tensor | None, bounds: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """(batch, n_num), (batch, n_cat) -> (batch, d_in) unscaled columns, the inputs clipped to ``bounds`` (by
+        default the fitted ones)."""
+        lo, hi = (self.lo, self.hi) if bounds is None else bounds
+        x_num = torch.maximum(torch.minimum(x_num, hi.to(x_num.dtype)), lo.to(x_num.dtype))
         cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
         if x_cat is not None and self.cat_cardinalities:
             cols += [nn.functional.one_hot(x_cat[:, i].clamp(0, c - 1), c).to(x_num.dtype)
@@ -79,7 +98,10 @@ class Ridge(Model):
         return (self.expand(x_num, x_cat) / self.scale) @ self.weight.T
 
     def _columns(self, x_num: Tensor, x_cat: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
-        """The expanded columns of these rows scaled to unit RMS on them, and that scale."""
+        """The expanded columns of these rows (their inputs clipped to their own bounds, which the model keeps)
+        scaled to unit RMS on them, and that scale."""
+        lo, hi = self.bounds(x_num)
+        self.lo.copy_(lo), self.hi.copy_(hi)
         z = self.expand(x_num.double(), x_cat).numpy()
         scale = np.sqrt(np.mean(z**2, axis=0))
         scale = np.where(scale > 0, scale, 1.0)
@@ -90,22 +112,23 @@ class Ridge(Model):
                   alphas: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
         """Out-of-sample predictions on expanding walk-forward ``blocks`` (sorted, disjoint arrays of ``dates``): each
         block predicted by the fits on every row dated before it, one per penalty of ``alphas`` (inf: 0,
-        persistence), with the columns scaled to unit RMS on those fit rows, as a fit on them alone scales them.
-        Returns (mask of the rows predicted, predictions (n, len(alphas))); the model itself is left unchanged.
-
-        The fits share one pass over the rows (``_prefix_normals``); a fold's column scale follows from the diagonal
-        of its ``Z'Z / n``."""
+        persistence), with the inputs clipped to those fit rows' bounds and the columns scaled to unit RMS on them,
+        as a fit on them alone (``fit_closed_form``) does. Returns (mask of the rows predicted, predictions
+        (n, len(alphas))); the model itself is left unchanged."""
         dates = np.asarray(dates)
-        z = self.expand(x_num.double(), x_cat).numpy()
-        yn = y.double().numpy().reshape(len(y), -1)[:, :1]
+        x, yn = x_num.double(), y.double().numpy().reshape(len(y), -1)[:, :1]
         out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
-        for block, (n, gram, rhs) in zip(blocks, _prefix_normals(z, yn, dates, [b[0] for b in blocks])):
-            rows = np.flatnonzero(np.isin(dates, block))
-            if not n or not len(rows):
+        for block in blocks:
+            fit, rows = np.flatnonzero(dates < block[0]), np.flatnonzero(np.isin(dates, block))
+            if not len(fit) or not len(rows):
                 continue
-            scale = np.sqrt(np.diag(gram))
+            bounds = self.bounds(x[fit])
+            pick = lambda r: None if x_cat is None else x_cat[r]  # noqa: E731
+            z = self.expand(x[fit], pick(fit), bounds).numpy()
+            scale = np.sqrt(np.mean(z**2, axis=0))
             scale = np.where(scale > 0, scale, 1.0)
-            g, r, ze = gram / np.outer(scale, scale), rhs / scale[:, None], z[rows] / scale
+            g, r = _normal(z / scale, yn[fit])
+            ze = self.expand(x[rows], pick(rows), bounds).numpy() / scale
             out[rows] = np.column_stack([np.zeros(len(ze)) if math.isinf(a) else (ze @ _solve(g, r, a))[:, 0]
                                          for a in alphas])
             mask[rows] = True
@@ -129,27 +152,16 @@ class Ridge(Model):
         dates = np.asarray(dates)
         blocks = inner_folds(dates, self.n_folds, self.fold_fraction)
         candidates = [*self.alphas, math.inf]
-        preds: dict[float, list[np.ndarray]] = {a: [] for a in candidates}
-        evaluated = []
-        normals = _prefix_normals(z, yn, dates, [b[0] for b in blocks])
-        for block, (n_fit, gram, rhs) in zip(blocks, normals):
-            if not n_fit:
-                continue
-            eval_rows = np.isin(dates, block)
-            evaluated.append(eval_rows)
-            z_eval = z[eval_rows]
-            for a in candidates:
-                preds[a].append(np.zeros(int(eval_rows.sum())) if math.isinf(a) else
-                                (z_eval @ _solve(gram, rhs, a))[:, 0])
-        scores = {a: self._score(preds[a], [yn[e, 0] for e in evaluated], [dates[e] for e in evaluated])
-                  for a in candidates}
+        evaluated, oos = self.fold_path(x_num, x_cat, y, dates, blocks, candidates)
+        scores = {a: self._score(oos[evaluated, j], yn[evaluated, 0], dates[evaluated]) if evaluated.any() else
+                  math.nan for j, a in enumerate(candidates)}
         finite = {a: s for a, s in scores.items() if np.isfinite(s)}
         if finite:
             best = min(finite.values())
             chosen = max(a for a, s in finite.items() if s <= best + self.tolerance)
         else:  # too few training dates for a fold: the smallest penalty the grid allows is no evidence; the largest
             chosen = self.alphas[-1]
-        _, gram, rhs = normals[-1]  # every row
+        gram, rhs = _normal(z, yn)
         w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
         self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
@@ -163,13 +175,10 @@ class Ridge(Model):
         }
         return self.selection
 
-    def _score(self, preds: list[np.ndarray], trues: list[np.ndarray], dates: list[np.ndarray]) -> float:
+    def _score(self, pred: np.ndarray, true: np.ndarray, day: np.ndarray) -> float:
         """Score of one penalty's fold predictions (lower is better; 1 is persistence): with ``cap``, the pooled MSE
         ratio with each date's weight capped (``capped_ratio``, the do-no-harm step's score), else the trimmed
         mean of per-date ratios."""
-        if not preds:
-            return math.nan
-        pred, true, day = np.concatenate(preds), np.concatenate(trues), np.concatenate(dates)
         if self.cap is not None:
             return capped_ratio(pred, true, day, self.cap)
         return robust_score(per_date_ratio(pred, true, day), self.trim)
@@ -177,26 +186,6 @@ class Ridge(Model):
 
 def _normal(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z.T @ z / len(z), z.T @ y / len(z)
-
-
-def _prefix_normals(z: np.ndarray, y: np.ndarray, dates: np.ndarray, starts: list) -> list[tuple[int, np.ndarray,
-                                                                                                  np.ndarray]]:
-    """``(n, Z'Z / n, Z'y / n)`` on the rows dated before each of ``starts`` (increasing), then on every row.
-
-    The fits of expanding walk-forward folds share their rows: each stretch of dates between consecutive starts is
-    multiplied out once and a fold's sums are the sum of the stretches before it (one pass over the rows instead of
-    one per fold and one for the final fit; the same sums, added in another order).
-    """
-    stretch = np.searchsorted(np.asarray(starts), dates, side="right")  # 0: before the first start
-    n, gram, rhs = 0, np.zeros((z.shape[1], z.shape[1])), np.zeros((z.shape[1], y.shape[1]))
-    out = []
-    for i in range(len(starts) + 1):
-        rows = stretch == i
-        if rows.any():
-            zs = z[rows]
-            n, gram, rhs = n + len(zs), gram + zs.T @ zs, rhs + zs.T @ y[rows]
-        out.append((n, gram / max(n, 1), rhs / max(n, 1)))
-    return out
 
 
 def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
