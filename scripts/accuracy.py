@@ -50,17 +50,29 @@ from vforge.train import train
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diagnose  # noqa: E402
 import results_page  # noqa: E402
+import thin_panels  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
-# group -> (overrides, tune seeds, held-out seeds); a seed of None: the option's own configured seed.
-GROUPS: dict[str, tuple[list[str], list[int | None], list[int | None]]] = {
+# group -> (overrides, tune seeds, held-out seeds); a seed of None: the option's own configured seed; of the real
+# thin groups (THIN), the start of a 68-date window cut from the 50ETF history (scripts/thin_panels.py).
+GROUPS: dict[str, tuple[list[str], list[Any], list[Any]]] = {
     "default": ([], [None], [8, 9]),
     "messy": (["data=synthetic_messy"], [11, 12], [21, 22]),
     "messy_calls": (["data=synthetic_messy", "data.calls_only=true"], [11, 12], [21, 22]),
     "thin": (["data=synthetic_messy_thin"], [11, 12, 13], [21, 22, 23]),
     "china50etf": (["data=china50etf"], [None], []),
+    "china_thin_calls": (thin_panels.OVERRIDES, thin_panels.TUNE, thin_panels.HELD_OUT),
+    "china_thin": (thin_panels.OVERRIDES, thin_panels.TUNE, thin_panels.HELD_OUT),
 }
+THIN = {"china_thin_calls": "calls", "china_thin": "both"}
+
+
+def seed_overrides(group: str, seed: Any, out: Path) -> list[str]:
+    """What picks one seed of a group: ``data.seed``, or the window of a real thin group (cut once under ``out``)."""
+    if group in THIN:
+        return [f"data.path={thin_panels.cut(seed, THIN[group], out / 'panels')}"]
+    return [f"data.seed={seed}"] if seed is not None else []
 
 
 def compose_cfg(overrides: list[str], out: Path, run_name: str) -> DictConfig:
@@ -83,13 +95,12 @@ def prev_quoted_ratio(level: np.ndarray, split: Any) -> float:
     return float(model / np.sqrt(np.mean((split.persistence[prev] - split.iv[prev]) ** 2)))
 
 
-def suite_one(group: str, seed: int | None, kind: str, extra: list[str], out: Path) -> dict:
+def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> dict:
     """Train (once) and gate one (group, seed); the row of the suite table."""
     from vforge.training.gating import do_no_harm
     from vforge.training.loop import predict
 
-    overrides = [*GROUPS[group][0], *([f"data.seed={seed}"] if seed is not None else []), "evaluation.plots=false",
-                 *extra]
+    overrides = [*GROUPS[group][0], *seed_overrides(group, seed, out), "evaluation.plots=false", *extra]
     run_dir = out / f"{group}-{seed if seed is not None else 'default'}"
     cfg = compose_cfg(overrides, run_dir, f"mlp-{group}")
     start = time.perf_counter()
@@ -119,8 +130,8 @@ def suite_one(group: str, seed: int | None, kind: str, extra: list[str], out: Pa
 
 
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'group':<13}{'kind':<10}{'n':>3}{'median':>8}{'worst':>8}{'best':>8}{'net med':>8}  ratios "
-             "(test RMSE on prev. quoted rows / persistence's)"]
+    lines = [f"{'group':<17}{'kind':<10}{'n':>3}{'median':>8}{'geo':>7}{'worst':>8}{'best':>8}{'>1':>4}{'net med':>8}  "
+             "ratios (test RMSE on prev. quoted rows / persistence's)"]
     for group in dict.fromkeys(r["group"] for r in rows):
         for kind in ("tune", "held-out"):
             mine = [r for r in rows if r["group"] == group and r["kind"] == kind]
@@ -128,8 +139,9 @@ def summary(rows: list[dict]) -> str:
                 continue
             ratios = np.array([r["ratio"] for r in mine])
             nets = np.array([r["net_ratio"] for r in mine])
-            lines.append(f"{group:<13}{kind:<10}{len(mine):>3}{np.median(ratios):>8.3f}{ratios.max():>8.3f}"
-                         f"{ratios.min():>8.3f}{np.median(nets):>8.3f}  "
+            lines.append(f"{group:<17}{kind:<10}{len(mine):>3}{np.median(ratios):>8.3f}"
+                         f"{np.exp(np.log(ratios).mean()):>7.3f}{ratios.max():>8.3f}{ratios.min():>8.3f}"
+                         f"{int((ratios > 1.0005).sum()):>4}{np.median(nets):>8.3f}  "
                          + " ".join(f"{r['seed']}:{r['ratio']:.3f}" for r in mine))
     return "\n".join(lines)
 
