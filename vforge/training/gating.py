@@ -77,7 +77,7 @@ def _margins(score: dict, predict: Any, true: np.ndarray, dates: np.ndarray, *, 
     one-standard-error rule of cross-validation, on the differences)."""
     if not se:
         return dict.fromkeys(score, tolerance)
-    top = min(score, key=score.get)
+    top = min(score, key=lambda p: score[p])
     ref = predict(top)
     return {p: tolerance if p == top else max(tolerance, se * score_se(predict(p), ref, true, dates, cap))
             for p in score}
