@@ -6,9 +6,10 @@ ridge's share comes from inner walk-forward folds over the training and validati
 dates; ``shrink_ridge``), the network's from its validation dates, where it must beat that choice clearly
 (``decide``). Scores are ``capped_ratio`` (the pooled MSE ratio to persistence, each date's weight capped at a
 quantile; or the trimmed mean of per-date ratios, ``robust_score``), evidence ``wins_over`` (a one-sided DM test on
-the capped per-date losses, or a sign test). Among blends scoring within ``tolerance`` of the best, or within ``se``
-standard errors of their difference from it across the dates (``score_se``: thin or disagreeing dates widen it), the
-simplest wins (persistence, then the ridge alone, then anything with the network; less weight before more). What cannot beat
+the capped per-date losses, or a sign test). Among blends scoring within ``tolerance`` of the best the simplest wins
+(persistence, then the ridge alone, then anything with the network; less weight before more); the ridge's (penalty,
+share) pairs also within ``se`` standard errors of their difference from the best across the fold dates
+(``score_se``: thin or disagreeing dates widen it; the network's blend has to pass a significance test instead). What cannot beat
 persistence leaves persistence, and the note under the results table says so.
 """
 
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 
 def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, true_change: np.ndarray,
                  dates: np.ndarray, *, weights: list[float], trim: float, tolerance: float,
-                 cap: float | None = None, se: float = 0.0) -> dict:
+                 cap: float | None = None) -> dict:
     """The blend to keep, and why. Returns ``w_model, w_linear, score`` (of the chosen blend), ``scores`` (of the
     model alone, the linear model alone, persistence) and ``why``."""
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
@@ -42,9 +43,7 @@ def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, tru
     score = {p: _score(p[0] * model_change + p[1] * lin, true_change, dates, trim, cap) for p in pairs}
     best = min(score.values())
     simplicity = lambda p: (p[0] > 0, p[1] > 0, p[0] + p[1], p[0])  # noqa: E731
-    blend = lambda p: p[0] * model_change + p[1] * lin  # noqa: E731
-    margin = _margins(score, blend, true_change, dates, tolerance=tolerance, se=se, cap=cap)
-    chosen = min((p for p in pairs if score[p] <= best + margin[p]), key=simplicity)
+    chosen = min((p for p in pairs if score[p] <= best + tolerance), key=simplicity)
     if score[chosen] >= 1.0:
         chosen = (0.0, 0.0)
     named = {"model": score[(1.0, 0.0)], "persistence": score[(0.0, 0.0)]}
@@ -53,7 +52,7 @@ def choose_blend(model_change: np.ndarray, linear_change: np.ndarray | None, tru
     if chosen == (0.0, 0.0):
         why = "nothing beat persistence on the validation dates: falls back to persistence"
     elif score[chosen] > best:
-        why = f"the simplest blend within {_within(tolerance, se)} of the best ({best:.3f})"
+        why = f"the simplest blend within {tolerance:g} of the best ({best:.3f})"
     else:
         why = "the best blend"
     return {"w_model": chosen[0], "w_linear": chosen[1], "score": score[chosen], "scores": named, "why": why}
@@ -81,10 +80,6 @@ def _margins(score: dict, predict: Any, true: np.ndarray, dates: np.ndarray, *, 
     ref = predict(top)
     return {p: tolerance if p == top else max(tolerance, se * score_se(predict(p), ref, true, dates, cap))
             for p in score}
-
-
-def _within(tolerance: float, se: float) -> str:
-    return f"{tolerance:g}" + (f" or {se:g} standard error{'s' if se != 1 else ''}" if se else "")
 
 
 def _score(pred: np.ndarray, true: np.ndarray, dates: np.ndarray, trim: float, cap: float | None) -> float:
@@ -189,8 +184,7 @@ def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.
         return out
     simple_val = simple["w_linear"] * linear
     simple_score = _score(simple_val, true_val, val_dates, trim, cap)
-    blend = choose_blend(own, linear, true_val, val_dates, weights=weights, trim=trim, tolerance=tolerance, cap=cap,
-                         se=se)
+    blend = choose_blend(own, linear, true_val, val_dates, weights=weights, trim=trim, tolerance=tolerance, cap=cap)
     if blend["w_model"] == 0:
         out["why"] += f"; on {len(np.unique(val_dates))} validation dates the best blend leaves {model_name} out"
         return out
