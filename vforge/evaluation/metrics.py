@@ -157,12 +157,18 @@ def format_table(metrics: dict[str, float], rows: dict[str, tuple[int, int]]) ->
     )
 
 
+def date_losses(true_change: np.ndarray, dates: np.ndarray, *pred_changes: np.ndarray) -> tuple[np.ndarray,
+                                                                                              list[np.ndarray]]:
+    """Per date (in date order): persistence's summed squared error (of predicting no change) and each predicted
+    change's."""
+    true = np.asarray(true_change)
+    _, inv = np.unique(dates, return_inverse=True)
+    return np.bincount(inv, true**2), [np.bincount(inv, (np.asarray(p) - true) ** 2) for p in pred_changes]
+
+
 def per_date_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray) -> np.ndarray:
     """Per date: MSE of the predicted change over the MSE of predicting no change (persistence); one value a date."""
-    err = (np.asarray(pred_change) - np.asarray(true_change)) ** 2
-    base = np.asarray(true_change) ** 2
-    _, inv = np.unique(dates, return_inverse=True)
-    model, persistence = np.bincount(inv, err), np.bincount(inv, base)
+    persistence, (model,) = date_losses(true_change, dates, pred_change)
     return model / np.maximum(persistence, 1e-300)
 
 
@@ -179,9 +185,7 @@ def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.nda
     The test RMSE pools rows, so dates with large moves (where the predictable part of the change is) weigh most;
     a scale-free mean of per-date ratios instead lets calm dates, where any predicted change is noise, outvote them
     and over-shrinks. Capping keeps the pooled weighting and stops one jump from deciding."""
-    _, inv = np.unique(dates, return_inverse=True)
-    model = np.bincount(inv, (np.asarray(pred_change) - np.asarray(true_change)) ** 2)
-    base = np.bincount(inv, np.asarray(true_change) ** 2)
+    base, (model,) = date_losses(true_change, dates, pred_change)
     if not len(base) or not base.sum() > 0:
         return float("nan")
     weight = capped_weights(base, cap)
@@ -193,10 +197,7 @@ def score_se(pred_a: np.ndarray, pred_b: np.ndarray, true_change: np.ndarray, da
     """Standard error, across dates, of the difference of two predicted changes' scores (``capped_ratio`` with
     ``cap``; without, the mean of per-date ratios): each date's contribution to the difference taken as one draw,
     so the fewer the dates and the more they disagree, the larger it is."""
-    _, inv = np.unique(dates, return_inverse=True)
-    a = np.bincount(inv, (np.asarray(pred_a) - np.asarray(true_change)) ** 2)
-    b = np.bincount(inv, (np.asarray(pred_b) - np.asarray(true_change)) ** 2)
-    base = np.bincount(inv, np.asarray(true_change) ** 2)
+    base, (a, b) = date_losses(true_change, dates, pred_a, pred_b)
     n = len(base)
     if n < 2 or not base.sum() > 0:
         return float("inf")

@@ -118,12 +118,12 @@ class Ridge(Model):
         dates = np.asarray(dates)
         x, yn = x_num.double(), y.double().numpy().reshape(len(y), -1)[:, :1]
         out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
+        pick = lambda r: None if x_cat is None else x_cat[r]  # noqa: E731
         for block in blocks:
             fit, rows = np.flatnonzero(dates < block[0]), np.flatnonzero(np.isin(dates, block))
             if not len(fit) or not len(rows):
                 continue
             bounds = self.bounds(x[fit])
-            pick = lambda r: None if x_cat is None else x_cat[r]  # noqa: E731
             z = self.expand(x[fit], pick(fit), bounds).numpy()
             scale = np.sqrt(np.mean(z**2, axis=0))
             scale = np.where(scale > 0, scale, 1.0)

@@ -24,7 +24,14 @@ import numpy as np
 import torch
 
 from vforge.data.dataset import inner_folds, kind_bounds
-from vforge.evaluation.metrics import capped_ratio, capped_weights, per_date_ratio, robust_score, score_se
+from vforge.evaluation.metrics import (
+    capped_ratio,
+    capped_weights,
+    date_losses,
+    per_date_ratio,
+    robust_score,
+    score_se,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -68,20 +75,6 @@ def describe(choice: dict, model_name: str) -> str:
     return "do no harm (predicted change kept, chosen out of sample):\n" + "\n".join(lines)
 
 
-def _margins(score: dict, predict: Any, true: np.ndarray, dates: np.ndarray, *, tolerance: float, se: float,
-             cap: float | None) -> dict:
-    """How much worse than the best each candidate of ``score`` may score and still be chosen for being simpler:
-    ``tolerance``, or ``se`` standard errors of its score's difference from the best's across the dates
-    (``score_se``) where that is larger: the thinner and noisier the evidence, the simpler the choice (the
-    one-standard-error rule of cross-validation, on the differences)."""
-    if not se:
-        return dict.fromkeys(score, tolerance)
-    top = min(score, key=lambda p: score[p])
-    ref = predict(top)
-    return {p: tolerance if p == top else max(tolerance, se * score_se(predict(p), ref, true, dates, cap))
-            for p in score}
-
-
 def _score(pred: np.ndarray, true: np.ndarray, dates: np.ndarray, trim: float, cap: float | None) -> float:
     """``capped_ratio`` when ``cap`` is given, else the trimmed mean of per-date ratios (``robust_score``)."""
     return capped_ratio(pred, true, dates, cap) if cap is not None else robust_score(
@@ -110,14 +103,12 @@ def wins_over(candidate: np.ndarray, reference: np.ndarray, true: np.ndarray, da
     test on the dates won."""
     from vforge.evaluation.significance import diebold_mariano
 
-    _, inv = np.unique(dates, return_inverse=True)
-    a = np.bincount(inv, (candidate - true) ** 2)
-    b = np.bincount(inv, (reference - true) ** 2)
+    base, (a, b) = date_losses(true, dates, candidate, reference)
     decided = a != b
     won, n = int((a < b)[decided].sum()), int(decided.sum())
     if cap is None:
         return won, n, sign_test((a < b)[decided])
-    weight = capped_weights(np.bincount(inv, true**2), cap)  # on persistence's loss, as capped_ratio weighs
+    weight = capped_weights(base, cap)  # on persistence's loss, as capped_ratio weighs
     p = diebold_mariano(a * weight, b * weight).pvalue
     return won, n, float(p) if p == p else 1.0
 
@@ -127,8 +118,10 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
                  alphas: list[float] | None = None, se: float = 0.0) -> dict:
     """The share of the ridge's predicted change to keep, and its penalty, chosen on its out-of-sample predictions of
     the inner walk-forward folds (``oos_change``: one column per penalty of ``alphas``, or one column): among the
-    (penalty, share) pairs within ``tolerance`` of the best score the simplest (the smallest share, then the largest
-    penalty); 0 (persistence) unless it beats persistence by ``tolerance`` and clearly across the fold dates
+    (penalty, share) pairs within ``tolerance`` of the best score, or within ``se`` standard errors of their score's
+    difference from the best's across the dates where that is larger (``score_se``; the one-standard-error rule of
+    cross-validation: the thinner and noisier the evidence, the simpler the choice), the simplest (the smallest
+    share, then the largest penalty); 0 (persistence) unless it beats persistence by ``tolerance`` and clearly across the fold dates
     (``wins_over``'s p <= ``max_p``). ``alpha`` of the result is the chosen pair's penalty (with persistence, the
     best-scoring pair's: the ridge may still serve other rows)."""
     oos = np.asarray(oos_change, dtype=np.float64)
@@ -138,9 +131,11 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
         raise ValueError(f"{oos.shape[1]} columns of fold predictions for {len(alphas)} penalties")
     grid = sorted(set(float(w) for w in weights) | {0.0, 1.0})
     scores = {(i, w): _score(w * oos[:, i], true_change, dates, trim, cap) for i in range(len(alphas)) for w in grid}
-    best = min(scores.values())
-    margin = _margins(scores, lambda p: p[1] * oos[:, p[0]], true_change, dates, tolerance=tolerance, se=se, cap=cap)
-    i, w = min((p for p, v in scores.items() if v <= best + margin[p]), key=lambda p: (p[1], -alphas[p[0]]))
+    top = min(scores, key=lambda p: scores[p])
+    share = lambda p: p[1] * oos[:, p[0]]  # noqa: E731
+    margin = {p: max(tolerance, se * score_se(share(p), share(top), true_change, dates, cap)) if se and p != top else
+              tolerance for p in scores}
+    i, w = min((p for p, v in scores.items() if v <= scores[top] + margin[p]), key=lambda p: (p[1], -alphas[p[0]]))
     top = min((p for p in scores if p[1] > 0), key=lambda p: (scores[p], p[1], -alphas[p[0]]))
     if not w:
         i = top[0]
