@@ -18,6 +18,12 @@ Folds: each (model, fold) of the existing chronological folds (data.n_folds/fold
 with per-fold test RMSE on all rows and on previously quoted rows beside the baseline and persistence, and the folds
 pooled (root mean square over folds).
 
+AutoML: ``python -m vforge.automl`` (its default budget) on each (group, seed), and what its pick scores on test
+beside the references and the old rule (the lowest validation RMSE among the models and the ensemble), as ratios
+to persistence on the previously quoted test rows; a sweep folder with a leaderboard is reused::
+
+    python scripts/accuracy.py automl --groups china_thin_calls china_thin --kind tune [-- overrides]
+
 Results: the README's results page, walk-forward cells of every predictor on several data options, resumable
 (``scripts/results_page.py``)::
 
@@ -166,6 +172,66 @@ def suite(args: argparse.Namespace) -> None:
     print("\n" + summary(rows))
 
 
+def automl_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> dict:
+    """One AutoML sweep (run once: its leaderboard is reused) and the test ratios of its rows."""
+    import os
+    import subprocess
+
+    import pandas as pd
+
+    sweep = out / f"{group}-{seed if seed is not None else 'default'}"
+    board = sweep / "leaderboard.csv"
+    start = time.perf_counter()
+    if not board.exists():
+        cmd = [sys.executable, "-m", "vforge.automl", *GROUPS[group][0], *seed_overrides(group, seed, out),
+               "logger=none", "evaluation.plots=false", f"hydra.sweep.dir={sweep}", *extra]
+        env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
+        done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
+        (out / f"{sweep.name}.log").write_text(done.stdout + done.stderr)
+        if done.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    rows = pd.read_csv(board)
+    bench = float(rows.loc[rows["name"] == "persistence", "test_prev_quoted_rmse"].iloc[0])
+    ratio = lambda r: float(r["test_prev_quoted_rmse"]) / bench  # noqa: E731
+    named = {n: ratio(rows[rows["name"] == n].iloc[0]) for n in ("linear", "lightgbm") if (rows["name"] == n).any()}
+    cands = rows[rows["kind"].isin(["model", "ensemble"])]
+    old = cands.loc[cands["val_rmse"].idxmin()]
+    return {"group": group, "seed": seed, "kind": kind, "pick": rows.iloc[0]["name"], "ratio": ratio(rows.iloc[0]),
+            "old_pick": old["name"], "old_ratio": ratio(old), **named, "seconds": round(time.perf_counter() - start)}
+
+
+def automl_summary(rows: list[dict]) -> str:
+    cols = ["ratio", "old_ratio", "linear", "lightgbm"]
+    lines = [f"{'group':<17}{'kind':<10}{'n':>3}  " + "".join(f"{c + ' geo/med/worst/>1':>34}" for c in cols)]
+    for group in dict.fromkeys(r["group"] for r in rows):
+        for kind in ("tune", "held-out"):
+            mine = [r for r in rows if r["group"] == group and r["kind"] == kind]
+            if not mine:
+                continue
+            cells = []
+            for c in cols:
+                v = np.array([r.get(c, math.nan) for r in mine], dtype=float)
+                v = v[np.isfinite(v)]
+                cells.append(f"{np.exp(np.log(v).mean()):.3f}/{np.median(v):.3f}/{v.max():.3f}/"
+                             f"{int((v > 1.0005).sum())}" if len(v) else "-")
+            lines.append(f"{group:<17}{kind:<10}{len(mine):>3}  " + "".join(f"{c:>34}" for c in cells))
+    return "\n".join(lines)
+
+
+def automl(args: argparse.Namespace) -> None:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for group in args.groups:
+        _, tune, held = GROUPS[group]
+        for kind, seeds in (("tune", tune), ("held-out", held)):
+            for seed in seeds if not args.kind or kind == args.kind else []:
+                row = automl_one(group, seed, kind, list(args.overrides), out)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    print("\n" + automl_summary(rows))
+
+
 def folds(args: argparse.Namespace) -> None:
     rows = []
     for model in args.models:
@@ -208,10 +274,15 @@ def main() -> None:
     f.add_argument("--folds", type=int, default=4)
     f.add_argument("--only", type=int, nargs="*", help="fold indices to run (default: all)")
     f.add_argument("--out", default="outputs/accuracy")
+    a = sub.add_parser("automl", help="AutoML's pick against the references over seeds and data options")
+    a.add_argument("overrides", nargs="*")
+    a.add_argument("--groups", nargs="+", default=["china_thin_calls", "china_thin"], choices=list(GROUPS))
+    a.add_argument("--kind", choices=["tune", "held-out"], help="only these seeds (default: both)")
+    a.add_argument("--out", default="outputs/accuracy_automl")
     results_page.add_parser(sub)
     diagnose.add_parser(sub)
     args = p.parse_args()
-    {"suite": suite, "folds": folds, "results": results_page.results, "diagnose": diagnose.main}[args.command](args)
+    {"suite": suite, "folds": folds, "automl": automl, "results": results_page.results, "diagnose": diagnose.main}[args.command](args)
 
 
 if __name__ == "__main__":

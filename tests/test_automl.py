@@ -3,6 +3,7 @@ a real AutoML sweep is marked slow."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -68,6 +69,7 @@ def test_leaderboard_ranks_by_validation_and_writes_markdown_and_csv(tmp_path):
     assert good.val["rmse"] == pytest.approx(0.1) and good.test["rmse"] == pytest.approx(5.0)
     rows = L.rank([bad, good])
     assert [r["name"] for r in rows] == ["good", "bad"]  # by val RMSE, even though "bad" wins on test
+    assert [r["name"] for r in L.rank([good, bad], first=bad)] == ["bad", "good"]  # the pick ahead of all
     md, csv = L.write(rows, tmp_path, title="t")
     assert "| 1 | good | model | 0.100 | - | 5.000 |" in md.read_text()
     assert list(pd.read_csv(csv)["name"]) == ["good", "bad"]
@@ -104,7 +106,7 @@ def test_lightgbm_reference_row_beats_a_constant(make_cfg):
 def test_search_params_of_a_model_come_from_its_yaml():
     params = model_search_params("mlp")
     assert params["optimizer.lr"].startswith("tag(log")
-    with pytest.raises(FileNotFoundError, match=r"conf/hparams_search/nope.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"no hparams_search config .nope.: expected conf/hparams_search/nope.yaml"):
         model_search_params("nope")
 
 
@@ -118,15 +120,20 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     board = pd.read_csv(Path(tmp_path) / "automl" / "leaderboard.csv")
-    assert {"mlp", "resnet", "persistence", "baseline", "ssvi", "lightgbm"} <= set(board["name"])
+    assert {"mlp", "resnet", "persistence", "baseline", "ssvi", "linear", "lightgbm"} <= set(board["name"])
     assert {"test_prev_quoted_rmse", "test_dm_pvalue", "test_dates_beaten", "beats_persistence",
             "test_arb_calendar", "test_arb_butterfly"} <= set(board.columns)
     ens = board[board["kind"] == "ensemble"]
-    assert len(ens) == 1
-    best_member = board[board["kind"] == "model"]["val_rmse"].min()
-    assert ens["val_rmse"].iloc[0] <= best_member + 1e-9
-    assert (board["rank"] == range(1, len(board) + 1)).all() and board["val_rmse"].dropna().is_monotonic_increasing
+    assert len(ens) == 1 and {"linear", "baseline"} <= set(ens["name"].iloc[0][len("ensemble("):-1].split("+"))
+    saved = json.loads((Path(tmp_path) / "automl" / "ensemble.json").read_text())
+    assert sum(saved["weights"].values()) == pytest.approx(1.0) and saved["dates_capped_at"] == 0.9
+    # rank 1 is AutoML's pick (model=linear unless a searched model or the ensemble won clearly), the rest by val
+    assert board["name"].iloc[0] == saved["pick"] and board["notes"].iloc[0].startswith("AutoML's pick: ")
+    assert saved["pick"] == "linear" or board["kind"].iloc[0] in ("model", "ensemble")
+    rest = board.iloc[1:]
+    assert (board["rank"] == range(1, len(board) + 1)).all() and rest["val_rmse"].dropna().is_monotonic_increasing
     assert board["name"].iloc[-1] == "persistence"  # no all-row score: ranked last
+    assert "AutoML's pick: " + saved["pick"] in out.stderr + out.stdout
     assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
 
 

@@ -1,5 +1,5 @@
 """The AutoML leaderboard: trained checkpoints re-evaluated on one split beside persistence, the baseline, SSVI,
-LightGBM and an ensemble; RMSE/MAE/R² in vol points on all rows and on the previously quoted ones, the DM test
+model=linear, LightGBM and an ensemble; RMSE/MAE/R² in vol points on all rows and on the previously quoted ones, the DM test
 and dates won against persistence, arbitrage counts, training time, parameter count and inference latency."""
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 
 from vforge.data.dataset import Dataset
 from vforge.evaluation import arbitrage as arb
-from vforge.evaluation.ensemble import fit_weights
-from vforge.evaluation.metrics import METRICS, WORDS, iv_errors
+from vforge.evaluation.ensemble import cross_fit, fit_weights
+from vforge.evaluation.metrics import METRICS, WORDS, capped_row_weights, iv_errors
 from vforge.evaluation.report import frame_metrics, predictions_frame
 from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.serving import ModelBundle, median_ms
@@ -51,6 +51,7 @@ class Entry:
     latency_ms_1k: float = math.nan
     latency_ms_row: float = math.nan
     info: dict[str, Any] = field(default_factory=dict)
+    evidence: np.ndarray | None = None  # the validation predictions a pick judges it on (None: val_pred)
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
 
@@ -99,6 +100,19 @@ def latency_ms(fn: Callable[[], Any], x_rows: int, single: Callable[[], Any]) ->
     return median_ms(fn, 5) * 1000.0 / max(x_rows, 1), median_ms(single, 20)
 
 
+def module_latency(model: torch.nn.Module, test: Any, latency_rows: int) -> tuple[float, float]:
+    """``latency_ms`` of a torch model on the first ``latency_rows`` test rows and on one row."""
+    n = min(latency_rows, len(test))
+    x_num, x_cat = test.x_num[:n], None if test.x_cat is None else test.x_cat[:n]
+    x1, c1 = test.x_num[:1], None if test.x_cat is None else test.x_cat[:1]
+
+    @torch.inference_mode()
+    def run(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        return model(x, c)
+
+    return latency_ms(lambda: run(x_num, x_cat), n, lambda: run(x1, c1))
+
+
 def load_data(ckpt: dict[str, Any]) -> Dataset:
     """The dataset a checkpoint was trained on, rebuilt from its resolved config (same seed, split, scaling)."""
     return instantiate(ckpt["config"]["data"], _convert_="all")
@@ -122,19 +136,10 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
     preds = {s: data.to_level(predict_outputs(model, getattr(data, s))[:, idx], getattr(data, s))
              for s in ("val", "test")}
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
-    test = data.test
-    n = min(latency_rows, len(test))
-    x_num, x_cat = test.x_num[:n], None if test.x_cat is None else test.x_cat[:n]
-    x1, c1 = test.x_num[:1], None if test.x_cat is None else test.x_cat[:1]
-
-    @torch.inference_mode()
-    def run(x: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
-        return model(x, c)
-
-    lat = latency_ms(lambda: run(x_num, x_cat), n, lambda: run(x1, c1))
+    lat = module_latency(model, data.test, latency_rows)
     entry = Entry(name, "model", preds["val"], preds["test"], train_s=float(metrics.get("train_seconds", math.nan)),
                   n_params=float(sum(p.numel() for p in model.parameters())), latency_ms_1k=lat[0],
-                  latency_ms_row=lat[1], info=dict(info or {}, output_dir=str(out)))
+                  latency_ms_row=lat[1], info=dict(info or {}, output_dir=str(out), config=ckpt["config"]))
     return entry.score(data), data
 
 
@@ -225,24 +230,58 @@ def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_
                  info={"notes": f"{booster.best_iteration} trees (n_params: leaves)"}).score(data)
 
 
-def ensemble_entry(members: list[Entry], data: Dataset) -> tuple[Entry, dict[str, float]]:
-    """A convex combination of ``members`` with weights fit on validation predictions only."""
-    w = fit_weights(np.stack([m.val_pred for m in members], axis=1), data.val.iv)
+def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any],
+                 latency_rows: int = 1000) -> Entry:
+    """``model=linear`` as the default command makes it, on the leaderboard's data: the ridge of ``model_cfg``
+    (conf/model/linear.yaml) solved in closed form on train, then the run's do-no-harm step (``config["do_no_harm"]``
+    of a searched model's run: how much of its predicted change to keep, chosen on inner walk-forward folds)."""
+    from vforge.training.gating import do_no_harm
+    from vforge.training.loop import solve
+
+    ridge = instantiate(model_cfg, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+    start = time.perf_counter()
+    result = solve(ridge, data)
+    kept = do_no_harm(config.get("do_no_harm"), result.model, data,
+                      {**config, "model": dict(model_cfg), "run_name": "linear"}, d_out=1)
+    seconds = time.perf_counter() - start
+    model = kept.module.eval()
+    preds = {s: data.to_level(predict_outputs(model, getattr(data, s))[:, 0], getattr(data, s)) for s in ("val", "test")}
+    lat = module_latency(model, data.test, latency_rows)
+    m = kept.metrics
+    shares = (f"; kept {m['do_no_harm/w_linear']:g} x its change on quoted rows, {m['do_no_harm/w_linear_new']:g} on "
+              f"new contracts (do no harm)" if m else "")
+    return Entry("linear", "reference", preds["val"], preds["test"], train_s=seconds,
+                 n_params=float(sum(p.numel() for p in ridge.parameters())), latency_ms_1k=lat[0], latency_ms_row=lat[1],
+                 info={"notes": "model=linear: closed-form ridge" + shares}).score(data)
+
+
+def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None) -> tuple[Entry, dict[str, float]]:
+    """A convex combination of ``members`` with weights fit on validation predictions only, each date's rows weighted
+    as ``capped_ratio`` weighs them when ``cap`` is given (``metrics.capped_row_weights``: a jump date counts no more
+    than the ``cap`` quantile of the dates). The entry's ``evidence`` holds its cross-fitted validation predictions
+    (``ensemble.cross_fit``: each block of dates with weights fit on the others), for a pick to judge it on."""
+    va = data.val
+    dates = va.aux["quote_date_idx"].numpy()
+    weight = None if cap is None else capped_row_weights(va.iv - va.base, dates, cap)
+    preds = np.stack([m.val_pred for m in members], axis=1)
+    w = fit_weights(preds, va.iv, weight)
     weights = {m.name: float(wi) for m, wi in zip(members, w)}
-    val = np.stack([m.val_pred for m in members], axis=1) @ w
     test = np.stack([m.test_pred for m in members], axis=1) @ w
     used = [m for m, wi in zip(members, w) if wi > 0]
-    entry = Entry(f"ensemble({'+'.join(m.name for m in members)})", "ensemble", val, test,
+    entry = Entry(f"ensemble({'+'.join(m.name for m in members)})", "ensemble", preds @ w, test,
                   train_s=sum(m.train_s for m in used), n_params=sum(m.n_params for m in used),
                   latency_ms_1k=sum(m.latency_ms_1k for m in used), latency_ms_row=sum(m.latency_ms_row for m in used),
-                  info={"notes": "weights on val: " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())})
+                  info={"notes": "weights on val" + (f" (dates capped at the {cap:g} quantile)" if cap is not None else "")
+                        + ": " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())},
+                  evidence=cross_fit(preds, va.iv, dates, weight))
     return entry.score(data), weights
 
 
-def rank(entries: list[Entry]) -> list[dict[str, Any]]:
-    """Rows sorted by validation RMSE (what selection may use), persistence (no all-row score) last; test columns
-    are for reading only."""
-    key = lambda e: (not e.val["rmse"] == e.val["rmse"], e.val["rmse"], e.val.get("prev_quoted_rmse", 0))  # noqa: E731
+def rank(entries: list[Entry], first: Entry | None = None) -> list[dict[str, Any]]:
+    """Rows sorted by validation RMSE (what selection may use), persistence (no all-row score) last, ``first`` (the
+    pick) ahead of all; test columns are for reading only."""
+    key = lambda e: (e is not first, not e.val["rmse"] == e.val["rmse"], e.val["rmse"],  # noqa: E731
+                     e.val.get("prev_quoted_rmse", 0))
     return [e.row(i + 1) for i, e in enumerate(sorted(entries, key=key))]
 
 

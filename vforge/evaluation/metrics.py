@@ -178,6 +178,13 @@ def capped_weights(base: np.ndarray, cap: float) -> np.ndarray:
     return np.minimum(1.0, np.quantile(base, cap) / np.maximum(base, 1e-300)) if len(base) else base
 
 
+def capped_row_weights(true_change: np.ndarray, dates: np.ndarray, cap: float) -> np.ndarray:
+    """Each row's weight in a pooled fit that ``capped_ratio`` would score: its date's ``capped_weights``."""
+    _, inv = np.unique(dates, return_inverse=True)
+    base, _ = date_losses(true_change, dates)
+    return capped_weights(base, cap)[inv]
+
+
 def capped_ratio(pred_change: np.ndarray, true_change: np.ndarray, dates: np.ndarray, cap: float) -> float:
     """Pooled MSE ratio to persistence with each date's weight capped: a date whose persistence loss is above the
     ``cap`` quantile of the dates' counts as if it were at that quantile (both losses scaled down alike).

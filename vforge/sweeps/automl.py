@@ -2,8 +2,11 @@
 
 Each model gets its own Optuna study on its conf/hparams_search/<model>.yaml space, with a budget of
 trials and/or minutes; then the best run of each model is re-evaluated from its checkpoint on the same
-split beside persistence and LightGBM, an ensemble of the best models is fit on validation, and the
-leaderboard goes to leaderboard.md/.csv in the sweep folder and to the MLflow parent run.
+split beside persistence, the baseline, SSVI, ``model=linear`` and LightGBM; an ensemble of the best models, the
+linear model and the baseline is fit on validation; AutoML picks what to serve, simplest first
+(``vforge.evaluation.selection``: ``model=linear``, itself persistence unless the ridge beat it out of sample, unless
+a searched model or the ensemble beats it clearly on the validation dates), and the leaderboard, the pick first, goes to leaderboard.md/.csv in the sweep
+folder and to the MLflow parent run.
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import math
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import numpy as np
 import optuna
 from omegaconf import DictConfig, OmegaConf
 from optuna.trial import TrialState
@@ -29,8 +33,8 @@ from vforge.sweeps.sweeper import BEAT_MARGIN, StudySweeper, finished_value
 log = logging.getLogger(__name__)
 
 
-def search_space_file(model: str, config: DictConfig | None) -> Path:
-    """conf/hparams_search/<model>.yaml from the app's config search path (vforge's conf/ as a fallback)."""
+def conf_file(group: str, name: str, config: DictConfig | None) -> Path:
+    """conf/<group>/<name>.yaml from the app's config search path (vforge's conf/ as a fallback)."""
     roots: list[Path] = []
     if config is not None:
         for src in config.hydra.runtime.get("config_sources", []):
@@ -38,16 +42,16 @@ def search_space_file(model: str, config: DictConfig | None) -> Path:
                 roots.append(Path(src.path))
     roots.append(Path(__file__).resolve().parents[2] / "conf")
     for root in roots:
-        path = root / "hparams_search" / f"{model}.yaml"
+        path = root / group / f"{name}.yaml"
         if path.exists():
             return path
-    raise FileNotFoundError(f"no search space for model {model!r}: expected conf/hparams_search/{model}.yaml "
+    raise FileNotFoundError(f"no {group} config {name!r}: expected conf/{group}/{name}.yaml "
                             f"(looked in {', '.join(map(str, roots))})")
 
 
 def model_search_params(model: str, config: DictConfig | None = None) -> dict[str, str]:
     """``hydra.sweeper.params`` of conf/hparams_search/<model>.yaml."""
-    cfg = OmegaConf.load(search_space_file(model, config))
+    cfg = OmegaConf.load(conf_file("hparams_search", model, config))
     params = OmegaConf.select(cfg, "hydra.sweeper.params")
     if not params:
         raise ValueError(f"conf/hparams_search/{model}.yaml has no hydra.sweeper.params")
@@ -126,21 +130,40 @@ class AutoMLSweeperImpl(StudySweeper):
             if self.parent is not None:
                 self.parent.end(status)
 
-    def compare_with_persistence(self, models: list[L.Entry], persistence: L.Entry) -> None:
-        """Say whether the best model beats persistence on validation (the rows a desk's own number covers)."""
-        if not models:
-            return
+    def compare_with_persistence(self, pick: L.Entry, persistence: L.Entry, why: str) -> None:
+        """Say what AutoML picked and whether it beats persistence on validation (the rows a desk's own number
+        covers)."""
         # persistence exists on the previously quoted rows only: compare like for like there
-        best, bench = models[0], persistence.val["prev_quoted_rmse"]
-        mine = best.val["prev_quoted_rmse"]
+        bench, mine = persistence.val["prev_quoted_rmse"], pick.val["prev_quoted_rmse"]
         gain = 1 - mine / bench if bench > 0 else float("nan")
-        text = (f"best model {best.name}: val RMSE {mine:.4f} vs {bench:.4f} for persistence on the rows quoted "
-                f"the previous date ({gain:+.1%})")
+        text = (f"AutoML's pick: {pick.name} ({why}); val RMSE {mine:.4f} vs {bench:.4f} for persistence on the rows "
+                f"quoted the previous date ({gain:+.1%})")
         if gain >= BEAT_MARGIN:
             log.info("%s", text)
         else:
-            log.warning("%s: it does not beat persistence (by %.0f%% or more); more trials or minutes, or persistence "
-                        "itself", text, BEAT_MARGIN * 100)
+            log.warning("%s: it does not beat persistence (by %.0f%% or more)", text, BEAT_MARGIN * 100)
+
+    def pick(self, baseline: L.Entry, linear: L.Entry | None, models: list[L.Entry], ensemble: L.Entry | None,
+             data: Any, settings: dict[str, Any]) -> tuple[L.Entry, str]:
+        """The entry AutoML serves (``selection.pick``, with the do-no-harm step's tolerance, p-value bar and cap):
+        ``model=linear`` (after its do-no-harm step: persistence unless the ridge beat it on inner walk-forward
+        folds; the baseline if it failed), replaced by a searched model (fewest parameters first) or the ensemble only
+        on validation evidence. Each candidate's notes say why it was or was not picked."""
+        from vforge.evaluation.selection import pick
+
+        simplest = sorted((e for e in models if e is not linear), key=lambda e: (e.n_params, e.val["rmse"]))
+        candidates = [linear or baseline, *simplest, *([ensemble] if ensemble is not None else [])]
+        va = data.val
+        chosen = pick([e.name for e in candidates], [e.val_pred if e.evidence is None else e.evidence
+                                                     for e in candidates],
+                      va.iv, va.base, va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
+                      tolerance=float(settings.get("tolerance", 0.005)), max_p=float(settings.get("max_p", 0.05)),
+                      cap=float(settings.get("cap") or 0.9))
+        for e in candidates:
+            picked = e.name == chosen.name
+            text = ("AutoML's pick: " if picked else "not picked: ") + chosen.why[e.name]
+            e.info["notes"] = f"{text}; {e.info['notes']}" if e.info.get("notes") else text
+        return candidates[chosen.index], chosen.why[chosen.name]
 
     def leaderboard(self, studies: dict[str, optuna.Study]) -> list[dict[str, Any]]:
         entries: list[L.Entry] = []
@@ -176,7 +199,18 @@ class AutoMLSweeperImpl(StudySweeper):
         if data is None:
             raise RuntimeError("AutoML: no model finished a trial; nothing to rank (see the errors above)")
         models = sorted(entries, key=lambda e: e.val["rmse"])
-        refs = [L.persistence_entry(data), L.baseline_entry(data)]
+        config = models[0].info["config"]
+        settings = dict(config.get("do_no_harm") or {})
+        persistence, baseline = L.persistence_entry(data), L.baseline_entry(data)
+        refs = [persistence, baseline]
+        linear = next((e for e in models if e.name == "linear"), None)  # searched: that one is the linear row
+        if linear is None:
+            try:
+                model_cfg = OmegaConf.to_container(OmegaConf.load(conf_file("model", "linear", self.config)))
+                linear = L.linear_entry(data, config, cast(dict[str, Any], model_cfg), self.latency_rows)
+                refs.append(linear)
+            except Exception as e:  # noqa: BLE001 - the reference should not sink the board
+                log.error("model=linear reference row failed: %s", e)
         ssvi = L.ssvi_entry(data)
         if ssvi is not None:
             refs.append(ssvi)
@@ -184,19 +218,23 @@ class AutoMLSweeperImpl(StudySweeper):
             lgb = L.lightgbm_entry(data, latency_rows=self.latency_rows)
             if lgb is not None:
                 refs.append(lgb)
-        weights: dict[str, float] = {}
+        # the ensemble: the best searched models, the linear model and the baseline (its weight shrinks the others'
+        # change toward persistence), weights fit on validation with each date's weight capped
         members = models[: self.ensemble_size]
-        if len(members) >= 2:
-            ens, weights = L.ensemble_entry(members, data)
-            assert ens.val["rmse"] <= members[0].val["rmse"] + 1e-9, "ensemble worse than its best member on val"
+        members += [e for e in (linear, baseline) if e is not None and e not in members]
+        cap = float(settings.get("cap") or 0.9)
+        ens, weights = L.ensemble_entry(members, data, cap) if len(members) >= 2 else (None, {})
+        if ens is not None:
             entries.append(ens)
-        rows = L.rank(entries + refs)
+        chosen, why = self.pick(baseline, linear, models, ens, data, settings)
+        rows = L.rank(entries + refs, first=chosen)
         md, csv = L.write(rows, self.sweep_dir, title=f"AutoML leaderboard ({self.study_name})")
         (self.sweep_dir / "ensemble.json").write_text(json.dumps(
-            {"weights_fit_on": "val", "weights": weights,
-             "members": {e.name: e.info.get("output_dir") for e in members}}, indent=1))
+            {"weights_fit_on": "val", "dates_capped_at": cap, "weights": weights,
+             "members": {e.name: e.info.get("output_dir") for e in members}, "pick": chosen.name, "pick_why": why},
+            indent=1))
         log.info("leaderboard (%s)\n%s", md, md.read_text())
-        self.compare_with_persistence(models, refs[0])
+        self.compare_with_persistence(chosen, persistence, why)
         if self.parent is not None:
             for path in (md, csv, self.sweep_dir / "ensemble.json"):
                 self.parent.log_artifact(path)
