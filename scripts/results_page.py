@@ -12,9 +12,12 @@ A *cell* is one (data, predictor) walk-forward (``evaluation=walk_forward evalua
 - ``lightgbm``: the same folds, each fold's data built by the same config, fit by the AutoML leaderboard's
   ``lightgbm_fit`` (its settings, early-stopped on the fold's validation block, not gated) and scored by the same
   ``evaluate_run``;
-- ``ensemble``: per fold, AutoML's ensemble without its search: the ``ENSEMBLE_SIZE`` vforge-model cells with the
-  lowest validation RMSE on that fold, convex weights fit on that fold's validation block (``fit_weights``, as the
-  leaderboard does), applied to its test block. LightGBM is a reference, never a member, as on the leaderboard.
+- ``ensemble``: per fold, AutoML's ensemble as the leaderboard built it before a30d45f, without its search: the
+  ``ENSEMBLE_SIZE`` vforge-model cells with the lowest validation RMSE on that fold, convex weights fit on that
+  fold's validation block (``fit_weights``, every row alike), applied to its test block. LightGBM is a reference,
+  never a member. The README's page was computed so; the leaderboard now also takes the linear model and the
+  baseline as members, caps each date's weight and picks simplest first (``vforge.evaluation.selection``), which
+  ``scripts/accuracy.py automl`` measures.
 
 Persistence, the baseline and SSVI come with every cell's predictions (the same rows in every cell: checked).
 
@@ -322,8 +325,8 @@ def head_to_head(a: pd.DataFrame, b: pd.DataFrame, horizon: int = 0) -> dict[str
 
 
 def automl_pick(cells: dict[str, dict[str, Any]]) -> str | None:
-    """What AutoML would pick: the vforge model or ensemble with the lowest mean validation RMSE over the folds
-    (the leaderboard ranks by validation RMSE; LightGBM is a reference row there, not a candidate)."""
+    """What AutoML picked before a30d45f: the vforge model or ensemble with the lowest mean validation RMSE over the
+    folds (LightGBM is a reference row, not a candidate); the page's figures were computed with this rule."""
     val = {n: float(np.mean([f["val_rmse"] for f in c["folds"]])) for n, c in cells.items() if n != LIGHTGBM}
     return min(val, key=val.__getitem__) if val else None
 

@@ -65,6 +65,9 @@ def test_the_pick_keeps_the_simplest_unless_a_candidate_wins_clearly():
     assert p.name == "good" and p.index == 1
     assert p.scores["fallback"] == pytest.approx(1.0)  # no change: persistence's own loss
     assert p.why["good"].startswith("replaced fallback") and p.why["noisy"].startswith("did not earn its place over good")
+    same = pick(["fallback", "good", "copy"], [base, good, good.copy()], true, base, dates, tolerance=0.005,
+                max_p=0.05, cap=0.9)
+    assert same.name == "good" and same.why["copy"] == "the same validation predictions as good"
     # a gain on 3 of 4 dates, lost on the fourth, is not evidence though the score is far better; a score within
     # the tolerance is not a gain
     few = dates < 4

@@ -48,13 +48,15 @@ def pick(names: list[str], val_preds: list[np.ndarray], true: np.ndarray, base: 
     change = [(np.asarray(p) - base)[on] for p in val_preds]
     scores = {n: capped_ratio(c, true_change, day, cap) for n, c in zip(names, change)}
     best = 0
-    why = {names[0]: f"the fallback (score {scores[names[0]]:.3f})"}
+    why = {names[0]: f"the simplest candidate, the fallback (score {scores[names[0]]:.3f})"}
     for j in range(1, len(names)):
         won, n, p = wins_over(change[j], change[best], true_change, day, cap)
         a, b = scores[names[j]], scores[names[best]]
         evidence = (f"score {a:.3f} vs {b:.3f} for {names[best]}, won {won}/{n} validation dates "
                     f"(DM p {p:.2g}, needed <= {max_p:g})")
-        if a < b - tolerance and p <= max_p:
+        if n == 0:  # e.g. a network whose do-no-harm step kept the ridge's share alone
+            why[names[j]] = f"the same validation predictions as {names[best]}"
+        elif a < b - tolerance and p <= max_p:
             why[names[j]] = f"replaced {names[best]}: {evidence}"
             best = j
         else:
