@@ -116,3 +116,15 @@ def test_the_linear_reference_row_is_the_default_commands_model_linear(make_cfg)
         assert getattr(row, f"{split}_pred") == pytest.approx(getattr(entry, f"{split}_pred"), abs=1e-6)
     assert row.test["prev_quoted_rmse"] == pytest.approx(metrics["test/prev_quoted_rmse"], rel=1e-5)
     assert "model=linear" in row.info["notes"]
+
+
+def test_a_candidate_equal_on_quoted_rows_wins_on_new_contracts_only_with_evidence():
+    rng, dates, signal, base, true = panel(seed=3)
+    quoted = np.arange(dates.size) % 2 == 0
+    better_new = np.where(quoted, base, base + 0.9 * signal)  # the fallback's own on quoted rows, better elsewhere
+    p = pick(["fallback", "c"], [base, better_new], true, base, dates, quoted, tolerance=0.005, max_p=0.05, cap=0.9)
+    assert p.name == "c" and "all rows: score" in p.why["c"] and p.scores["c"] == pytest.approx(1.0)
+    # worse on the quoted rows: better new contracts do not make up for it
+    worse_quoted = np.where(quoted, base - 0.5 * signal, base + 0.9 * signal)
+    p = pick(["fallback", "c"], [base, worse_quoted], true, base, dates, quoted, tolerance=0.005, max_p=0.05, cap=0.9)
+    assert p.name == "fallback" and "all rows" not in p.why["c"]

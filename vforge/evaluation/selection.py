@@ -38,25 +38,41 @@ class Pick:
 
 def pick(names: list[str], val_preds: list[np.ndarray], true: np.ndarray, base: np.ndarray, dates: np.ndarray,
          rows: np.ndarray | None = None, *, tolerance: float, max_p: float, cap: float) -> Pick:
-    """The candidate to serve among ``names`` (simplest first; the first is the fallback),
-    from their validation IV levels ``val_preds`` against ``true``, as changes over ``base``, on ``rows`` (a mask;
-    None: all), per quote date ``dates``."""
+    """The candidate to serve among ``names`` (simplest first; the first is the fallback), from their validation IV
+    levels ``val_preds`` against ``true``, as changes over ``base``, per quote date ``dates``: judged on ``rows`` (a
+    mask, the previously quoted rows; None: all). A candidate no worse there (by ``tolerance``) may also win on all
+    rows with the same evidence: a network that keeps the ridge's change on quoted rows but predicts new contracts
+    better."""
     if len(names) != len(val_preds) or not names:
         raise ValueError(f"{len(names)} names for {len(val_preds)} predictions")
-    on = np.ones(len(true), dtype=bool) if rows is None or not np.any(rows) else np.asarray(rows, dtype=bool)
-    true_change, day = (true - base)[on], np.asarray(dates)[on]
-    change = [(np.asarray(p) - base)[on] for p in val_preds]
-    scores = {n: capped_ratio(c, true_change, day, cap) for n, c in zip(names, change)}
+    every = np.ones(len(true), dtype=bool)
+    on = every if rows is None or not np.any(rows) else np.asarray(rows, dtype=bool)
+    views = {"": on} | ({"all rows": every} if not on.all() else {})
+
+    def view(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[np.ndarray], list[float]]:
+        true_change, day = (true - base)[mask], np.asarray(dates)[mask]
+        change = [(np.asarray(p) - base)[mask] for p in val_preds]
+        return true_change, day, change, [capped_ratio(c, true_change, day, cap) for c in change]
+
+    judged = {k: view(m) for k, m in views.items()}
+    scores = dict(zip(names, judged[""][3]))
     best = 0
     why = {names[0]: f"the simplest candidate, the fallback (score {scores[names[0]]:.3f})"}
     for j in range(1, len(names)):
-        won, n, p = wins_over(change[j], change[best], true_change, day, cap)
-        a, b = scores[names[j]], scores[names[best]]
-        evidence = (f"score {a:.3f} vs {b:.3f} for {names[best]}, won {won}/{n} validation dates "
-                    f"(DM p {p:.2g}, needed <= {max_p:g})")
-        if n == 0:  # e.g. a network whose do-no-harm step kept the ridge's share alone
+        lines, same, won_any = [], True, False
+        for k, (true_change, day, change, score) in judged.items():
+            won, n, p = wins_over(change[j], change[best], true_change, day, cap)
+            a, b = score[j], score[best]
+            same &= n == 0
+            lines.append(f"{k + ': ' if k else ''}score {a:.3f} vs {b:.3f} for {names[best]}, won {won}/{n} "
+                         f"validation dates (DM p {p:.2g}, needed <= {max_p:g})")
+            won_any |= n > 0 and a < b - tolerance and p <= max_p
+            if k == "" and a > b + tolerance:  # worse on the rows that matter most: all rows cannot make up for it
+                break
+        evidence = "; ".join(lines)
+        if same:  # e.g. a network whose do-no-harm step kept the ridge's share alone
             why[names[j]] = f"the same validation predictions as {names[best]}"
-        elif a < b - tolerance and p <= max_p:
+        elif won_any:
             why[names[j]] = f"replaced {names[best]}: {evidence}"
             best = j
         else:
