@@ -113,6 +113,12 @@ def module_latency(model: torch.nn.Module, test: Any, latency_rows: int) -> tupl
     return latency_ms(lambda: run(x_num, x_cat), n, lambda: run(x1, c1))
 
 
+def levels(model: torch.nn.Module, data: Dataset, output: int = 0) -> dict[str, np.ndarray]:
+    """IV levels of ``model``'s output ``output`` on the val and test splits."""
+    return {s: data.to_level(predict_outputs(model, getattr(data, s))[:, output], getattr(data, s))
+            for s in ("val", "test")}
+
+
 def load_data(ckpt: dict[str, Any]) -> Dataset:
     """The dataset a checkpoint was trained on, rebuilt from its resolved config (same seed, split, scaling)."""
     return instantiate(ckpt["config"]["data"], _convert_="all")
@@ -133,8 +139,7 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
                          f"{data.feature_names}; AutoML models must share one data config")
     model = ModelBundle.from_dict(ckpt).build_model()
     idx = int(ckpt.get("output_index", 0))
-    preds = {s: data.to_level(predict_outputs(model, getattr(data, s))[:, idx], getattr(data, s))
-             for s in ("val", "test")}
+    preds = levels(model, data, idx)
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else {}
     lat = module_latency(model, data.test, latency_rows)
     entry = Entry(name, "model", preds["val"], preds["test"], train_s=float(metrics.get("train_seconds", math.nan)),
@@ -245,7 +250,7 @@ def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any
                       {**config, "model": dict(model_cfg), "run_name": "linear"}, d_out=1)
     seconds = time.perf_counter() - start
     model = kept.module.eval()
-    preds = {s: data.to_level(predict_outputs(model, getattr(data, s))[:, 0], getattr(data, s)) for s in ("val", "test")}
+    preds = levels(model, data)
     lat = module_latency(model, data.test, latency_rows)
     m = kept.metrics
     shares = (f"; kept {m['do_no_harm/w_linear']:g} x its change on quoted rows, {m['do_no_harm/w_linear_new']:g} on "

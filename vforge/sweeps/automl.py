@@ -144,7 +144,7 @@ class AutoMLSweeperImpl(StudySweeper):
             log.warning("%s: it does not beat persistence (by %.0f%% or more)", text, BEAT_MARGIN * 100)
 
     def pick(self, baseline: L.Entry, linear: L.Entry | None, models: list[L.Entry], ensemble: L.Entry | None,
-             data: Any, settings: dict[str, Any]) -> tuple[L.Entry, str]:
+             data: Any, settings: dict[str, Any], cap: float) -> tuple[L.Entry, str]:
         """The entry AutoML serves (``selection.pick``, with the do-no-harm step's tolerance, p-value bar and cap):
         ``model=linear`` (after its do-no-harm step: persistence unless the ridge beat it on inner walk-forward
         folds; the baseline if it failed), replaced by a searched model (fewest parameters first) or the ensemble only
@@ -158,10 +158,9 @@ class AutoMLSweeperImpl(StudySweeper):
                                                      for e in candidates],
                       va.iv, va.base, va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
                       tolerance=float(settings.get("tolerance", 0.005)), max_p=float(settings.get("max_p", 0.05)),
-                      cap=float(settings.get("cap") or 0.9))
-        for e in candidates:
-            picked = e.name == chosen.name
-            text = ("AutoML's pick: " if picked else "not picked: ") + chosen.why[e.name]
+                      cap=cap)
+        for i, e in enumerate(candidates):
+            text = ("AutoML's pick: " if i == chosen.index else "not picked: ") + chosen.why[e.name]
             e.info["notes"] = f"{text}; {e.info['notes']}" if e.info.get("notes") else text
         return candidates[chosen.index], chosen.why[chosen.name]
 
@@ -226,7 +225,7 @@ class AutoMLSweeperImpl(StudySweeper):
         ens, weights = L.ensemble_entry(members, data, cap) if len(members) >= 2 else (None, {})
         if ens is not None:
             entries.append(ens)
-        chosen, why = self.pick(baseline, linear, models, ens, data, settings)
+        chosen, why = self.pick(baseline, linear, models, ens, data, settings, cap)
         rows = L.rank(entries + refs, first=chosen)
         md, csv = L.write(rows, self.sweep_dir, title=f"AutoML leaderboard ({self.study_name})")
         (self.sweep_dir / "ensemble.json").write_text(json.dumps(
