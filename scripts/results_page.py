@@ -12,12 +12,15 @@ A *cell* is one (data, predictor) walk-forward (``evaluation=walk_forward evalua
 - ``lightgbm``: the same folds, each fold's data built by the same config, fit by the AutoML leaderboard's
   ``lightgbm_fit`` (its settings, early-stopped on the fold's validation block, not gated) and scored by the same
   ``evaluate_run``;
-- ``ensemble``: per fold, AutoML's ensemble as the leaderboard built it before a30d45f, without its search: the
-  ``ENSEMBLE_SIZE`` vforge-model cells with the lowest validation RMSE on that fold, convex weights fit on that
-  fold's validation block (``fit_weights``, every row alike), applied to its test block. LightGBM is a reference,
-  never a member. The README's page was computed so; the leaderboard now also takes the linear model and the
-  baseline as members, caps each date's weight and picks simplest first (``vforge.evaluation.selection``), which
-  ``scripts/accuracy.py automl`` measures.
+- ``ensemble``: per fold, AutoML's ensemble as the leaderboard builds it, without its search: the
+  ``ENSEMBLE_SIZE`` cells of searched models (every vforge-model cell but ``linear``) with the lowest validation
+  RMSE on that fold, the ``linear`` cell and the baseline; convex weights fit on that fold's validation block with
+  each date's weight capped as do no harm caps it (``capped_row_weights``), applied to its test block. LightGBM is
+  a reference, never a member;
+- ``automl``: per fold, AutoML's pick (``vforge.evaluation.selection.pick``, as ``vforge.sweeps.automl`` calls it)
+  among the ``linear`` cell (the fallback), the other vforge-model cells by their number of parameters and the
+  ensemble (judged on its cross-fitted validation predictions), with the fold's do-no-harm tolerance, p-value bar
+  and cap; each fold's ``pick.json`` says what was picked and why.
 
 Persistence, the baseline and SSVI come with every cell's predictions (the same rows in every cell: checked).
 
@@ -38,7 +41,9 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +55,10 @@ from omegaconf import DictConfig, open_dict
 
 from vforge.evaluation import leaderboard as L
 from vforge.evaluation import significance as sig
-from vforge.evaluation.ensemble import fit_weights
+from vforge.evaluation.ensemble import cross_fit, fit_weights
+from vforge.evaluation.metrics import capped_row_weights
 from vforge.evaluation.report import evaluate_run, frame_metrics
+from vforge.evaluation.selection import pick
 from vforge.evaluation.walk_forward import walk_forward
 
 log = logging.getLogger(__name__)
@@ -60,7 +67,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 REFERENCES = ("persistence", "baseline", "ssvi")
 MODELS = ("linear", "lightgbm", "mlp", "resnet", "ft_transformer")
-LIGHTGBM, ENSEMBLE = "lightgbm", "ensemble"
+LIGHTGBM, ENSEMBLE, AUTOML = "lightgbm", "ensemble", "automl"
 ENSEMBLE_SIZE = 3  # conf/experiment/automl.yaml: hydra.sweeper.ensemble_size
 N_FOLDS = 4
 KEY = ["target_date", "expiry", "strike", "option_type"]
@@ -68,7 +75,7 @@ KEY = ["target_date", "expiry", "strike", "option_type"]
 PAGE_OVERRIDES: dict[str, list[str]] = {"china50etf": ["trainer.max_epochs=5", "trainer.patience=3"]}
 LABELS = {"persistence": "persistence", "baseline": "baseline", "ssvi": "SSVI", "linear": "linear",
           "lightgbm": "LightGBM", "mlp": "mlp", "resnet": "resnet", "ft_transformer": "ft_transformer",
-          "ensemble": "ensemble"}
+          "ensemble": "ensemble", "automl": "AutoML pick"}
 
 FoldFn = Callable[..., dict[str, float]]
 
@@ -77,7 +84,7 @@ FoldFn = Callable[..., dict[str, float]]
 
 def cell_overrides(data: str, model: str, n_folds: int, extra: Sequence[str]) -> list[str]:
     """The overrides of a cell's walk-forward (``lightgbm`` and ``ensemble`` compose ``model=linear``, unused)."""
-    vforge_model = model if model not in (LIGHTGBM, ENSEMBLE) else "linear"
+    vforge_model = model if model not in (LIGHTGBM, ENSEMBLE, AUTOML) else "linear"
     return ["logger=none", f"data={data}", f"model={vforge_model}", "evaluation=walk_forward",
             f"evaluation.n_folds={n_folds}", "evaluation.plots=false", "trainer.num_threads=1",
             *PAGE_OVERRIDES.get(data, []), *extra]
@@ -118,36 +125,116 @@ def lightgbm_fold(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
     return metrics
 
 
+def fold_frames(dirs: dict[str, Path], names: Sequence[str], fold: int) -> dict[str, dict[str, pd.DataFrame]]:
+    """The validation and test predictions of the cells ``names`` on one fold (``split -> name -> frame``), checked
+    to hold the same rows, plus ``baseline``: the first frame with the baseline as its ``model``."""
+    frames = {s: {n: pd.read_parquet(dirs[n] / "predictions" / f"{s}.parquet") for n in names}
+              for s in ("val", "test")}
+    for split, by_name in frames.items():
+        first = by_name[names[0]]
+        for name, f in by_name.items():
+            if not (f[KEY].equals(first[KEY]) and np.array_equal(f["market"], first["market"])):
+                raise ValueError(f"fold {fold}: {name}'s {split} rows differ from {names[0]}'s; "
+                                 "the cells ran on different data (rerun them on one commit)")
+        by_name["baseline"] = first.assign(model=first["baseline"])
+    return frames
+
+
+@dataclass
+class Blend:
+    """An ensemble on one fold: its ``members``' convex ``weights`` fit on the validation block (dates capped),
+    its validation predictions in sample (``val``) and cross-fitted (``evidence``: ``ensemble.cross_fit``), its
+    test predictions (``test``)."""
+
+    members: list[str]
+    weights: np.ndarray
+    val: np.ndarray
+    evidence: np.ndarray
+    test: np.ndarray
+
+
+def blend(frames: dict[str, dict[str, pd.DataFrame]], members: list[str], cap: float) -> Blend:
+    """AutoML's ensemble (``leaderboard.ensemble_entry``) of ``members`` on one fold's frames: weights fit on the
+    validation rows with each date's weight capped at the ``cap`` quantile (``capped_row_weights``)."""
+    va = frames["val"][members[0]]
+    dates, true = va["target_date"].to_numpy(), va["market"].to_numpy(np.float64)
+    weight = capped_row_weights(true - va["baseline"].to_numpy(np.float64), dates, cap)
+    preds = {s: np.stack([frames[s][n]["model"].to_numpy(np.float64) for n in members], axis=1) for s in frames}
+    w = fit_weights(preds["val"], true, weight)
+    return Blend(members, w, preds["val"] @ w, cross_fit(preds["val"], true, dates, weight), preds["test"] @ w)
+
+
+def ensemble_members(dirs: dict[str, Path], fold: int, size: int) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The ensemble's members on one fold, as the leaderboard takes them: the ``size`` searched models (every cell
+    but ``linear``) with the lowest validation RMSE on the fold, then ``linear`` and the baseline; and each cell's
+    fold metrics."""
+    metrics = {n: json.loads((d / f"fold_{fold}" / "metrics.json").read_text()) for n, d in dirs.items()}
+    searched = sorted((n for n in dirs if n != "linear"), key=lambda n: metrics[n]["val/rmse"])
+    return [*searched[:size], *(["linear"] if "linear" in dirs else []), "baseline"], metrics
+
+
+def write_fold(out: Path, frames: dict[str, pd.DataFrame], source: Path, horizon: int,
+               extra: dict[str, float]) -> dict[str, float]:
+    """A computed fold's predictions (``frames``: split -> frame), data report (``source``'s) and metrics."""
+    (out / "predictions").mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, float] = {}
+    for split, frame in frames.items():
+        frame.to_parquet(out / "predictions" / f"{split}.parquet", index=False)
+        metrics |= frame_metrics(split, frame, horizon)
+    shutil.copy(source / "data_report.json", out / "data_report.json")
+    metrics |= extra
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
 def ensemble_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
-    """One walk-forward fold of the ensemble of ``members`` (cell folders): the ``size`` members with the lowest
-    validation RMSE on this fold, weights fit on its validation block only."""
+    """One walk-forward fold of AutoML's ensemble of the cells ``members`` (``ensemble_members``: the best ``size``
+    searched models on this fold's validation RMSE, the linear model and the baseline), its weights fit on the
+    fold's validation block with the dates capped as do no harm caps them."""
 
     def run(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
         i, out = int(cfg.data.fold), Path(cfg.output_dir)
         dirs = {name: d / f"fold_{i}" for name, d in members.items()}
-        val_rmse = {name: json.loads((d / "metrics.json").read_text())["val/rmse"] for name, d in dirs.items()}
-        chosen = sorted(val_rmse, key=val_rmse.__getitem__)[:size]
-        frames = {s: {n: pd.read_parquet(dirs[n] / "predictions" / f"{s}.parquet") for n in chosen}
-                  for s in ("val", "test")}
-        for split, by_name in frames.items():
-            first = by_name[chosen[0]]
-            for name, f in by_name.items():
-                if not (f[KEY].equals(first[KEY]) and np.array_equal(f["market"], first["market"])):
-                    raise ValueError(f"ensemble fold {i}: {name}'s {split} rows differ from {chosen[0]}'s; "
-                                     "the cells ran on different data (rerun them on one commit)")
-        w = fit_weights(np.stack([frames["val"][n]["model"].to_numpy() for n in chosen], axis=1),
-                        frames["val"][chosen[0]]["market"].to_numpy())
-        (out / "predictions").mkdir(parents=True, exist_ok=True)
-        metrics: dict[str, float] = {}
-        for split, by_name in frames.items():
-            pred = np.stack([by_name[n]["model"].to_numpy() for n in chosen], axis=1) @ w
-            frame = by_name[chosen[0]].assign(model=pred)
-            frame.to_parquet(out / "predictions" / f"{split}.parquet", index=False)
-            metrics |= frame_metrics(split, frame, int(cfg.data.horizon))
-        shutil.copy(dirs[chosen[0]] / "data_report.json", out / "data_report.json")
-        metrics |= {f"ensemble/w_{n}": float(wi) for n, wi in zip(chosen, w)}
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        return metrics
+        names, _ = ensemble_members(members, i, size)
+        frames = fold_frames(dirs, [n for n in names if n != "baseline"], i)
+        b = blend(frames, names, float(cfg.do_no_harm.cap))
+        pred = {"val": b.val, "test": b.test}
+        return write_fold(out, {s: frames[s][names[0]].assign(model=pred[s]) for s in pred}, dirs[names[0]],
+                          int(cfg.data.horizon), {f"ensemble/w_{n}": float(w) for n, w in zip(names, b.weights)})
+
+    return run
+
+
+def automl_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
+    """One walk-forward fold of AutoML's pick among the cells ``members`` (``selection.pick``, as the AutoML
+    sweeper calls it): ``linear`` first (the fallback), then the other cells by their number of parameters, then
+    the ensemble judged on its cross-fitted validation predictions; the do-no-harm settings of the fold's config.
+    The pick and why go to the fold's ``pick.json``."""
+
+    def run(cfg: DictConfig, callbacks: Any = ()) -> dict[str, float]:
+        i, out = int(cfg.data.fold), Path(cfg.output_dir)
+        dirs = {name: d / f"fold_{i}" for name, d in members.items()}
+        names, metrics = ensemble_members(members, i, size)
+        models = sorted((n for n in dirs if n != "linear"), key=lambda n: (metrics[n].get("n_params", math.inf),
+                                                                         metrics[n]["val/rmse"]))
+        order = [*(["linear"] if "linear" in dirs else []), *models]
+        frames = fold_frames(dirs, order, i)
+        settings = cfg.do_no_harm
+        b = blend(frames, names, float(settings.cap))
+        va = frames["val"][order[0]]
+        candidates = [*order, ENSEMBLE]
+        val = [*(frames["val"][n]["model"].to_numpy(np.float64) for n in order), b.evidence]
+        chosen = pick(candidates, val, va["market"].to_numpy(np.float64), va["baseline"].to_numpy(np.float64),
+                      va["target_date"].to_numpy(), va["persistence"].notna().to_numpy(),
+                      tolerance=float(settings.tolerance), max_p=float(settings.max_p), cap=float(settings.cap))
+        name = chosen.name
+        pred = ({"val": b.val, "test": b.test} if name == ENSEMBLE else
+                {s: frames[s][name]["model"].to_numpy() for s in ("val", "test")})
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "pick.json").write_text(json.dumps({"pick": name, "why": chosen.why, "scores": chosen.scores,
+                                                   "ensemble": dict(zip(names, b.weights.tolist()))}, indent=1))
+        return write_fold(out, {s: frames[s][order[0]].assign(model=pred[s]) for s in pred}, dirs[order[0]],
+                          int(cfg.data.horizon), {"automl/pick_index": float(chosen.index)})
 
     return run
 
@@ -179,7 +266,8 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
              members: dict[str, Path] | None = None, fold_fn: FoldFn | None = None) -> dict[str, Any]:
     """Compute one cell (its unfinished folds) and write its ``cell.json``; returns what it wrote.
 
-    ``fold_fn`` defaults to ``vforge.train.train`` for a vforge model, ``lightgbm_fold``, or ``ensemble_fold(members)``.
+    ``fold_fn`` defaults to ``vforge.train.train`` for a vforge model, ``lightgbm_fold``, ``ensemble_fold(members)``
+    or ``automl_fold(members)``.
     """
     cell = out / data / name
     overrides = cell_overrides(data, name, n_folds, extra)
@@ -192,9 +280,9 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
     if fold_fn is None:
         if name == LIGHTGBM:
             fold_fn = lightgbm_fold
-        elif name == ENSEMBLE:
-            assert members is not None, "the ensemble needs its member cells"
-            fold_fn = ensemble_fold(members)
+        elif name in (ENSEMBLE, AUTOML):
+            assert members is not None, f"the {name} cell needs its member cells"
+            fold_fn = ensemble_fold(members) if name == ENSEMBLE else automl_fold(members)
         else:
             from vforge.train import train
 
@@ -208,6 +296,9 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
     folds = []
     for f in result.folds:
         keep = {k.split("/")[-1]: v for k, v in f.metrics.items() if k.startswith(("do_no_harm/", "ensemble/w_"))}
+        chosen = Path(f.cfg.output_dir) / "pick.json"
+        if chosen.exists():
+            keep["pick"] = json.loads(chosen.read_text())["pick"]
         folds.append({"fold": f.index, "rows": len(f.test), "val_rmse": f.metrics.get("val/rmse", math.nan),
                       "best_epoch": f.metrics.get("best_epoch", math.nan), "epochs": f.metrics.get("epochs", math.nan),
                       **keep})
@@ -224,11 +315,12 @@ def run_cell(data: str, name: str, out: Path, extra: Sequence[str], *, n_folds: 
 
 def cached_cell(data: str, name: str, out: Path, compute: Callable[[], dict[str, Any]],
                 members: Sequence[str] = ()) -> dict[str, Any]:
-    """The cell's ``cell.json`` if it exists (for the ensemble: with these members), else ``compute()``."""
+    """The cell's ``cell.json`` if it exists (for the ensemble and the pick: with these members), else
+    ``compute()``."""
     path = out / data / name / "cell.json"
     if path.exists():
         record = json.loads(path.read_text())
-        if name != ENSEMBLE or record.get("members") == sorted(members):
+        if name not in (ENSEMBLE, AUTOML) or record.get("members") == sorted(members):
             log.info("cached: %s", path)
             return record
         log.info("%s: members changed (%s -> %s), computing it again", path.parent, record.get("members"),
@@ -256,8 +348,11 @@ def _share(w_model: float, w_linear: float, own: str) -> str:
 
 def kept(record: dict[str, Any]) -> str:
     """What do no harm kept on each fold, quoted rows / new contracts (``m`` the row's model, ``r`` the ridge,
-    ``p`` persistence; the rest of each share is persistence), or the ensemble's members and weights per fold."""
+    ``p`` persistence; the rest of each share is persistence), the ensemble's members and weights per fold, or
+    what AutoML picked on each fold."""
     folds = record["folds"]
+    if record["name"] == AUTOML:
+        return ", ".join(LABELS.get(f.get("pick", "?"), f.get("pick", "?")) for f in folds)
     if record["name"] == ENSEMBLE:
         return "; ".join(" ".join(f"{k[2:]} {v:.2f}" for k, v in f.items() if k.startswith("w_") and v > 0.005)
                          for f in folds)
@@ -324,28 +419,22 @@ def head_to_head(a: pd.DataFrame, b: pd.DataFrame, horizon: int = 0) -> dict[str
     return {"dm_p": dm.pvalue, "won": won, "dm_p_all": dm_all.pvalue, "won_all": won_all}
 
 
-def automl_pick(cells: dict[str, dict[str, Any]]) -> str | None:
-    """What AutoML picked before a30d45f: the vforge model or ensemble with the lowest mean validation RMSE over the
-    folds (LightGBM is a reference row, not a candidate); the page's figures were computed with this rule."""
-    val = {n: float(np.mean([f["val_rmse"] for f in c["folds"]])) for n, c in cells.items() if n != LIGHTGBM}
-    return min(val, key=val.__getitem__) if val else None
-
-
 def pick_lines(out: Path, data: str, cells: dict[str, dict[str, Any]]) -> str:
-    """The AutoML pick against LightGBM, linear and persistence, tested head to head on the same rows."""
-    pick = automl_pick(cells)
-    if pick is None:
+    """The AutoML pick (its cell) against LightGBM, linear and persistence, tested head to head on the same rows."""
+    if AUTOML not in cells:
         return ""
-    val = np.mean([f["val_rmse"] for f in cells[pick]["folds"]])
-    s = cells[pick]["scores"]
-    text = (f"AutoML's pick (lowest mean fold validation RMSE, {val:.3f}): **{LABELS.get(pick, pick)}**; against "
-            f"persistence DM p {_p(s['dm_p'])} on quoted rows")
+    c = cells[AUTOML]
+    picks = ", ".join(LABELS.get(f.get("pick", "?"), f.get("pick", "?")) for f in c["folds"])
+    text = f"AutoML's pick per fold: **{picks}**; against persistence DM p {_p(c['scores']['dm_p'])} on quoted rows"
     frames = {n: pd.read_parquet(out / data / n / "predictions" / "test.parquet")
-              for n in (pick, LIGHTGBM, "linear") if n in cells}
+              for n in (AUTOML, LIGHTGBM, "linear") if n in cells}
     for other in (LIGHTGBM, "linear"):
-        if other == pick or other not in frames:
+        if other not in frames:
             continue
-        h = head_to_head(frames[pick], frames[other], int(cells[pick].get("horizon", 0)))
+        h = head_to_head(frames[AUTOML], frames[other], int(c.get("horizon", 0)))
+        if not h["won"] == h["won"] and not h["won_all"] == h["won_all"]:
+            text += f"; the same predictions as {LABELS[other]}"
+            continue
         text += (f"; against {LABELS[other]} DM p {_p(h['dm_p'])} on quoted rows (won {_num(h['won'], '.0%')} of "
                  f"dates), {_p(h['dm_p_all'])} on all rows (won {_num(h['won_all'], '.0%')})")
     return text + "."
@@ -376,19 +465,18 @@ def results(args: argparse.Namespace) -> None:
     out = Path(args.out)
     extra = [*args.overrides, *([f"trainer.max_epochs={args.epochs}"] if args.epochs else []),
              *([f"trainer.patience={args.patience}"] if args.patience else [])]
-    names = [*args.models, *([ENSEMBLE] if args.ensemble else [])]
+    names = [*args.models, *([ENSEMBLE, AUTOML] if args.ensemble else [])]
     if not args.table:
         for d in args.data:
             for n in args.rerun or []:
                 if (out / d / n).exists():
                     shutil.rmtree(out / d / n)
             for m in args.models:
-                cached_cell(d, m, out, lambda d=d, m=m: run_cell(d, m, out, extra))
-            if args.ensemble:
-                members = {m: out / d / m for m in args.models if m != LIGHTGBM and (out / d / m / "cell.json").exists()}
-                if len(members) >= 2:
-                    cached_cell(d, ENSEMBLE, out, lambda d=d, ms=members: run_cell(d, ENSEMBLE, out, extra, members=ms),
-                                members=list(members))
+                cached_cell(d, m, out, partial(run_cell, d, m, out, extra))
+            members = {m: out / d / m for m in args.models if m != LIGHTGBM and (out / d / m / "cell.json").exists()}
+            if args.ensemble and len(members) >= 2:
+                for n in (ENSEMBLE, AUTOML):
+                    cached_cell(d, n, out, partial(run_cell, d, n, out, extra, members=members), members=list(members))
     text = page(out, args.data, names)
     (out / "results.md").write_text(text + "\n")
     print(text)

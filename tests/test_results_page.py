@@ -1,5 +1,6 @@
 """scripts/results_page.py (the README's results page): pooled scores and the table by hand, the cache and the
-fold-level resume, and (slow) one tiny walk-forward of linear, LightGBM and their ensemble through the real code."""
+fold-level resume, AutoML's pick on hand-made folds, and (slow) one tiny walk-forward of linear, LightGBM, their
+ensemble and the pick through the real code."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from vforge.evaluation import leaderboard as L
+from vforge.evaluation.metrics import capped_row_weights
 from vforge.evaluation.significance import diebold_mariano
 
 from .conftest import TINY_DATA
@@ -161,11 +163,21 @@ def test_linear_lightgbm_and_their_ensemble_walk_forward_on_a_tiny_market(tmp_pa
     members = {"linear": tmp_path / "synthetic" / "linear", "lightgbm": tmp_path / "synthetic" / "lightgbm"}
     ens = R.run_cell("synthetic", "ensemble", tmp_path, extra, n_folds=2, members=members)
     for i, fold in enumerate(ens["folds"]):
-        best = min(json.loads((d / f"fold_{i}" / "metrics.json").read_text())["val/rmse"] for d in members.values())
-        assert fold["val_rmse"] <= best + 1e-9  # weights fit on validation: never worse there than its best member
+        val = {n: pd.read_parquet(d / f"fold_{i}" / "predictions" / "val.parquet") for n, d in
+               {**members, "ensemble": tmp_path / "synthetic" / "ensemble"}.items()}
+        v = val["ensemble"]
+        w = capped_row_weights((v["market"] - v["baseline"]).to_numpy(), v["target_date"].to_numpy(), 0.9)
+        mse = {n: float(np.sum(w * (f["model"] - f["market"]) ** 2)) for n, f in val.items()}
+        mse["baseline"] = float(np.sum(w * (v["baseline"] - v["market"]) ** 2))
+        # weights fit on the capped validation rows: never worse there than its best member (baseline included)
+        assert mse["ensemble"] <= min(mse[n] for n in (*members, "baseline")) * (1 + 1e-9)
+        assert {k for k in fold if k.startswith("w_")} == {"w_lightgbm", "w_linear", "w_baseline"}
         assert sum(v for k, v in fold.items() if k.startswith("w_")) == pytest.approx(1.0)
-    page = R.page(tmp_path, ["synthetic"], ["linear", "lightgbm", "ensemble"])
-    assert page.count("\n| ") == 7 and "| LightGBM |" in page and "not gated" in page
+    pick = R.run_cell("synthetic", "automl", tmp_path, extra, n_folds=2, members=members)
+    assert all(f["pick"] in ("linear", "lightgbm", "ensemble") for f in pick["folds"])
+    page = R.page(tmp_path, ["synthetic"], ["linear", "lightgbm", "ensemble", "automl"])
+    assert page.count("\n| ") == 8 and "| LightGBM |" in page and "not gated" in page
+    assert "AutoML's pick per fold: **" in page
 
 
 def test_head_to_head_tests_one_cell_against_another_on_the_same_rows():
@@ -179,9 +191,53 @@ def test_head_to_head_tests_one_cell_against_another_on_the_same_rows():
         R.head_to_head(a, b.iloc[::-1].reset_index(drop=True))
 
 
-def test_automl_picks_the_lowest_mean_validation_rmse_and_never_lightgbm():
-    cells = {"lightgbm": {"folds": [{"val_rmse": 0.1}, {"val_rmse": 0.1}]},
-             "mlp": {"folds": [{"val_rmse": 0.3}, {"val_rmse": 0.5}]},
-             "ensemble": {"folds": [{"val_rmse": 0.2}, {"val_rmse": 0.7}]}}
-    assert R.automl_pick(cells) == "mlp"  # 0.4 against 0.45
-    assert R.automl_pick({"lightgbm": cells["lightgbm"]}) is None
+def fake_fold(root: Path, name: str, fold: int, frames: dict[str, pd.DataFrame], n_params: int) -> None:
+    """A finished fold of cell ``name`` as a walk-forward leaves it: predictions, metrics, data report."""
+    d = root / name / f"fold_{fold}"
+    (d / "predictions").mkdir(parents=True)
+    for s, f in frames.items():
+        f.to_parquet(d / "predictions" / f"{s}.parquet", index=False)
+    val = frames["val"]
+    rmse = float(np.sqrt(np.mean((val["model"] - val["market"]) ** 2)) * 100)
+    (d / "metrics.json").write_text(json.dumps({"val/rmse": rmse, "n_params": n_params}))
+    (d / "data_report.json").write_text("{}")
+
+
+def market(n_dates: int, seed: int, start: str) -> pd.DataFrame:
+    """``n_dates`` dates x 20 previously quoted contracts: the market is persistence plus a change."""
+    rng = np.random.default_rng(seed)
+    dates = np.repeat(pd.bdate_range(start, periods=n_dates), 20)
+    prev = 0.2 + 0.02 * rng.standard_normal(len(dates))
+    change = 0.01 * rng.standard_normal(len(dates))
+    return pd.DataFrame({"target_date": dates, "expiry": pd.Timestamp("2030-01-01"),
+                         "strike": np.tile(np.arange(20.0), n_dates), "option_type": "C", "prev_quoted": True,
+                         "persistence": prev, "baseline": prev, "market": prev + change, "ssvi": prev,
+                         "change": change})
+
+
+@pytest.mark.parametrize("skill", [0.8, 0.0])
+def test_automl_fold_keeps_linear_unless_a_network_beats_it_clearly_on_validation(tmp_path, skill):
+    """The linear cell predicts a third of the change; a network predicting ``skill`` of it (plus noise) replaces it
+    only when it is clearly better on the validation dates, and the pick's test predictions are that cell's."""
+    rng = np.random.default_rng(0)
+    frames = {"val": market(60, 1, "2024-01-01"), "test": market(30, 2, "2024-04-01")}
+
+    def predicting(share: float, noise: float) -> dict[str, pd.DataFrame]:
+        return {s: f.assign(model=f["persistence"] + share * f["change"] + noise * rng.standard_normal(len(f)))
+                for s, f in frames.items()}
+
+    fake_fold(tmp_path, "linear", 0, predicting(1 / 3, 0.0), 10)
+    fake_fold(tmp_path, "mlp", 0, predicting(skill, 0.002), 1000)
+    members = {n: tmp_path / n for n in ("linear", "mlp")}
+    cfg = OmegaConf.create({"output_dir": str(tmp_path / "automl" / "fold_0"), "data": {"fold": 0, "horizon": 0},
+                            "do_no_harm": {"cap": 0.9, "tolerance": 0.005, "max_p": 0.05}})
+    R.automl_fold(members)(cfg)
+    chosen = json.loads((tmp_path / "automl" / "fold_0" / "pick.json").read_text())
+    assert chosen["pick"] == ("mlp" if skill else "linear")
+    assert set(chosen["why"]) == {"linear", "mlp", "ensemble"} and set(chosen["ensemble"]) == {"mlp", "linear",
+                                                                                              "baseline"}
+    test = pd.read_parquet(tmp_path / "automl" / "fold_0" / "predictions" / "test.parquet")
+    picked = pd.read_parquet(tmp_path / chosen["pick"] / "fold_0" / "predictions" / "test.parquet")
+    np.testing.assert_array_equal(test["model"], picked["model"])
+    # the ensemble's weights, fit on capped validation dates, sum to one over the three members
+    assert sum(chosen["ensemble"].values()) == pytest.approx(1.0)
