@@ -172,22 +172,30 @@ def suite(args: argparse.Namespace) -> None:
     print("\n" + summary(rows))
 
 
-def automl_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> dict:
-    """One AutoML sweep (run once: its leaderboard is reused) and the test ratios of its rows."""
+def automl_one(group: str, seed: Any, kind: str, extra: list[str], out: Path, repick: bool = False) -> dict:
+    """One AutoML sweep (run once: its leaderboard is reused) and the test ratios of its rows. ``repick``: the
+    finished sweep's leaderboard built again by the code as it is (its Optuna studies resumed from the sweep's
+    ``optuna.db`` with no trial left to run), the earlier one kept as ``leaderboard.prev.csv`` (``prev_*``)."""
     import os
     import subprocess
 
     import pandas as pd
 
     sweep = out / f"{group}-{seed if seed is not None else 'default'}"
-    board = sweep / "leaderboard.csv"
+    board, prev = sweep / "leaderboard.csv", sweep / "leaderboard.prev.csv"
     start = time.perf_counter()
+    resume: list[str] = []
+    if repick and board.exists():
+        if not prev.exists():
+            board.rename(prev)
+        board.unlink(missing_ok=True)
+        resume = [f"hydra.sweeper.storage=sqlite:///{sweep / 'optuna.db'}"]
     if not board.exists():
         cmd = [sys.executable, "-m", "vforge.automl", *GROUPS[group][0], *seed_overrides(group, seed, out),
-               "logger=none", "evaluation.plots=false", f"hydra.sweep.dir={sweep}", *extra]
+               "logger=none", "evaluation.plots=false", f"hydra.sweep.dir={sweep}", *resume, *extra]
         env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE")
         done = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True)
-        (out / f"{sweep.name}.log").write_text(done.stdout + done.stderr)
+        (out / f"{sweep.name}{'.repick' if resume else ''}.log").write_text(done.stdout + done.stderr)
         if done.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
     rows = pd.read_csv(board)
@@ -196,12 +204,18 @@ def automl_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) ->
     named = {n: ratio(rows[rows["name"] == n].iloc[0]) for n in ("linear", "lightgbm") if (rows["name"] == n).any()}
     cands = rows[rows["kind"].isin(["model", "ensemble"])]
     old = cands.loc[cands["val_rmse"].idxmin()]
+    before = {}
+    if prev.exists():
+        first = pd.read_csv(prev).iloc[0]
+        before = {"prev_pick": first["name"], "prev_ratio": float(first["test_prev_quoted_rmse"]) / bench}
     return {"group": group, "seed": seed, "kind": kind, "pick": rows.iloc[0]["name"], "ratio": ratio(rows.iloc[0]),
-            "old_pick": old["name"], "old_ratio": ratio(old), **named, "seconds": round(time.perf_counter() - start)}
+            "old_pick": old["name"], "old_ratio": ratio(old), **named, **before,
+            "seconds": round(time.perf_counter() - start)}
 
 
 def automl_summary(rows: list[dict]) -> str:
-    cols = ["ratio", "old_ratio", "linear", "lightgbm"]
+    cols = ["ratio", *(["prev_ratio"] if any("prev_ratio" in r for r in rows) else []), "old_ratio", "linear",
+            "lightgbm"]
     lines = [f"{'group':<17}{'kind':<10}{'n':>3}  " + "".join(f"{c + ' geo/med/worst/>1':>34}" for c in cols)]
     for group in dict.fromkeys(r["group"] for r in rows):
         for kind in ("tune", "held-out"):
@@ -226,7 +240,7 @@ def automl(args: argparse.Namespace) -> None:
         _, tune, held = GROUPS[group]
         for kind, seeds in (("tune", tune), ("held-out", held)):
             for seed in seeds if not args.kind or kind == args.kind else []:
-                row = automl_one(group, seed, kind, list(args.overrides), out)
+                row = automl_one(group, seed, kind, list(args.overrides), out, args.repick)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     print("\n" + automl_summary(rows))
@@ -279,6 +293,8 @@ def main() -> None:
     a.add_argument("--groups", nargs="+", default=["china_thin_calls", "china_thin"], choices=list(GROUPS))
     a.add_argument("--kind", choices=["tune", "held-out"], help="only these seeds (default: both)")
     a.add_argument("--out", default="outputs/accuracy_automl")
+    a.add_argument("--repick", action="store_true", help="finished sweeps: their leaderboards built again by this "
+                   "code, no trial run (the earlier leaderboard kept as leaderboard.prev.csv)")
     results_page.add_parser(sub)
     diagnose.add_parser(sub)
     args = p.parse_args()

@@ -14,12 +14,12 @@ A *cell* is one (data, predictor) walk-forward (``evaluation=walk_forward evalua
   ``evaluate_run``;
 - ``ensemble``: per fold, AutoML's ensemble as the leaderboard builds it, without its search: the
   ``ENSEMBLE_SIZE`` cells of searched models (every vforge-model cell but ``linear``) with the lowest validation
-  RMSE on that fold, the ``linear`` cell and the baseline; convex weights fit on that fold's validation block with
-  each date's weight capped as do no harm caps it (``capped_row_weights``), applied to its test block. LightGBM is
-  a reference, never a member;
+  RMSE on that fold, the ``linear`` and ``lightgbm`` cells and the baseline; convex weights fit on that fold's
+  validation block with each date's weight capped as do no harm caps it (``capped_row_weights``), applied to its
+  test block;
 - ``automl``: per fold, AutoML's pick (``vforge.evaluation.selection.pick``, as ``vforge.sweeps.automl`` calls it)
   among the ``linear`` cell (the fallback), the other vforge-model cells by their number of parameters and the
-  ensemble (judged on its cross-fitted validation predictions), with the fold's do-no-harm tolerance, p-value bar
+  ensemble (LightGBM is a member of the ensemble, no candidate alone, as on the leaderboard) (judged on its cross-fitted validation predictions), with the fold's do-no-harm tolerance, p-value bar
   and cap; each fold's ``pick.json`` says what was picked and why.
 
 Persistence, the baseline and SSVI come with every cell's predictions (the same rows in every cell: checked).
@@ -69,6 +69,7 @@ REFERENCES = ("persistence", "baseline", "ssvi")
 MODELS = ("linear", "lightgbm", "mlp", "resnet", "ft_transformer")
 LIGHTGBM, ENSEMBLE, AUTOML = "lightgbm", "ensemble", "automl"
 ENSEMBLE_SIZE = 3  # conf/experiment/automl.yaml: hydra.sweeper.ensemble_size
+REFERENCE_CELLS = ("linear", LIGHTGBM)  # ensemble members always, never among the searched models
 N_FOLDS = 4
 KEY = ["target_date", "expiry", "strike", "option_type"]
 # The page's own settings per data option: none, every cell is the model's default config (on an idle 2-core
@@ -167,11 +168,11 @@ def blend(frames: dict[str, dict[str, pd.DataFrame]], members: list[str], cap: f
 
 def ensemble_members(dirs: dict[str, Path], fold: int, size: int) -> tuple[list[str], dict[str, dict[str, float]]]:
     """The ensemble's members on one fold, as the leaderboard takes them: the ``size`` searched models (every cell
-    but ``linear``) with the lowest validation RMSE on the fold, then ``linear`` and the baseline; and each cell's
-    fold metrics."""
+    but ``linear`` and ``lightgbm``) with the lowest validation RMSE on the fold, then ``linear``, ``lightgbm`` and
+    the baseline; and each cell's fold metrics."""
     metrics = {n: json.loads((d / f"fold_{fold}" / "metrics.json").read_text()) for n, d in dirs.items()}
-    searched = sorted((n for n in dirs if n != "linear"), key=lambda n: metrics[n]["val/rmse"])
-    return [*searched[:size], *(["linear"] if "linear" in dirs else []), "baseline"], metrics
+    searched = sorted((n for n in dirs if n not in REFERENCE_CELLS), key=lambda n: metrics[n]["val/rmse"])
+    return [*searched[:size], *(n for n in REFERENCE_CELLS if n in dirs), "baseline"], metrics
 
 
 def write_fold(out: Path, frames: dict[str, pd.DataFrame], source: Path, horizon: int,
@@ -216,10 +217,10 @@ def automl_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
         i, out = int(cfg.data.fold), Path(cfg.output_dir)
         dirs = {name: d / f"fold_{i}" for name, d in members.items()}
         names, metrics = ensemble_members(members, i, size)
-        models = sorted((n for n in dirs if n != "linear"), key=lambda n: (metrics[n].get("n_params", math.inf),
-                                                                         metrics[n]["val/rmse"]))
-        order = [*(["linear"] if "linear" in dirs else []), *models]
-        frames = fold_frames(dirs, order, i)
+        models = sorted((n for n in dirs if n not in REFERENCE_CELLS),
+                        key=lambda n: (metrics[n].get("n_params", math.inf), metrics[n]["val/rmse"]))
+        order = [*(["linear"] if "linear" in dirs else []), *models]  # LightGBM: a member, no candidate alone
+        frames = fold_frames(dirs, [*order, *(n for n in names if n not in order and n != "baseline")], i)
         settings = cfg.do_no_harm
         b = blend(frames, names, float(settings.cap))
         va = frames["val"][order[0]]
@@ -474,7 +475,7 @@ def results(args: argparse.Namespace) -> None:
                     shutil.rmtree(out / d / n)
             for m in args.models:
                 cached_cell(d, m, out, partial(run_cell, d, m, out, extra))
-            members = {m: out / d / m for m in args.models if m != LIGHTGBM and (out / d / m / "cell.json").exists()}
+            members = {m: out / d / m for m in args.models if (out / d / m / "cell.json").exists()}
             if args.ensemble and len(members) >= 2:
                 for n in (ENSEMBLE, AUTOML):
                     cached_cell(d, n, out, partial(run_cell, d, n, out, extra, members=members), members=list(members))

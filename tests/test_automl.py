@@ -124,7 +124,7 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     assert {"test_prev_quoted_rmse", "test_dm_pvalue", "test_dates_beaten", "beats_persistence",
             "test_arb_calendar", "test_arb_butterfly"} <= set(board.columns)
     ens = board[board["kind"] == "ensemble"]
-    assert len(ens) == 1 and {"linear", "baseline"} <= set(ens["name"].iloc[0][len("ensemble("):-1].split("+"))
+    assert len(ens) == 1 and {"linear", "lightgbm", "baseline"} <= set(ens["name"].iloc[0][len("ensemble("):-1].split("+"))
     saved = json.loads((Path(tmp_path) / "automl" / "ensemble.json").read_text())
     assert sum(saved["weights"].values()) == pytest.approx(1.0) and saved["dates_capped_at"] == 0.9
     # rank 1 is AutoML's pick (model=linear unless a searched model or the ensemble won clearly), the rest by val

@@ -3,7 +3,7 @@
 Each model gets its own Optuna study on its conf/hparams_search/<model>.yaml space, with a budget of
 trials and/or minutes; then the best run of each model is re-evaluated from its checkpoint on the same
 split beside persistence, the baseline, SSVI, ``model=linear`` and LightGBM; an ensemble of the best models, the
-linear model and the baseline is fit on validation; AutoML picks what to serve, simplest first
+linear model, LightGBM and the baseline is fit on validation; AutoML picks what to serve, simplest first
 (``vforge.evaluation.selection``: ``model=linear``, itself persistence unless the ridge beat it out of sample, unless
 a searched model or the ensemble beats it clearly on the validation dates), and the leaderboard, the pick first, goes to leaderboard.md/.csv in the sweep
 folder and to the MLflow parent run.
@@ -213,14 +213,14 @@ class AutoMLSweeperImpl(StudySweeper):
         ssvi = L.ssvi_entry(data)
         if ssvi is not None:
             refs.append(ssvi)
-        if self.lightgbm:
-            lgb = L.lightgbm_entry(data, latency_rows=self.latency_rows)
-            if lgb is not None:
-                refs.append(lgb)
-        # the ensemble: the best searched models, the linear model and the baseline (its weight shrinks the others'
-        # change toward persistence), weights fit on validation with each date's weight capped
+        lgb = L.lightgbm_entry(data, latency_rows=self.latency_rows) if self.lightgbm else None
+        if lgb is not None:
+            refs.append(lgb)
+        # the ensemble: the best searched models, the linear model, LightGBM (a reference row and no candidate alone,
+        # but its errors are the least like the networks') and the baseline (its weight shrinks the others' change
+        # toward persistence), weights fit on validation with each date's weight capped
         members = models[: self.ensemble_size]
-        members += [e for e in (linear, baseline) if e is not None and e not in members]
+        members += [e for e in (linear, lgb, baseline) if e is not None and e not in members]
         cap = float(settings.get("cap") or 0.9)
         ens, weights = L.ensemble_entry(members, data, cap) if len(members) >= 2 else (None, {})
         if ens is not None:
