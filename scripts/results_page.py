@@ -55,8 +55,7 @@ from omegaconf import DictConfig, open_dict
 
 from vforge.evaluation import leaderboard as L
 from vforge.evaluation import significance as sig
-from vforge.evaluation.ensemble import cross_fit, fit_weights
-from vforge.evaluation.metrics import capped_row_weights
+from vforge.evaluation.ensemble import fit_capped
 from vforge.evaluation.report import evaluate_run, frame_metrics
 from vforge.evaluation.selection import pick
 from vforge.evaluation.walk_forward import walk_forward
@@ -144,11 +143,9 @@ def fold_frames(dirs: dict[str, Path], names: Sequence[str], fold: int) -> dict[
 
 @dataclass
 class Blend:
-    """An ensemble on one fold: its ``members``' convex ``weights`` fit on the validation block (dates capped),
-    its validation predictions in sample (``val``) and cross-fitted (``evidence``: ``ensemble.cross_fit``), its
-    test predictions (``test``)."""
+    """An ensemble on one fold: its members' convex ``weights`` fit on the validation block (dates capped), its
+    validation predictions in sample (``val``) and cross-fitted (``evidence``), its test predictions (``test``)."""
 
-    members: list[str]
     weights: np.ndarray
     val: np.ndarray
     evidence: np.ndarray
@@ -156,14 +153,13 @@ class Blend:
 
 
 def blend(frames: dict[str, dict[str, pd.DataFrame]], members: list[str], cap: float) -> Blend:
-    """AutoML's ensemble (``leaderboard.ensemble_entry``) of ``members`` on one fold's frames: weights fit on the
-    validation rows with each date's weight capped at the ``cap`` quantile (``capped_row_weights``)."""
+    """AutoML's ensemble of ``members`` on one fold's frames, fit as ``leaderboard.ensemble_entry`` fits it
+    (``ensemble.fit_capped``)."""
     va = frames["val"][members[0]]
-    dates, true = va["target_date"].to_numpy(), va["market"].to_numpy(np.float64)
-    weight = capped_row_weights(true - va["baseline"].to_numpy(np.float64), dates, cap)
     preds = {s: np.stack([frames[s][n]["model"].to_numpy(np.float64) for n in members], axis=1) for s in frames}
-    w = fit_weights(preds["val"], true, weight)
-    return Blend(members, w, preds["val"] @ w, cross_fit(preds["val"], true, dates, weight), preds["test"] @ w)
+    w, evidence = fit_capped(preds["val"], va["market"].to_numpy(np.float64), va["baseline"].to_numpy(np.float64),
+                             va["target_date"].to_numpy(), cap)
+    return Blend(w, preds["val"] @ w, evidence, preds["test"] @ w)
 
 
 def ensemble_members(dirs: dict[str, Path], fold: int, size: int) -> tuple[list[str], dict[str, dict[str, float]]]:
@@ -220,7 +216,7 @@ def automl_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
         models = sorted((n for n in dirs if n not in REFERENCE_CELLS),
                         key=lambda n: (metrics[n].get("n_params", math.inf), metrics[n]["val/rmse"]))
         order = [*(["linear"] if "linear" in dirs else []), *models]  # LightGBM: a member, no candidate alone
-        frames = fold_frames(dirs, [*order, *(n for n in names if n not in order and n != "baseline")], i)
+        frames = fold_frames(dirs, [*order, *(n for n in dirs if n not in order)], i)
         settings = cfg.do_no_harm
         b = blend(frames, names, float(settings.cap))
         va = frames["val"][order[0]]
@@ -426,8 +422,7 @@ def pick_lines(out: Path, data: str, cells: dict[str, dict[str, Any]]) -> str:
     if AUTOML not in cells:
         return ""
     c = cells[AUTOML]
-    picks = ", ".join(LABELS.get(f.get("pick", "?"), f.get("pick", "?")) for f in c["folds"])
-    text = f"AutoML's pick per fold: **{picks}**; against persistence DM p {_p(c['scores']['dm_p'])} on quoted rows"
+    text = f"AutoML's pick per fold: **{kept(c)}**; against persistence DM p {_p(c['scores']['dm_p'])} on quoted rows"
     frames = {n: pd.read_parquet(out / data / n / "predictions" / "test.parquet")
               for n in (AUTOML, LIGHTGBM, "linear") if n in cells}
     for other in (LIGHTGBM, "linear"):

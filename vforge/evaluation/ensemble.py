@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize
 
+from vforge.evaluation.metrics import capped_row_weights
+
 
 def fit_weights(val_preds: np.ndarray, val_true: np.ndarray, sample_weight: np.ndarray | None = None) -> np.ndarray:
     """Convex weights (>= 0, summing to 1) minimizing the validation MSE of ``val_preds @ w``, each row weighted by
@@ -72,3 +74,17 @@ def cross_fit(val_preds: np.ndarray, val_true: np.ndarray, dates: np.ndarray, sa
             fit_weights(p, val_true, s)
         out[held] = p[held] @ w
     return out
+
+
+def fit_capped(val_preds: np.ndarray, val_true: np.ndarray, val_base: np.ndarray, dates: np.ndarray,
+               cap: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """AutoML's ensemble fit: convex weights (``fit_weights``) with each validation date's rows weighted as
+    ``capped_ratio`` weighs them (``metrics.capped_row_weights`` of the change over ``val_base``: a jump date
+    counts no more than the ``cap`` quantile of the dates; every row alike when ``cap`` is None), and the
+    ensemble's cross-fitted validation predictions (``cross_fit``), its evidence for a pick.
+
+    Shape: as ``fit_weights``; ``val_base`` and ``dates`` (n_val,); returns the weights (n_models,) and the
+    cross-fitted predictions (n_val,).
+    """
+    weight = None if cap is None else capped_row_weights(np.asarray(val_true) - np.asarray(val_base), dates, cap)
+    return fit_weights(val_preds, val_true, weight), cross_fit(val_preds, val_true, dates, weight)

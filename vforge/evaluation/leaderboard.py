@@ -19,8 +19,8 @@ from hydra.utils import instantiate
 
 from vforge.data.dataset import Dataset
 from vforge.evaluation import arbitrage as arb
-from vforge.evaluation.ensemble import cross_fit, fit_weights
-from vforge.evaluation.metrics import METRICS, WORDS, capped_row_weights, iv_errors
+from vforge.evaluation.ensemble import fit_capped
+from vforge.evaluation.metrics import METRICS, WORDS, iv_errors
 from vforge.evaluation.report import frame_metrics, predictions_frame
 from vforge.evaluation.ssvi import ssvi_predictions
 from vforge.serving import ModelBundle, median_ms
@@ -266,10 +266,8 @@ def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None
     than the ``cap`` quantile of the dates). The entry's ``evidence`` holds its cross-fitted validation predictions
     (``ensemble.cross_fit``: each block of dates with weights fit on the others), for a pick to judge it on."""
     va = data.val
-    dates = va.aux["quote_date_idx"].numpy()
-    weight = None if cap is None else capped_row_weights(va.iv - va.base, dates, cap)
     preds = np.stack([m.val_pred for m in members], axis=1)
-    w = fit_weights(preds, va.iv, weight)
+    w, evidence = fit_capped(preds, va.iv, va.base, va.aux["quote_date_idx"].numpy(), cap)
     weights = {m.name: float(wi) for m, wi in zip(members, w)}
     test = np.stack([m.test_pred for m in members], axis=1) @ w
     used = [m for m, wi in zip(members, w) if wi > 0]
@@ -278,7 +276,7 @@ def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None
                   latency_ms_1k=sum(m.latency_ms_1k for m in used), latency_ms_row=sum(m.latency_ms_row for m in used),
                   info={"notes": "weights on val" + (f" (dates capped at the {cap:g} quantile)" if cap is not None else "")
                         + ": " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())},
-                  evidence=cross_fit(preds, va.iv, dates, weight))
+                  evidence=evidence)
     return entry.score(data), weights
 
 
