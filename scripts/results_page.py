@@ -18,9 +18,10 @@ A *cell* is one (data, predictor) walk-forward (``evaluation=walk_forward evalua
   validation block with each date's weight capped as do no harm caps it (``capped_row_weights``), applied to its
   test block;
 - ``automl``: per fold, AutoML's pick (``vforge.evaluation.selection.pick``, as ``vforge.sweeps.automl`` calls it)
-  among the ``linear`` cell (the fallback), the other vforge-model cells by their number of parameters and the
-  ensemble (LightGBM is a member of the ensemble, no candidate alone, as on the leaderboard) (judged on its cross-fitted validation predictions), with the fold's do-no-harm tolerance, p-value bar
-  and cap; each fold's ``pick.json`` says what was picked and why.
+  among the ``linear`` cell (the fallback), the network cells by their number of parameters and the ensemble
+  (judged on its cross-fitted validation predictions), with the fold's do-no-harm tolerance, p-value bar and cap.
+  LightGBM is a member of the ensemble and no candidate alone, as on the leaderboard. Each fold's ``pick.json``
+  says what was picked and why.
 
 Persistence, the baseline and SSVI come with every cell's predictions (the same rows in every cell: checked).
 
