@@ -55,10 +55,10 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
 from vforge.evaluation import leaderboard as L
+from vforge.evaluation import selection
 from vforge.evaluation import significance as sig
 from vforge.evaluation.ensemble import fit_capped
 from vforge.evaluation.report import evaluate_run, frame_metrics
-from vforge.evaluation.selection import pick
 from vforge.evaluation.walk_forward import walk_forward
 
 log = logging.getLogger(__name__)
@@ -214,18 +214,24 @@ def automl_fold(members: dict[str, Path], size: int = ENSEMBLE_SIZE) -> FoldFn:
         i, out = int(cfg.data.fold), Path(cfg.output_dir)
         dirs = {name: d / f"fold_{i}" for name, d in members.items()}
         names, metrics = ensemble_members(members, i, size)
-        models = sorted((n for n in dirs if n not in REFERENCE_CELLS),
-                        key=lambda n: (metrics[n].get("n_params", math.inf), metrics[n]["val/rmse"]))
-        order = [*(["linear"] if "linear" in dirs else []), *models]  # LightGBM: a member, no candidate alone
+        # LightGBM: a member, no candidate alone
+        models = [n for n in dirs if n not in REFERENCE_CELLS]
+
+        def simpler(n: str) -> tuple[float, float]:
+            return metrics[n].get("n_params", math.inf), metrics[n]["val/rmse"]
+
+        candidates = selection.candidates("linear" if "linear" in dirs else min(models, key=simpler), models,
+                                          simpler, ENSEMBLE)
+        order = candidates[:-1]
         frames = fold_frames(dirs, [*order, *(n for n in dirs if n not in order)], i)
         settings = cfg.do_no_harm
         b = blend(frames, names, float(settings.cap))
         va = frames["val"][order[0]]
-        candidates = [*order, ENSEMBLE]
         val = [*(frames["val"][n]["model"].to_numpy(np.float64) for n in order), b.evidence]
-        chosen = pick(candidates, val, va["market"].to_numpy(np.float64), va["baseline"].to_numpy(np.float64),
-                      va["target_date"].to_numpy(), va["persistence"].notna().to_numpy(),
-                      tolerance=float(settings.tolerance), max_p=float(settings.max_p), cap=float(settings.cap))
+        chosen = selection.pick(candidates, val, va["market"].to_numpy(np.float64),
+                                va["baseline"].to_numpy(np.float64), va["target_date"].to_numpy(),
+                                va["persistence"].notna().to_numpy(), tolerance=float(settings.tolerance),
+                                max_p=float(settings.max_p), cap=float(settings.cap))
         name = chosen.name
         pred = ({"val": b.val, "test": b.test} if name == ENSEMBLE else
                 {s: frames[s][name]["model"].to_numpy() for s in ("val", "test")})

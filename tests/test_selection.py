@@ -11,8 +11,15 @@ from omegaconf import OmegaConf
 from vforge.evaluation import leaderboard as L
 from vforge.evaluation.ensemble import cross_fit, fit_weights
 from vforge.evaluation.metrics import capped_row_weights
-from vforge.evaluation.selection import pick
+from vforge.evaluation.selection import candidates, pick
 from vforge.train import train
+
+
+def test_candidates_come_fallback_first_then_fewest_parameters_then_the_ensemble():
+    size = {"linear": (10, 0.5), "ft": (900, 0.40), "mlp": (300, 0.45), "resnet": (300, 0.42)}
+    order = candidates("linear", ["ft", "linear", "mlp", "resnet"], lambda n: size[n], "ensemble")
+    assert order == ["linear", "resnet", "mlp", "ft", "ensemble"]  # equal sizes: the lower validation RMSE first
+    assert candidates("baseline", ["mlp"], lambda n: size[n], None) == ["baseline", "mlp"]
 
 
 def test_row_weights_move_convex_weights_as_the_closed_form_says():

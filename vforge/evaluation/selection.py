@@ -17,12 +17,23 @@ weights were fit on are not its evidence.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
 from vforge.evaluation.metrics import capped_ratio
 from vforge.training.gating import wins_over
+
+T = TypeVar("T")
+
+
+def candidates(fallback: T, models: Iterable[T], size: Callable[[T], tuple[float, float]], ensemble: T | None) -> list[T]:
+    """AutoML's candidates in the order ``pick`` reads them: the fallback (``model=linear``, or the baseline), the
+    searched ``models`` simplest first by ``size`` (number of parameters, then validation RMSE), the ensemble."""
+    return [fallback, *sorted((m for m in models if m is not fallback), key=size),
+            *([ensemble] if ensemble is not None else [])]
 
 
 @dataclass

@@ -149,16 +149,15 @@ class AutoMLSweeperImpl(StudySweeper):
         ``model=linear`` (after its do-no-harm step: persistence unless the ridge beat it on inner walk-forward
         folds; the baseline if it failed), replaced by a searched model (fewest parameters first) or the ensemble only
         on validation evidence. Each candidate's notes say why it was or was not picked."""
-        from vforge.evaluation.selection import pick
+        from vforge.evaluation import selection
 
-        simplest = sorted((e for e in models if e is not linear), key=lambda e: (e.n_params, e.val["rmse"]))
-        candidates = [linear or baseline, *simplest, *([ensemble] if ensemble is not None else [])]
+        candidates = selection.candidates(linear or baseline, models, lambda e: (e.n_params, e.val["rmse"]), ensemble)
         va = data.val
-        chosen = pick([e.name for e in candidates], [e.val_pred if e.evidence is None else e.evidence
-                                                     for e in candidates],
-                      va.iv, va.base, va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
-                      tolerance=float(settings.get("tolerance", 0.005)), max_p=float(settings.get("max_p", 0.05)),
-                      cap=cap)
+        evidence = [e.val_pred if e.evidence is None else e.evidence for e in candidates]
+        chosen = selection.pick([e.name for e in candidates], evidence, va.iv, va.base,
+                                va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
+                                tolerance=float(settings.get("tolerance", 0.005)),
+                                max_p=float(settings.get("max_p", 0.05)), cap=cap)
         for i, e in enumerate(candidates):
             text = ("AutoML's pick: " if i == chosen.index else "not picked: ") + chosen.why[e.name]
             e.info["notes"] = f"{text}; {e.info['notes']}" if e.info.get("notes") else text
