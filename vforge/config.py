@@ -26,4 +26,6 @@ def validate(cfg: DictConfig) -> None:
             f"trainer.max_epochs and trainer.batch_size must be >= 1, got "
             f"{cfg.trainer.max_epochs=}, {cfg.trainer.batch_size=}"
         )
+    if cfg.trainer.get("n_seeds", 1) < 1:
+        raise ValueError(f"trainer.n_seeds must be >= 1 (the networks trained and averaged), got {cfg.trainer.n_seeds}")
     validate_training(cfg)

@@ -59,14 +59,8 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
     data = instantiate(cfg.data, _convert_="all")
     log.info("%s", format_report(data.report), extra={ONCE_PER_SWEEP: True})
     loss_fn = as_loss(instantiate(cfg.loss, _convert_="all")).to(strategy.device)
-    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities,
-                        d_out=loss_fn.d_out).to(strategy.device)
-    if tr.grad_checkpointing:
-        enable_grad_checkpointing(model)
-    optimizer = instantiate(cfg.optimizer)(param_groups(model))
-    steps = tr.max_epochs * math.ceil(math.ceil(len(data.train) / tr.batch_size) / tr.accumulate)
-    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps) if cfg.scheduler else None
-    averaging = [instantiate(cfg.averaging)] if cfg.averaging else []
+    model = new_model(cfg, data, loss_fn.d_out, strategy.device)
+    optimizer, scheduler, averaging = training_parts(cfg, model, len(data.train))
     extra = [instantiate(c) for c in (tr.callbacks or {}).values()]
     config = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     out_dir = Path(strategy.broadcast(cfg.output_dir))  # each torchrun process resolved its own ${now:}
@@ -84,11 +78,14 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
                                 logger.run_id if logger else None}) if tr.checkpoint and strategy.is_main else None
         cbs = fit_callbacks(averaging=averaging, patience=tr.patience, logger=logger, checkpoint=checkpoint,
                             progress=tr.progress if strategy.is_main else False, extra=extra, user=callbacks)
-        result = solve(model, data, tr.eval_batch_size) if isinstance(model, Model) and model.closed_form else fit(
-            model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, max_epochs=tr.max_epochs,
-            batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size, grad_clip=tr.grad_clip,
-            accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile, callbacks=cbs,
-            generator=torch.Generator().manual_seed(cfg.seed), resume=resume.ckpt, strategy=strategy)
+        if isinstance(model, Model) and model.closed_form:
+            result = solve(model, data, tr.eval_batch_size)
+        else:
+            result = fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, callbacks=cbs,
+                         generator=torch.Generator().manual_seed(cfg.seed), resume=resume.ckpt, strategy=strategy,
+                         **fit_options(tr))
+            if tr.get("n_seeds", 1) > 1:
+                result, config = seed_average(cfg, result, data, loss_fn, strategy, config)
         metrics = finish(cfg, result, model, data, loss_fn, config, strategy, logger, out_dir)
         status = "FINISHED"
         return metrics
@@ -99,6 +96,57 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
         if logger:
             logger.end(status)
         strategy.close()
+
+
+def new_model(cfg: DictConfig, data: Dataset, d_out: int, device: torch.device) -> nn.Module:
+    """The configured model for ``data``'s inputs (with gradient checkpointing when the trainer asks)."""
+    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=d_out).to(device)
+    if cfg.trainer.grad_checkpointing:
+        enable_grad_checkpointing(model)
+    return model
+
+
+def training_parts(cfg: DictConfig, model: nn.Module, n_train: int) -> tuple[Any, Any, list[Callback]]:
+    """The optimizer, the scheduler (over the whole run's steps) and the weight averaging of one fit of ``model``."""
+    tr = cfg.trainer
+    optimizer = instantiate(cfg.optimizer)(param_groups(model))
+    steps = tr.max_epochs * math.ceil(math.ceil(n_train / tr.batch_size) / tr.accumulate)
+    scheduler = instantiate(cfg.scheduler)(optimizer, total_steps=steps) if cfg.scheduler else None
+    return optimizer, scheduler, [instantiate(cfg.averaging)] if cfg.averaging else []
+
+
+def fit_options(tr: DictConfig) -> dict[str, Any]:
+    """``fit``'s keyword arguments that ``cfg.trainer`` sets."""
+    return dict(max_epochs=tr.max_epochs, batch_size=tr.batch_size, eval_batch_size=tr.eval_batch_size,
+                grad_clip=tr.grad_clip, accumulate=tr.accumulate, precision=tr.precision, compile=tr.compile)
+
+
+def seed_average(cfg: DictConfig, first: FitResult, data: Dataset, loss_fn: Loss, strategy: Single,
+                 config: dict[str, Any]) -> tuple[FitResult, dict[str, Any]]:
+    """``trainer.n_seeds=k``: ``k - 1`` more networks of the run's config, on seeds ``seed + 1 .. seed + k - 1``
+    (their own initialisation and batch order, early stopping on their own validation RMSE; not checkpointed, not
+    logged per epoch: the run's epoch curves are the first network's), and the result over their average
+    (``vforge.models.average``), with the config that rebuilds it."""
+    from vforge.models import average
+
+    tr = cfg.trainer
+    results = [first]
+    for k in range(1, tr.n_seeds):
+        torch.manual_seed(cfg.seed + k)
+        model = new_model(cfg, data, loss_fn.d_out, strategy.device)
+        optimizer, scheduler, averaging = training_parts(cfg, model, len(data.train))
+        log.info("network %d of %d (seed %d)", k + 1, tr.n_seeds, cfg.seed + k)
+        cbs = fit_callbacks(averaging=averaging, patience=tr.patience, logger=None, checkpoint=None,
+                            progress=tr.progress if strategy.is_main else False, extra=[], user=[])
+        results.append(fit(model, data, loss_fn=loss_fn, optimizer=optimizer, scheduler=scheduler, callbacks=cbs,
+                           generator=torch.Generator().manual_seed(cfg.seed + k), strategy=strategy,
+                           **fit_options(tr)))
+    model = average.SeedAverage.of([r.model for r in results])
+    log.info("averaged %d networks (best val RMSE each: %s)", len(results),
+             ", ".join(f"{r.best_val_rmse:.3f}" for r in results))
+    result = FitResult(best_epoch=first.best_epoch, best_val_rmse=first.best_val_rmse, epochs=first.epochs,
+                       seconds=sum(r.seconds for r in results), history=first.history, model=model)
+    return result, {**config, "model": average.config(config["model"], tr.n_seeds)}
 
 
 def train_walk_forward(cfg: DictConfig, callbacks: Sequence[Callback]) -> dict[str, float]:
