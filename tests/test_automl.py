@@ -135,6 +135,16 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     assert board["name"].iloc[-1] == "persistence"  # no all-row score: ranked last
     assert "AutoML's pick: " + saved["pick"] in out.stderr + out.stdout
     assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
+    # what to serve: the pick, or (an ensemble pick) the same rule among the rest; a run folder either way
+    serve = saved["serve"]
+    assert serve["name"] == saved["pick"] or board.set_index("name").loc[saved["pick"], "kind"] == "ensemble"
+    assert f"run={serve['run']}" in out.stderr + out.stdout
+    # the linear reference row is saved as a run, and re-evaluating that run gives the row's scores
+    linear_dir = Path(tmp_path) / "automl" / "linear"
+    entry, _ = L.model_entry("linear", linear_dir, None)
+    row = board.set_index("name").loc["linear"]
+    assert entry.val["rmse"] == pytest.approx(row["val_rmse"], rel=1e-4)
+    assert entry.test["rmse"] == pytest.approx(row["test_rmse"], rel=1e-4)
 
 
 def automl_sweeper(**kw):
@@ -144,6 +154,21 @@ def automl_sweeper(**kw):
                 study_name="automl", max_failure_rate=0.5, ensemble_size=3, lightgbm=False, latency_rows=100,
                 heartbeat_interval=None, grace_period=None, mlflow=False)
     return AutoMLSweeperImpl(**(args | kw))
+
+
+def test_an_ensemble_pick_names_what_to_serve_instead():
+    from vforge.sweeps.automl import AutoMLSweeperImpl
+
+    def entry(name: str, kind: str, run: str | None) -> L.Entry:
+        return L.Entry(name, kind, np.zeros(1), np.zeros(1), info={} if run is None else {"output_dir": run})
+
+    ens, mlp, base = entry("ensemble(mlp+linear)", "ensemble", None), entry("mlp", "model", "/r/mlp"), \
+        entry("baseline", "reference", None)
+    assert AutoMLSweeperImpl.serving_line(mlp, mlp) == "serve the pick: python -m vforge.predict run=/r/mlp input=<chain>"
+    line = AutoMLSweeperImpl.serving_line(ens, mlp)
+    assert "does not serve as one model" in line and line.endswith("picks mlp: python -m vforge.predict run=/r/mlp "
+                                                                    "input=<chain>")
+    assert "persistence: no model to serve" in AutoMLSweeperImpl.serving_line(base, base)
 
 
 def test_automl_says_how_to_choose_models_and_budgets():

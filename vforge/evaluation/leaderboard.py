@@ -236,10 +236,11 @@ def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_
 
 
 def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any],
-                 latency_rows: int = 1000) -> Entry:
+                 latency_rows: int = 1000, save_to: str | Path | None = None) -> Entry:
     """``model=linear`` as the default command makes it, on the leaderboard's data: the ridge of ``model_cfg``
     (conf/model/linear.yaml) solved in closed form on train, then the run's do-no-harm step (``config["do_no_harm"]``
-    of a searched model's run: how much of its predicted change to keep, chosen on inner walk-forward folds)."""
+    of a searched model's run: how much of its predicted change to keep, chosen on inner walk-forward folds).
+    ``save_to``: a folder where it is saved as a run is (``model.pt``), so that ``python -m vforge.predict`` serves it."""
     from vforge.training.gating import do_no_harm
     from vforge.training.loop import solve
 
@@ -253,11 +254,18 @@ def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any
     preds = levels(model, data)
     lat = module_latency(model, data.test, latency_rows)
     m = kept.metrics
+    saved = {}
+    if save_to is not None:
+        from vforge.training.losses import as_loss
+
+        Path(save_to).mkdir(parents=True, exist_ok=True)
+        ModelBundle.of(model, data, as_loss(torch.nn.MSELoss()), kept.config).save(Path(save_to) / "model.pt")
+        saved = {"output_dir": str(save_to)}
     shares = (f"; kept {m['do_no_harm/w_linear']:g} x its change on quoted rows, {m['do_no_harm/w_linear_new']:g} on "
               f"new contracts (do no harm)" if m else "")
     return Entry("linear", "reference", preds["val"], preds["test"], train_s=seconds,
                  n_params=float(sum(p.numel() for p in ridge.parameters())), latency_ms_1k=lat[0], latency_ms_row=lat[1],
-                 info={"notes": "model=linear: closed-form ridge" + shares}).score(data)
+                 info={"notes": "model=linear: closed-form ridge" + shares, **saved}).score(data)
 
 
 def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None) -> tuple[Entry, dict[str, float]]:

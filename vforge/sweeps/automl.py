@@ -144,24 +144,42 @@ class AutoMLSweeperImpl(StudySweeper):
             log.warning("%s: it does not beat persistence (by %.0f%% or more)", text, BEAT_MARGIN * 100)
 
     def pick(self, baseline: L.Entry, linear: L.Entry | None, models: list[L.Entry], ensemble: L.Entry | None,
-             data: Any, settings: dict[str, Any], cap: float) -> tuple[L.Entry, str]:
-        """The entry AutoML serves (``selection.pick``, with the do-no-harm step's tolerance, p-value bar and cap):
+             data: Any, settings: dict[str, Any], cap: float) -> tuple[L.Entry, str, L.Entry]:
+        """The entry AutoML picks (``selection.pick``, with the do-no-harm step's tolerance, p-value bar and cap):
         ``model=linear`` (after its do-no-harm step: persistence unless the ridge beat it on inner walk-forward
         folds; the baseline if it failed), replaced by a searched model (fewest parameters first) or the ensemble only
-        on validation evidence. Each candidate's notes say why it was or was not picked."""
+        on validation evidence; why; and the entry to serve: the pick, or where the pick is the ensemble (which no run
+        holds), the pick of the same rule among the others. Each candidate's notes say why it was or was not picked."""
         from vforge.evaluation import selection
 
         candidates = selection.candidates(linear or baseline, models, lambda e: (e.n_params, e.val["rmse"]), ensemble)
         va = data.val
-        evidence = [e.val_pred if e.evidence is None else e.evidence for e in candidates]
-        chosen = selection.pick([e.name for e in candidates], evidence, va.iv, va.base,
-                                va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
-                                tolerance=float(settings.get("tolerance", 0.005)),
-                                max_p=float(settings.get("max_p", 0.05)), cap=cap)
+
+        def choose(entries: list[L.Entry]) -> selection.Pick:
+            evidence = [e.val_pred if e.evidence is None else e.evidence for e in entries]
+            return selection.pick([e.name for e in entries], evidence, va.iv, va.base,
+                                  va.aux["quote_date_idx"].numpy(), np.isfinite(va.persistence),
+                                  tolerance=float(settings.get("tolerance", 0.005)),
+                                  max_p=float(settings.get("max_p", 0.05)), cap=cap)
+
+        chosen = choose(candidates)
         for i, e in enumerate(candidates):
             text = ("AutoML's pick: " if i == chosen.index else "not picked: ") + chosen.why[e.name]
             e.info["notes"] = f"{text}; {e.info['notes']}" if e.info.get("notes") else text
-        return candidates[chosen.index], chosen.why[chosen.name]
+        picked = candidates[chosen.index]
+        serve = candidates[choose(candidates[:-1]).index] if picked is ensemble else picked
+        return picked, chosen.why[chosen.name], serve
+
+    @staticmethod
+    def serving_line(picked: L.Entry, serve: L.Entry) -> str:
+        """How to serve what AutoML picked (``python -m vforge.predict``), or what to serve where it cannot be."""
+        run = serve.info.get("output_dir")
+        how = (f"python -m vforge.predict run={run} input=<chain>" if run else
+               "persistence: no model to serve (the previous date's IVs)")
+        if serve is picked:
+            return f"serve the pick: {how}"
+        return (f"the pick, {picked.name}, is an ensemble, which vforge does not serve as one model yet; the same rule "
+                f"among the other candidates picks {serve.name}: {how}")
 
     def leaderboard(self, studies: dict[str, optuna.Study]) -> list[dict[str, Any]]:
         entries: list[L.Entry] = []
@@ -205,7 +223,8 @@ class AutoMLSweeperImpl(StudySweeper):
         if linear is None:
             try:
                 model_cfg = OmegaConf.to_container(OmegaConf.load(conf_file("model", "linear", self.config)))
-                linear = L.linear_entry(data, config, cast(dict[str, Any], model_cfg), self.latency_rows)
+                linear = L.linear_entry(data, config, cast(dict[str, Any], model_cfg), self.latency_rows,
+                                        save_to=self.sweep_dir / "linear")
                 refs.append(linear)
             except Exception as e:  # noqa: BLE001 - the reference should not sink the board
                 log.error("model=linear reference row failed: %s", e)
@@ -224,15 +243,16 @@ class AutoMLSweeperImpl(StudySweeper):
         ens, weights = L.ensemble_entry(members, data, cap) if len(members) >= 2 else (None, {})
         if ens is not None:
             entries.append(ens)
-        chosen, why = self.pick(baseline, linear, models, ens, data, settings, cap)
+        chosen, why, serve = self.pick(baseline, linear, models, ens, data, settings, cap)
         rows = L.rank(entries + refs, first=chosen)
         md, csv = L.write(rows, self.sweep_dir, title=f"AutoML leaderboard ({self.study_name})")
         (self.sweep_dir / "ensemble.json").write_text(json.dumps(
             {"weights_fit_on": "val", "dates_capped_at": cap, "weights": weights,
-             "members": {e.name: e.info.get("output_dir") for e in members}, "pick": chosen.name, "pick_why": why},
-            indent=1))
+             "members": {e.name: e.info.get("output_dir") for e in members}, "pick": chosen.name, "pick_why": why,
+             "serve": {"name": serve.name, "run": serve.info.get("output_dir")}}, indent=1))
         log.info("leaderboard (%s)\n%s", md, md.read_text())
         self.compare_with_persistence(chosen, persistence, why)
+        log.info("%s", self.serving_line(chosen, serve))
         if self.parent is not None:
             for path in (md, csv, self.sweep_dir / "ensemble.json"):
                 self.parent.log_artifact(path)
@@ -243,5 +263,7 @@ class AutoMLSweeperImpl(StudySweeper):
                                           "test_dates_beaten", "test_arb_calendar", "test_arb_butterfly", "test_mae",
                                           "test_r2", "latency_ms_1k") if r[k] == r[k]})
             if rows:
-                self.parent.set_tags({"automl.winner": rows[0]["name"]})
+                self.parent.set_tags({"automl.winner": rows[0]["name"], "automl.serve": serve.name,
+                                      **({"automl.serve_run": serve.info["output_dir"]}
+                                         if serve.info.get("output_dir") else {})})
         return rows
