@@ -118,11 +118,12 @@ def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> 
     trained = time.perf_counter() - start
     saved = torch.load(run_dir / "model.pt", weights_only=False)
     data = instantiate(cfg.data, _convert_="all")
-    net = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
-    net.load_state_dict(saved["state_dict"])
-    net.eval()
     config = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(config, dict)
+    config["model"] = saved["config"]["model"]  # as trained (trainer.n_seeds: the seeds' average)
+    net = instantiate(config["model"], n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+    net.load_state_dict(saved["state_dict"])
+    net.eval()
     kept = do_no_harm(cfg.do_no_harm, net, data, config, d_out=1)
     level = {name: data.to_level(predict(m, data.test), data.test) for name, m in (("final", kept.module),
                                                                                    ("net", net))}
