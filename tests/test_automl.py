@@ -139,12 +139,18 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     serve = saved["serve"]
     assert serve["name"] == saved["pick"] or board.set_index("name").loc[saved["pick"], "kind"] == "ensemble"
     assert f"run={serve['run']}" in out.stderr + out.stdout
-    # the linear reference row is saved as a run, and re-evaluating that run gives the row's scores
-    linear_dir = Path(tmp_path) / "automl" / "linear"
-    entry, _ = L.model_entry("linear", linear_dir, None)
-    row = board.set_index("name").loc["linear"]
-    assert entry.val["rmse"] == pytest.approx(row["val_rmse"], rel=1e-4)
-    assert entry.test["rmse"] == pytest.approx(row["test_rmse"], rel=1e-4)
+    # the linear row and the ensemble (networks, ridge, LightGBM's trees in torch, baseline) are saved as runs, and
+    # re-evaluating each run gives its row's scores; the ensemble re-marks raw chain rows like any run
+    for name, folder in (("linear", "linear"), (ens["name"].iloc[0], "ensemble")):
+        entry, _ = L.model_entry(name, Path(tmp_path) / "automl" / folder, None)
+        row = board.set_index("name").loc[name]
+        assert entry.val["rmse"] == pytest.approx(row["val_rmse"], rel=1e-4), name
+        assert entry.test["rmse"] == pytest.approx(row["test_rmse"], rel=1e-4), name
+    assert serve["run"] is not None  # every pick is a run folder now
+    from vforge.serving import load_run
+
+    chain = load_run(Path(tmp_path) / "automl" / "ensemble")
+    assert chain.bundle.config["model"]["_target_"] == "vforge.models.ensemble.Ensemble"
 
 
 def automl_sweeper(**kw):

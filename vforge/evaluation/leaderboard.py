@@ -54,6 +54,9 @@ class Entry:
     evidence: np.ndarray | None = None  # the validation predictions a pick judges it on (None: val_pred)
     val: dict[str, float] = field(default_factory=dict)
     test: dict[str, float] = field(default_factory=dict)
+    # the predictor, for a servable ensemble (``save_ensemble``): a torch module with its config in ``info["config"]``,
+    # a LightGBM booster, or None (the baseline: no change)
+    model: Any = None
 
     def score(self, data: Dataset) -> Entry:
         """RMSE/MAE/R² on all rows (NaN for a predictor that does not cover them all, like persistence) and on the
@@ -144,7 +147,7 @@ def model_entry(name: str, output_dir: str | Path, data: Dataset | None, latency
     lat = module_latency(model, data.test, latency_rows)
     entry = Entry(name, "model", preds["val"], preds["test"], train_s=float(metrics.get("train_seconds", math.nan)),
                   n_params=float(sum(p.numel() for p in model.parameters())), latency_ms_1k=lat[0],
-                  latency_ms_row=lat[1], info=dict(info or {}, output_dir=str(out), config=ckpt["config"]))
+                  latency_ms_row=lat[1], info=dict(info or {}, output_dir=str(out), config=ckpt["config"]), model=model)
     return entry.score(data), data
 
 
@@ -232,7 +235,7 @@ def lightgbm_entry(data: Dataset, *, seed: int = 0, n_threads: int = 2, latency_
     leaves = sum(t["num_leaves"] for t in booster.dump_model()["tree_info"][: booster.best_iteration])
     return Entry("lightgbm", "reference", pred["val"], pred["test"], train_s=train_s, n_params=float(leaves),
                  latency_ms_1k=lat[0], latency_ms_row=lat[1],
-                 info={"notes": f"{booster.best_iteration} trees (n_params: leaves)"}).score(data)
+                 info={"notes": f"{booster.best_iteration} trees (n_params: leaves)"}, model=booster).score(data)
 
 
 def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any],
@@ -265,7 +268,8 @@ def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any
               f"new contracts (do no harm)" if m else "")
     return Entry("linear", "reference", preds["val"], preds["test"], train_s=seconds,
                  n_params=float(sum(p.numel() for p in ridge.parameters())), latency_ms_1k=lat[0], latency_ms_row=lat[1],
-                 info={"notes": "model=linear: closed-form ridge" + shares, **saved}).score(data)
+                 info={"notes": "model=linear: closed-form ridge" + shares, "config": kept.config, **saved},
+                 model=model).score(data)
 
 
 def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None) -> tuple[Entry, dict[str, float]]:
@@ -286,6 +290,50 @@ def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None
                         + ": " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())},
                   evidence=evidence)
     return entry.score(data), weights
+
+
+def save_ensemble(members: list[Entry], weights: dict[str, float], data: Dataset, config: dict[str, Any],
+                  out_dir: str | Path) -> Path:
+    """The ensemble of ``members`` with ``weights`` (``ensemble_entry``'s) as one model (``vforge.models.ensemble``),
+    saved as a run is (``out_dir/model.pt``, the config of the sweep's best run with this model) so that predict,
+    the pyfunc and export serve it. Checked before it is saved: its test predictions are the ensemble row's."""
+    from vforge.models.ensemble import Ensemble, Trees, tree_arrays
+    from vforge.training.losses import as_loss
+
+    nets = [m for m in members if isinstance(m.model, torch.nn.Module) and weights[m.name] > 0]
+    trees = [m for m in members if m.model is not None and not isinstance(m.model, torch.nn.Module)
+             and weights[m.name] > 0]
+    zero = [m for m in members if m.model is None]
+    arrays = tree_arrays(trees[0].model, trees[0].model.best_iteration) if trees else None
+    tree_size = None if arrays is None else {"n_nodes": len(arrays["feature"]), "n_trees": len(arrays["roots"]),
+                                             "depth": 0}
+    model_cfg: dict[str, Any] = {
+        "_target_": "vforge.models.ensemble.Ensemble", "_recursive_": False,
+        "members": [m.info["config"]["model"] for m in nets], "weights": [weights[m.name] for m in nets],
+        "trees": tree_size, "weight_trees": sum(weights[m.name] for m in trees),
+        "weight_zero": sum(weights[m.name] for m in zero), "zero": float(-data.y_center / data.y_scale)}
+    if data.target != "change" and model_cfg["weight_zero"] > 0:
+        raise ValueError("a weight on the baseline is a constant output only for a change target (data.target=change)")
+    if len(trees) > 1:
+        raise ValueError(f"an ensemble serves one LightGBM booster, got {[m.name for m in trees]}")
+    ensemble = Ensemble(n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1,
+                        **{k: v for k, v in model_cfg.items() if not k.startswith("_")})
+    for target, m in zip(ensemble.members, nets):
+        target.load_state_dict(m.model.state_dict())
+    if arrays is not None:
+        ensemble.trees = Trees.of(arrays)
+        model_cfg["trees"] = {**(tree_size or {}), "depth": ensemble.trees.depth}
+    ensemble.eval()
+    test = levels(ensemble, data)["test"]
+    expected = np.stack([m.test_pred for m in members], axis=1) @ np.array([weights[m.name] for m in members])
+    if not np.allclose(test, expected, atol=1e-5):
+        raise RuntimeError(f"the ensemble model does not reproduce the ensemble row (largest difference "
+                           f"{np.abs(test - expected).max():.2e}): not saved")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ModelBundle.of(ensemble, data, as_loss(torch.nn.MSELoss()),
+                   {**config, "model": model_cfg, "run_name": "ensemble"}).save(out / "model.pt")
+    return out
 
 
 def rank(entries: list[Entry], first: Entry | None = None) -> list[dict[str, Any]]:

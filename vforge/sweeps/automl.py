@@ -243,6 +243,10 @@ class AutoMLSweeperImpl(StudySweeper):
         ens, weights = L.ensemble_entry(members, data, cap) if len(members) >= 2 else (None, {})
         if ens is not None:
             entries.append(ens)
+            try:
+                ens.info["output_dir"] = str(L.save_ensemble(members, weights, data, config, self.sweep_dir / "ensemble"))
+            except Exception as e:  # noqa: BLE001 - a servable ensemble is a convenience; the board stands without it
+                log.error("the ensemble was not saved as a servable model: %s", e)
         chosen, why, serve = self.pick(baseline, linear, models, ens, data, settings, cap)
         rows = L.rank(entries + refs, first=chosen)
         md, csv = L.write(rows, self.sweep_dir, title=f"AutoML leaderboard ({self.study_name})")
