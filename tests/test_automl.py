@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from vforge.evaluation import leaderboard as L
 from vforge.evaluation.ensemble import fit_weights
@@ -116,7 +117,7 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     cmd = [sys.executable, "-m", "vforge.automl", "hydra.sweeper.models=[mlp,resnet]", "hydra.sweeper.n_trials=2",
            "trainer=fast", *TINY_DATA, f"hydra.sweeper.storage=sqlite:///{tmp_path}/optuna.db",
            f"hydra.sweep.dir={tmp_path}/automl", f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
-           "trainer.num_threads=1"]
+           "trainer.num_threads=1", "hydra.sweeper.registered_model=automl-iv"]
     out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     board = pd.read_csv(Path(tmp_path) / "automl" / "leaderboard.csv")
@@ -151,6 +152,15 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
 
     chain = load_run(Path(tmp_path) / "automl" / "ensemble")
     assert chain.bundle.config["model"]["_target_"] == "vforge.models.ensemble.Ensemble"
+    # the served pick is registered: the registered model re-marks raw rows as its run folder does
+    from .test_predict import last_two_dates, run_predict
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    path = tmp_path / "chain.csv"
+    last_two_dates(OmegaConf.create({"data": chain.bundle.config["data"]}), path)
+    registered = run_predict("models:/automl-iv/1", path, tmp_path / "reg.csv", uri)
+    folder = run_predict(serve["run"], path, tmp_path / "folder.csv")
+    pd.testing.assert_frame_equal(registered.reset_index(drop=True), folder, check_dtype=False)
 
 
 def automl_sweeper(**kw):
@@ -175,6 +185,28 @@ def test_an_ensemble_pick_names_what_to_serve_instead():
     assert "does not serve as one model" in line and line.endswith("picks mlp: python -m vforge.predict run=/r/mlp "
                                                                     "input=<chain>")
     assert "persistence: no model to serve" in AutoMLSweeperImpl.serving_line(base, base)
+
+
+def test_registering_the_pick_needs_the_parent_run():
+    with pytest.raises(ValueError, match="registered_model='iv' needs hydra.sweeper.mlflow=true"):
+        automl_sweeper(registered_model="iv", mlflow=False)
+
+
+def test_the_sweep_parent_run_registers_a_run_folder_and_stays_running(make_cfg, mlflow_uri):
+    from mlflow import MlflowClient
+
+    from vforge.sweeps.tracking import SweepRun
+
+    cfg = make_cfg()
+    train(cfg)
+    parent = SweepRun(mlflow_uri, "test-automl-register", "automl-parent")
+    uri = parent.log_chain_model(Path(cfg.output_dir) / "model.pt", "automl-register-iv")
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    (version,) = client.search_model_versions("name='automl-register-iv'")
+    assert uri is not None and version.run_id == parent.run_id
+    assert client.get_run(parent.run_id).info.status == "RUNNING"  # ended by the sweep, not by the registration
+    parent.end()
+    assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 
 def test_automl_says_how_to_choose_models_and_budgets():

@@ -193,6 +193,7 @@ class AutoMLSweeperConf:
     ensemble_size: int = 3                 # the best model of up to this many families
     lightgbm: bool = True                  # a LightGBM reference row when lightgbm is installed
     latency_rows: int = 1000               # inference latency measured on this many test rows
+    registered_model: str | None = None    # a name: the served pick is logged to the parent run and registered
     heartbeat_interval: int | None = None
     grace_period: int | None = None
     mlflow: bool = True

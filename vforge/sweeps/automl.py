@@ -71,7 +71,7 @@ class AutoMLSweeperImpl(StudySweeper):
     def __init__(self, *, sampler: Any, pruner: Any, models: list[str], n_trials: int, minutes: float | None,
                  n_jobs: int, storage: str | None, study_name: str, max_failure_rate: float, ensemble_size: int,
                  lightgbm: bool, latency_rows: int, heartbeat_interval: int | None, grace_period: int | None,
-                 mlflow: bool) -> None:
+                 mlflow: bool, registered_model: str | None = None) -> None:
         super().__init__(sampler=sampler, pruner=pruner, n_jobs=n_jobs, max_failure_rate=max_failure_rate,
                          heartbeat_interval=heartbeat_interval, grace_period=grace_period, mlflow=mlflow)
         if not models:
@@ -87,6 +87,10 @@ class AutoMLSweeperImpl(StudySweeper):
         self.ensemble_size = ensemble_size
         self.lightgbm = lightgbm
         self.latency_rows = latency_rows
+        if registered_model and not mlflow:
+            raise ValueError(f"hydra.sweeper.registered_model={registered_model!r} needs hydra.sweeper.mlflow=true: "
+                             "the pick is registered from the sweep's MLflow parent run")
+        self.registered_model = registered_model
 
     def sweep(self, arguments: list[str]) -> list[dict[str, Any]]:
         space_cli, fixed_cli, other = parse_params({}, arguments)
@@ -270,4 +274,10 @@ class AutoMLSweeperImpl(StudySweeper):
                 self.parent.set_tags({"automl.winner": rows[0]["name"], "automl.serve": serve.name,
                                       **({"automl.serve_run": serve.info["output_dir"]}
                                          if serve.info.get("output_dir") else {})})
+            run = serve.info.get("output_dir")
+            if self.registered_model and run:
+                uri = self.parent.log_chain_model(Path(run) / "model.pt", self.registered_model)
+                log.info("AutoML's served pick %s registered as %r (%s)", serve.name, self.registered_model, uri)
+            elif self.registered_model:
+                log.warning("nothing registered under %r: the pick is persistence (no model)", self.registered_model)
         return rows

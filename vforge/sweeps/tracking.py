@@ -167,5 +167,24 @@ class SweepRun:
             except Exception as e:  # noqa: BLE001 - e.g. importances need 2+ complete trials
                 log.info("Optuna plot %s skipped: %s", name, e)
 
+    def log_chain_model(self, checkpoint: str | Path, registered_model: str | None = None) -> str | None:
+        """Log ``checkpoint`` as this run's pyfunc model ``chain_model`` (``vforge.tracking.registry``), registered
+        under ``registered_model`` when named; its model URI (None when tracking failed)."""
+        import mlflow
+
+        from vforge.tracking.registry import log_chain_model
+
+        run_id = self.run_id
+        assert run_id is not None
+
+        def log_it() -> str:
+            mlflow.set_tracking_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=run_id):
+                uri = log_chain_model(checkpoint, registered_model)
+            self.client.update_run(run_id, status="RUNNING")  # the parent ends when the sweep does
+            return uri
+
+        return self._safe(log_it)
+
     def end(self, status: str = "FINISHED") -> None:
         self._safe(self.client.set_terminated, self.run_id, status)
