@@ -103,7 +103,7 @@ def prev_quoted_ratio(level: np.ndarray, split: Any) -> float:
 
 def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> dict:
     """Train (once) and gate one (group, seed); the row of the suite table."""
-    from vforge.training.gating import do_no_harm
+    from vforge.training.gating import blend_lightgbm, do_no_harm
     from vforge.training.loop import predict
 
     overrides = [*GROUPS[group][0], *seed_overrides(group, seed, out), "evaluation.plots=false", *extra]
@@ -124,7 +124,8 @@ def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> 
     net = instantiate(config["model"], n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
     net.load_state_dict(saved["state_dict"])
     net.eval()
-    kept = do_no_harm(cfg.do_no_harm, net, data, config, d_out=1)
+    kept = blend_lightgbm(cfg.do_no_harm, do_no_harm(cfg.do_no_harm, net, data, config, d_out=1), data,
+                          seed=int(cfg.seed), n_threads=int(cfg.trainer.num_threads or 2))
     level = {name: data.to_level(predict(m, data.test), data.test) for name, m in (("final", kept.module),
                                                                                    ("net", net))}
     dropped = data.report.get("dropped", {})

@@ -353,7 +353,8 @@ def _share(w_model: float, w_linear: float, own: str) -> str:
 
 def kept(record: dict[str, Any]) -> str:
     """What do no harm kept on each fold, quoted rows / new contracts (``m`` the row's model, ``r`` the ridge,
-    ``p`` persistence; the rest of each share is persistence), the ensemble's members and weights per fold, or
+    ``p`` persistence; the rest of each share is persistence; ``(0.5m+0.5r)+0.30t``: that blend, then LightGBM
+    blended in with weight 0.30, the kept blend and the baseline sharing the rest), the ensemble's members and weights per fold, or
     what AutoML picked on each fold."""
     folds = record["folds"]
     if record["name"] == AUTOML:
@@ -363,8 +364,13 @@ def kept(record: dict[str, Any]) -> str:
                          for f in folds)
     if record["name"] == LIGHTGBM or not folds or "w_model" not in folds[0]:
         return "not gated"
-    quoted = ", ".join(_share(f["w_model"], f["w_linear"], "m") for f in folds)
-    new = ", ".join(_share(f["w_model_new"], f["w_linear_new"], "m") for f in folds)
+    def trees(f: dict[str, Any], share: str) -> str:
+        if not f.get("w_lightgbm", 0) > 0:
+            return share
+        return f"({share})+{f['w_lightgbm']:.2f}t"
+
+    quoted = ", ".join(trees(f, _share(f["w_model"], f["w_linear"], "m")) for f in folds)
+    new = ", ".join(trees(f, _share(f["w_model_new"], f["w_linear_new"], "m")) for f in folds)
     return f"{quoted} / {new}"
 
 

@@ -315,3 +315,47 @@ def test_score_se_by_hand_and_the_one_standard_error_rule_keeps_less_on_thin_evi
         rule = shrink_ridge(pred, true, dates, weights=[0, 0.5, 1], trim=0.2, tolerance=0.0, max_p=1.0, cap=0.9,
                             se=1.0)
         assert plain["w_linear"] == 1.0 and rule["w_linear"] == share, (n_dates, plain, rule)
+
+
+def _zero_change_model(data):
+    """An MLP whose output is the scaled target of no change (persistence, else the baseline) everywhere."""
+    cfg = {"_target_": "vforge.models.mlp.MLP", "n_blocks": 1, "d_block": 4, "dropout": 0.0}
+    model = instantiate(cfg, n_num=data.n_num, cat_cardinalities=[], d_out=1)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.fill_(-data.y_center / data.y_scale)
+    return model, cfg
+
+
+@pytest.mark.parametrize("signal", [True, False])
+def test_lightgbm_is_blended_in_only_when_it_earns_its_place(make_cfg, signal):
+    """The true change a step in the first feature (2 vol points either way; LightGBM finds it, the zero-change
+    model cannot): the blend is kept, almost all LightGBM, and the saved ensemble predicts what was scored. Pure
+    noise instead: LightGBM cannot help and the zero-change model stays."""
+    from vforge.training.gating import DoNoHarm, blend_lightgbm
+
+    cfg = make_cfg()
+    data = instantiate(cfg.data, _convert_="all")
+    rng = np.random.default_rng(0)
+    for split in (data.train, data.val, data.test):
+        x0 = split.x_num[:, 0].numpy()
+        change = 0.02 * np.sign(x0 - np.median(data.train.x_num[:, 0].numpy())) if signal else \
+            0.005 * rng.standard_normal(len(x0))
+        split.iv = split.base + change
+        split.y = torch.as_tensor((change - data.y_center) / data.y_scale, dtype=torch.float32)
+    model, model_cfg = _zero_change_model(data)
+    kept = DoNoHarm(model, {"model": model_cfg, "run_name": "zero"})
+    settings = OmegaConf.create({"enabled": True, "lightgbm": True, "tolerance": 0.005, "max_p": 0.05, "cap": 0.9})
+    out = blend_lightgbm(settings, kept, data, n_threads=1)
+    if not signal:
+        assert out.module is model and "not kept" in out.note and out.metrics["do_no_harm/w_lightgbm"] == 0.0
+        return
+    assert out.metrics["do_no_harm/w_lightgbm"] > 0.9 and "LightGBM blend kept" in out.note
+    assert out.config["model"]["_target_"] == "vforge.models.ensemble.Ensemble"
+    rebuilt = instantiate(out.config["model"], n_num=data.n_num, cat_cardinalities=[], d_out=1)
+    rebuilt.load_state_dict(out.module.state_dict())
+    with torch.inference_mode():
+        got = data.to_level(rebuilt.eval()(data.test.x_num, None)[:, 0].numpy(), data.test)
+    # the step is learnt: far below persistence's 2 vol points on the test rows
+    assert np.sqrt(np.mean((got - data.test.iv) ** 2)) < 0.005
+    assert blend_lightgbm(OmegaConf.merge(settings, {"lightgbm": False}), kept, data) is kept

@@ -241,3 +241,9 @@ def test_automl_fold_keeps_linear_unless_a_network_beats_it_clearly_on_validatio
     np.testing.assert_array_equal(test["model"], picked["model"])
     # the ensemble's weights, fit on capped validation dates, sum to one over the three members
     assert sum(chosen["ensemble"].values()) == pytest.approx(1.0)
+
+
+def test_kept_column_names_each_folds_shares_and_the_lightgbm_blend():
+    folds = [{"w_model": 0.5, "w_linear": 0.5, "w_model_new": 1.0, "w_linear_new": 0.0, "w_lightgbm": 0.3},
+             {"w_model": 0.0, "w_linear": 0.0, "w_model_new": 0.0, "w_linear_new": 1.0, "w_lightgbm": 0.0}]
+    assert R.kept({"name": "mlp", "folds": folds}) == "(0.5m+0.5r)+0.30t, p / (m)+0.30t, r"

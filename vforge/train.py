@@ -30,7 +30,7 @@ from vforge.training.callbacks import Callback, fit_callbacks, run_status
 from vforge.training.checkpoint import Checkpoint, Resume
 from vforge.training.device import set_up_torch
 from vforge.training.distributed import Single, make_strategy
-from vforge.training.gating import do_no_harm
+from vforge.training.gating import blend_lightgbm, do_no_harm
 from vforge.training.loop import evaluate, fit, solve
 from vforge.training.losses import Loss, as_loss
 from vforge.training.optim import param_groups
@@ -166,6 +166,8 @@ def finish(cfg: DictConfig, result: FitResult, model: nn.Module, data: Dataset, 
     tr = cfg.trainer
     kept = do_no_harm(cfg.get("do_no_harm"), result.model, data, config, d_out=loss_fn.d_out,
                       batch_size=tr.eval_batch_size)
+    if not (isinstance(model, Model) and model.closed_form):  # model=linear stays the ridge
+        kept = blend_lightgbm(cfg.get("do_no_harm"), kept, data, seed=cfg.seed, n_threads=tr.num_threads or 2)
     final, config = kept.module, kept.config
     metrics, predictions = evaluate(final, model, data, loss_fn, tr.eval_batch_size)
     metrics |= kept.metrics

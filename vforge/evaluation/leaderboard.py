@@ -297,33 +297,20 @@ def save_ensemble(members: list[Entry], weights: dict[str, float], data: Dataset
     """The ensemble of ``members`` with ``weights`` (``ensemble_entry``'s) as one model (``vforge.models.ensemble``),
     saved as a run is (``out_dir/model.pt``, the config of the sweep's best run with this model) so that predict,
     the pyfunc and export serve it. Checked before it is saved: its test predictions are the ensemble row's."""
-    from vforge.models.ensemble import Ensemble, Trees, tree_arrays
+    from vforge.models.ensemble import assemble
     from vforge.training.losses import as_loss
 
-    nets = [m for m in members if isinstance(m.model, torch.nn.Module) and weights[m.name] > 0]
-    trees = [m for m in members if m.model is not None and not isinstance(m.model, torch.nn.Module)
-             and weights[m.name] > 0]
-    zero = [m for m in members if m.model is None]
-    arrays = tree_arrays(trees[0].model, trees[0].model.best_iteration) if trees else None
-    tree_size = None if arrays is None else {"n_nodes": len(arrays["feature"]), "n_trees": len(arrays["roots"]),
-                                             "depth": 0}
-    model_cfg: dict[str, Any] = {
-        "_target_": "vforge.models.ensemble.Ensemble", "_recursive_": False,
-        "members": [m.info["config"]["model"] for m in nets], "weights": [weights[m.name] for m in nets],
-        "trees": tree_size, "weight_trees": sum(weights[m.name] for m in trees),
-        "weight_zero": sum(weights[m.name] for m in zero), "zero": float(-data.y_center / data.y_scale)}
-    if data.target != "change" and model_cfg["weight_zero"] > 0:
+    used = [m for m in members if weights[m.name] > 0]
+    nets = [(m.info["config"]["model"], m.model, weights[m.name]) for m in used if isinstance(m.model, torch.nn.Module)]
+    trees = [m for m in used if m.model is not None and not isinstance(m.model, torch.nn.Module)]
+    weight_zero = sum(weights[m.name] for m in used if m.model is None)
+    if data.target != "change" and weight_zero > 0:
         raise ValueError("a weight on the baseline is a constant output only for a change target (data.target=change)")
     if len(trees) > 1:
         raise ValueError(f"an ensemble serves one LightGBM booster, got {[m.name for m in trees]}")
-    ensemble = Ensemble(n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1,
-                        **{k: v for k, v in model_cfg.items() if not k.startswith("_")})
-    for target, m in zip(ensemble.members, nets):
-        target.load_state_dict(m.model.state_dict())
-    if arrays is not None:
-        ensemble.trees = Trees.of(arrays)
-        model_cfg["trees"] = {**(tree_size or {}), "depth": ensemble.trees.depth}
-    ensemble.eval()
+    ensemble, model_cfg = assemble(nets, trees[0].model if trees else None,
+                                   sum(weights[m.name] for m in trees), weight_zero, -data.y_center / data.y_scale,
+                                   n_num=data.n_num, cat_cardinalities=data.cat_cardinalities)
     test = levels(ensemble, data)["test"]
     expected = np.stack([m.test_pred for m in members], axis=1) @ np.array([weights[m.name] for m in members])
     if not np.allclose(test, expected, atol=1e-5):

@@ -137,3 +137,24 @@ class Ensemble(Model):
         if self.trees is not None:
             out = out + self.weight_trees * self.trees(x_num).to(x_num.dtype).unsqueeze(1)
         return out
+
+
+def assemble(nets: list[tuple[dict[str, Any], nn.Module, float]], booster: Any, weight_trees: float,
+             weight_zero: float, zero: float, *, n_num: int, cat_cardinalities: list[int]) -> tuple[Ensemble, dict]:
+    """The ``Ensemble`` of trained members (``(config, module, weight)`` each, the module's weights copied), a LightGBM
+    ``booster`` (its ``best_iteration`` trees; None: no trees) and the baseline's weight, with the config that
+    rebuilds it (what ``model.pt`` saves), in eval mode."""
+    arrays = None if booster is None else tree_arrays(booster, booster.best_iteration or None)
+    config: dict[str, Any] = {
+        "_target_": f"{__name__}.Ensemble", "_recursive_": False, "members": [c for c, _, _ in nets],
+        "weights": [float(w) for _, _, w in nets],
+        "trees": None if arrays is None else {"n_nodes": len(arrays["feature"]), "n_trees": len(arrays["roots"]),
+                                              "depth": tree_depth(arrays)},
+        "weight_trees": float(weight_trees), "weight_zero": float(weight_zero), "zero": float(zero)}
+    ensemble = Ensemble(n_num=n_num, cat_cardinalities=cat_cardinalities, d_out=1,
+                        **{k: v for k, v in config.items() if not k.startswith("_")})
+    for target, (_, module, _) in zip(ensemble.members, nets):
+        target.load_state_dict(module.state_dict())
+    if arrays is not None:
+        ensemble.trees = Trees.of(arrays)
+    return ensemble.eval(), config
