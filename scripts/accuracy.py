@@ -103,7 +103,8 @@ def prev_quoted_ratio(level: np.ndarray, split: Any) -> float:
 
 def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> dict:
     """Train (once) and gate one (group, seed); the row of the suite table."""
-    from vforge.training.gating import blend_lightgbm, do_no_harm
+    from vforge.training.boosting import blend_lightgbm
+    from vforge.training.gating import do_no_harm
     from vforge.training.loop import predict
 
     overrides = [*GROUPS[group][0], *seed_overrides(group, seed, out), "evaluation.plots=false", *extra]

@@ -332,7 +332,8 @@ def test_lightgbm_is_blended_in_only_when_it_earns_its_place(make_cfg, signal):
     """The true change a step in the first feature (2 vol points either way; LightGBM finds it, the zero-change
     model cannot): the blend is kept, almost all LightGBM, and the saved ensemble predicts what was scored. Pure
     noise instead: LightGBM cannot help and the zero-change model stays."""
-    from vforge.training.gating import DoNoHarm, blend_lightgbm
+    from vforge.training.boosting import blend_lightgbm
+    from vforge.training.gating import DoNoHarm
 
     cfg = make_cfg()
     data = instantiate(cfg.data, _convert_="all")

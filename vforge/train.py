@@ -26,11 +26,12 @@ from vforge.models.base import Model, enable_grad_checkpointing
 from vforge.serving import ModelBundle
 from vforge.sweeps.console import ONCE_PER_SWEEP
 from vforge.tracking.mlflow import run_tags
+from vforge.training.boosting import blend_lightgbm
 from vforge.training.callbacks import Callback, fit_callbacks, run_status
 from vforge.training.checkpoint import Checkpoint, Resume
 from vforge.training.device import set_up_torch
 from vforge.training.distributed import Single, make_strategy
-from vforge.training.gating import blend_lightgbm, do_no_harm
+from vforge.training.gating import do_no_harm
 from vforge.training.loop import evaluate, fit, solve
 from vforge.training.losses import Loss, as_loss
 from vforge.training.optim import param_groups
