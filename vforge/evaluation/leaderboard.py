@@ -300,7 +300,7 @@ def save_ensemble(members: list[Entry], weights: dict[str, float], data: Dataset
     from vforge.models.ensemble import assemble
     from vforge.training.losses import as_loss
 
-    used = [m for m in members if weights[m.name] > 0]
+    used = [m for m in members if weights[m.name] > 1e-9]  # a weight of 1e-16 is the optimizer's zero: no member
     nets = [(m.info["config"]["model"], m.model, weights[m.name]) for m in used if isinstance(m.model, torch.nn.Module)]
     trees = [m for m in used if m.model is not None and not isinstance(m.model, torch.nn.Module)]
     weight_zero = sum(weights[m.name] for m in used if m.model is None)
