@@ -125,7 +125,7 @@ def suite_one(group: str, seed: Any, kind: str, extra: list[str], out: Path) -> 
     net = instantiate(config["model"], n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
     net.load_state_dict(saved["state_dict"])
     net.eval()
-    kept = blend_lightgbm(cfg.do_no_harm, do_no_harm(cfg.do_no_harm, net, data, config, d_out=1), data,
+    kept = blend_lightgbm(cfg.do_no_harm, do_no_harm(cfg.do_no_harm, net, data, config, d_out=1), data, d_out=1,
                           seed=int(cfg.seed), n_threads=int(cfg.trainer.num_threads or 2))
     level = {name: data.to_level(predict(m, data.test), data.test) for name, m in (("final", kept.module),
                                                                                    ("net", net))}

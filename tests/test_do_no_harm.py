@@ -347,7 +347,7 @@ def test_lightgbm_is_blended_in_only_when_it_earns_its_place(make_cfg, signal):
     model, model_cfg = _zero_change_model(data)
     kept = DoNoHarm(model, {"model": model_cfg, "run_name": "zero"})
     settings = OmegaConf.create({"enabled": True, "lightgbm": True, "tolerance": 0.005, "max_p": 0.05, "cap": 0.9})
-    out = blend_lightgbm(settings, kept, data, n_threads=1)
+    out = blend_lightgbm(settings, kept, data, d_out=1, n_threads=1)
     if not signal:
         assert out.module is model and "not kept" in out.note and out.metrics["do_no_harm/w_lightgbm"] == 0.0
         return
@@ -359,4 +359,4 @@ def test_lightgbm_is_blended_in_only_when_it_earns_its_place(make_cfg, signal):
         got = data.to_level(rebuilt.eval()(data.test.x_num, None)[:, 0].numpy(), data.test)
     # the step is learnt: far below persistence's 2 vol points on the test rows
     assert np.sqrt(np.mean((got - data.test.iv) ** 2)) < 0.005
-    assert blend_lightgbm(OmegaConf.merge(settings, {"lightgbm": False}), kept, data) is kept
+    assert blend_lightgbm(OmegaConf.merge(settings, {"lightgbm": False}), kept, data, d_out=1) is kept

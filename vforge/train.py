@@ -168,7 +168,8 @@ def finish(cfg: DictConfig, result: FitResult, model: nn.Module, data: Dataset, 
     kept = do_no_harm(cfg.get("do_no_harm"), result.model, data, config, d_out=loss_fn.d_out,
                       batch_size=tr.eval_batch_size)
     if not (isinstance(model, Model) and model.closed_form):  # model=linear stays the ridge
-        kept = blend_lightgbm(cfg.get("do_no_harm"), kept, data, seed=cfg.seed, n_threads=tr.num_threads or 2)
+        kept = blend_lightgbm(cfg.get("do_no_harm"), kept, data, d_out=loss_fn.d_out, seed=cfg.seed,
+                              n_threads=tr.num_threads or 2)
     final, config = kept.module, kept.config
     metrics, predictions = evaluate(final, model, data, loss_fn, tr.eval_batch_size)
     metrics |= kept.metrics

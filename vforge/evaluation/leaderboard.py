@@ -292,6 +292,15 @@ def ensemble_entry(members: list[Entry], data: Dataset, cap: float | None = None
     return entry.score(data), weights
 
 
+def check_reproduces(model: torch.nn.Module, data: Dataset, expected: np.ndarray, what: str) -> None:
+    """Raise unless ``model``'s test IV levels are ``expected`` (to 1e-5): a model built from its parts to be saved
+    must predict what its parts' blend was scored on."""
+    got = levels(model, data)["test"]
+    if not np.allclose(got, expected, atol=1e-5):
+        raise RuntimeError(f"the assembled model does not reproduce {what}: largest difference "
+                           f"{np.abs(got - expected).max():.2e}")
+
+
 def save_ensemble(members: list[Entry], weights: dict[str, float], data: Dataset, config: dict[str, Any],
                   out_dir: str | Path) -> Path:
     """The ensemble of ``members`` with ``weights`` (``ensemble_entry``'s) as one model (``vforge.models.ensemble``),
@@ -311,11 +320,8 @@ def save_ensemble(members: list[Entry], weights: dict[str, float], data: Dataset
     ensemble, model_cfg = assemble(nets, trees[0].model if trees else None,
                                    sum(weights[m.name] for m in trees), weight_zero, -data.y_center / data.y_scale,
                                    n_num=data.n_num, cat_cardinalities=data.cat_cardinalities)
-    test = levels(ensemble, data)["test"]
-    expected = np.stack([m.test_pred for m in members], axis=1) @ np.array([weights[m.name] for m in members])
-    if not np.allclose(test, expected, atol=1e-5):
-        raise RuntimeError(f"the ensemble model does not reproduce the ensemble row (largest difference "
-                           f"{np.abs(test - expected).max():.2e}): not saved")
+    check_reproduces(ensemble, data, np.stack([m.test_pred for m in members], axis=1)
+                     @ np.array([weights[m.name] for m in members]), "the ensemble row (not saved)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ModelBundle.of(ensemble, data, as_loss(torch.nn.MSELoss()),

@@ -7,7 +7,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from vforge.training.gating import DoNoHarm
 
@@ -15,7 +14,8 @@ if TYPE_CHECKING:
     from vforge.data.dataset import Dataset
 
 
-def blend_lightgbm(settings: Any, kept: DoNoHarm, data: Dataset, *, seed: int = 0, n_threads: int = 2) -> DoNoHarm:
+def blend_lightgbm(settings: Any, kept: DoNoHarm, data: Dataset, *, d_out: int, seed: int = 0,
+                   n_threads: int = 2) -> DoNoHarm:
     """Do no harm, last step (``do_no_harm.lightgbm``): LightGBM on the same features and target
     (``leaderboard.lightgbm_fit``, early-stopped on validation), blended with the kept model and the baseline by
     convex weights fit on the validation dates, each date capped as the scores cap it (``ensemble.fit_capped``, as
@@ -25,7 +25,7 @@ def blend_lightgbm(settings: Any, kept: DoNoHarm, data: Dataset, *, seed: int = 
     lowered the default command's error on every data option. Not applied where do no harm is not (off, a level
     target, a multi-output model) or without lightgbm installed (said in the note)."""
     if not (settings and settings.get("enabled") and settings.get("lightgbm") and data.target == "change"
-            and len(data.val)):
+            and d_out == 1 and len(data.val)):
         return kept
     from vforge.evaluation import leaderboard as L
     from vforge.evaluation.ensemble import fit_capped
@@ -33,10 +33,6 @@ def blend_lightgbm(settings: Any, kept: DoNoHarm, data: Dataset, *, seed: int = 
     from vforge.models.ensemble import assemble
 
     module = kept.module.eval()
-    with torch.inference_mode():
-        d_out = module(data.val.x_num[:1], None if data.val.x_cat is None else data.val.x_cat[:1]).shape[1]
-    if d_out != 1:
-        return kept
     fit = L.lightgbm_fit(data, seed=seed, n_threads=n_threads)
     if fit is None:
         return DoNoHarm(kept.module, kept.config, kept.note + "\n  LightGBM blend: lightgbm is not installed "
@@ -56,10 +52,7 @@ def blend_lightgbm(settings: Any, kept: DoNoHarm, data: Dataset, *, seed: int = 
     ensemble, model_cfg = assemble([(kept.config["model"], module, float(w[0]))], fit.booster, float(w[1]),
                                    float(w[2]), -data.y_center / data.y_scale, n_num=data.n_num,
                                    cat_cardinalities=data.cat_cardinalities)
-    got = L.levels(ensemble, data)["test"]
-    if not np.allclose(got, members["test"] @ w, atol=1e-5):  # the saved model is what was scored
-        raise RuntimeError(f"the LightGBM blend does not reproduce its parts (largest difference "
-                           f"{np.abs(got - members['test'] @ w).max():.2e})")
+    L.check_reproduces(ensemble, data, members["test"] @ w, "the LightGBM blend")  # the saved model is what was scored
     note = f"\n  LightGBM blend kept: {weights} (weights fit on validation): {chosen.why['blend']}"
     return DoNoHarm(ensemble, {**kept.config, "model": model_cfg}, kept.note + note,
                     kept.metrics | {"do_no_harm/w_lightgbm": float(w[1]), "do_no_harm/w_kept": float(w[0])})

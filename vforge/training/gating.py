@@ -339,4 +339,3 @@ def do_no_harm(settings: Any, model: nn.Module, data: Dataset, config: dict[str,
     if math.isfinite(choice["alpha"]):
         metrics["do_no_harm/ridge_alpha"] = float(choice["alpha"])
     return DoNoHarm(module, config, "\n" + choice["note"], metrics)
-
