@@ -138,7 +138,7 @@ def test_automl_writes_a_leaderboard_with_reference_rows_and_an_ensemble(tmp_pat
     assert (Path(tmp_path) / "automl" / "leaderboard.md").read_text().startswith("### AutoML leaderboard")
     # what to serve: the pick, or (an ensemble pick) the same rule among the rest; a run folder either way
     serve = saved["serve"]
-    assert serve["name"] == saved["pick"] or board.set_index("name").loc[saved["pick"], "kind"] == "ensemble"
+    assert serve["name"] == saved["pick"]  # the ensemble too: it is saved as a run
     assert f"run={serve['run']}" in out.stderr + out.stdout
     # the linear row and the ensemble (networks, ridge, LightGBM's trees in torch, baseline) are saved as runs, and
     # re-evaluating each run gives its row's scores; the ensemble re-marks raw chain rows like any run
@@ -172,7 +172,7 @@ def automl_sweeper(**kw):
     return AutoMLSweeperImpl(**(args | kw))
 
 
-def test_an_ensemble_pick_names_what_to_serve_instead():
+def test_an_unsaved_ensemble_pick_names_what_to_serve_instead():
     from vforge.sweeps.automl import AutoMLSweeperImpl
 
     def entry(name: str, kind: str, run: str | None) -> L.Entry:
@@ -182,7 +182,7 @@ def test_an_ensemble_pick_names_what_to_serve_instead():
         entry("baseline", "reference", None)
     assert AutoMLSweeperImpl.serving_line(mlp, mlp) == "serve the pick: python -m vforge.predict run=/r/mlp input=<chain>"
     line = AutoMLSweeperImpl.serving_line(ens, mlp)
-    assert "does not serve as one model" in line and line.endswith("picks mlp: python -m vforge.predict run=/r/mlp "
+    assert "was not saved as a servable model" in line and line.endswith("picks mlp: python -m vforge.predict run=/r/mlp "
                                                                     "input=<chain>")
     assert "persistence: no model to serve" in AutoMLSweeperImpl.serving_line(base, base)
 

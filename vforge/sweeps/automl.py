@@ -152,8 +152,9 @@ class AutoMLSweeperImpl(StudySweeper):
         """The entry AutoML picks (``selection.pick``, with the do-no-harm step's tolerance, p-value bar and cap):
         ``model=linear`` (after its do-no-harm step: persistence unless the ridge beat it on inner walk-forward
         folds; the baseline if it failed), replaced by a searched model (fewest parameters first) or the ensemble only
-        on validation evidence; why; and the entry to serve: the pick, or where the pick is the ensemble (which no run
-        holds), the pick of the same rule among the others. Each candidate's notes say why it was or was not picked."""
+        on validation evidence; why; and the entry to serve: the pick, or where the pick is an ensemble that could not
+        be saved as a run, the pick of the same rule among the others. Each candidate's notes say why it was or was
+        not picked."""
         from vforge.evaluation import selection
 
         candidates = selection.candidates(linear or baseline, models, lambda e: (e.n_params, e.val["rmse"]), ensemble)
@@ -171,7 +172,8 @@ class AutoMLSweeperImpl(StudySweeper):
             text = ("AutoML's pick: " if i == chosen.index else "not picked: ") + chosen.why[e.name]
             e.info["notes"] = f"{text}; {e.info['notes']}" if e.info.get("notes") else text
         picked = candidates[chosen.index]
-        serve = candidates[choose(candidates[:-1]).index] if picked is ensemble else picked
+        unsaved = picked is ensemble and not ensemble.info.get("output_dir")
+        serve = candidates[choose(candidates[:-1]).index] if unsaved else picked
         return picked, chosen.why[chosen.name], serve
 
     @staticmethod
@@ -182,7 +184,7 @@ class AutoMLSweeperImpl(StudySweeper):
                "persistence: no model to serve (the previous date's IVs)")
         if serve is picked:
             return f"serve the pick: {how}"
-        return (f"the pick, {picked.name}, is an ensemble, which vforge does not serve as one model yet; the same rule "
+        return (f"the pick, {picked.name}, was not saved as a servable model (the error above); the same rule "
                 f"among the other candidates picks {serve.name}: {how}")
 
     def leaderboard(self, studies: dict[str, optuna.Study]) -> list[dict[str, Any]]:
