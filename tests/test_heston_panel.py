@@ -1,0 +1,65 @@
+"""scripts/heston_panel.py: QuantLib's Heston prices against vforge's COS pricer, and the chain loader's IVs of a
+QuantLib panel against QuantLib's own Black-Scholes inversion (two independent implementations each)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ql = pytest.importorskip("QuantLib")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import heston_panel as H  # noqa: E402
+
+from vforge.data.chain import normalize  # noqa: E402
+from vforge.data.heston import heston_price  # noqa: E402
+
+DAY = ql.Date(14, 3, 2022)
+
+
+def test_quantlib_prices_match_vforge_cos_pricer():
+    market = H.Market()
+    frame = H.model_prices(market, DAY, 103.7, 0.061)
+    tau = np.array([(ql.DateParser.parseISO(e) - DAY) / 365.0 for e in frame["expiry"]])
+    cos = heston_price(103.7, frame["strike"].to_numpy(), tau, market.rate, market.dividend,
+                       (frame["option_type"] == "C").to_numpy(), v0=0.061, kappa=market.kappa,
+                       theta=market.theta, sigma=market.sigma, rho=market.rho, n_terms=1024)
+    assert len(frame) > 300 and tau.min() < 0.02 and tau.max() > 0.9  # short and long expiries both checked
+    np.testing.assert_allclose(frame["model_price"], cos, atol=1e-8)
+    # and put-call parity holds in QuantLib's prices: C - P = S exp(-q T) - K exp(-r T)
+    calls, puts = frame[frame["option_type"] == "C"], frame[frame["option_type"] == "P"]
+    t = tau[frame["option_type"].to_numpy() == "C"]
+    parity = 103.7 * np.exp(-market.dividend * t) - calls["strike"].to_numpy() * np.exp(-market.rate * t)
+    np.testing.assert_allclose(calls["model_price"].to_numpy() - puts["model_price"].to_numpy(), parity, atol=1e-8)
+
+
+def quantlib_iv(row, spot: float, market: H.Market) -> float:
+    count = ql.Actual365Fixed()
+    process = ql.BlackScholesMertonProcess(
+        ql.QuoteHandle(ql.SimpleQuote(spot)),
+        ql.YieldTermStructureHandle(ql.FlatForward(DAY, market.dividend, count)),
+        ql.YieldTermStructureHandle(ql.FlatForward(DAY, market.rate, count)),
+        ql.BlackVolTermStructureHandle(ql.BlackConstantVol(DAY, ql.NullCalendar(), 0.2, count)))
+    kind = ql.Option.Call if row.option_type == "C" else ql.Option.Put
+    option = ql.VanillaOption(ql.PlainVanillaPayoff(kind, float(row.strike)),
+                              ql.EuropeanExercise(ql.DateParser.parseISO(row.expiry)))
+    option.setPricingEngine(ql.AnalyticEuropeanEngine(process))
+    return option.impliedVolatility(0.5 * (row.bid + row.ask), process, 1e-12, 1000, 1e-4, 5.0)
+
+
+def test_loader_inverts_a_quantlib_panel_as_quantlib_does():
+    # a noise-free day (tiny tick and spread): every kept row's IV is the Black-Scholes IV of its mid
+    market = H.Market(tick=1e-9, half_spread=1e-7, mid_noise=0.0)
+    quotes = H.day_quotes(market, DAY, 98.2, 0.045, np.random.default_rng(0))
+    report: dict = {}
+    chain = normalize(quotes, report=report, itm_from_otm=False)
+    assert len(chain) > 0.8 * len(quotes)  # at most the deep-ITM rows without time value go
+    assert chain.index.isin(quotes.index).all()
+    rows = quotes.loc[chain.index]
+    want = np.array([quantlib_iv(r, 98.2, market) for r in rows.itertuples()])
+    np.testing.assert_allclose(chain["implied_volatility"].to_numpy(), want, atol=1e-10)
+    # Heston with rho < 0 makes a skew: puts far below the money carry more vol than calls far above it
+    k = np.log(rows["strike"].to_numpy() / 98.2)
+    assert want[k < -0.15].mean() > want[k > 0.15].mean() + 0.02
