@@ -55,13 +55,15 @@ from vforge.train import train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import diagnose  # noqa: E402
+import heston_panel  # noqa: E402
 import results_page  # noqa: E402
 import thin_panels  # noqa: E402
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 # group -> (overrides, tune seeds, held-out seeds); a seed of None: the option's own configured seed; of the real
-# thin groups (THIN), the start of a 68-date window cut from the 50ETF history (scripts/thin_panels.py).
+# thin groups (THIN), the start of a 68-date window cut from the 50ETF history (scripts/thin_panels.py); of
+# ``heston``, a QuantLib-priced market (scripts/heston_panel.py VARIANTS: held out, never tuned on).
 GROUPS: dict[str, tuple[list[str], list[Any], list[Any]]] = {
     "default": ([], [None], [8, 9]),
     "messy": (["data=synthetic_messy"], [11, 12], [21, 22]),
@@ -70,6 +72,7 @@ GROUPS: dict[str, tuple[list[str], list[Any], list[Any]]] = {
     "china50etf": (["data=china50etf"], [None], []),
     "china_thin_calls": (thin_panels.OVERRIDES, thin_panels.TUNE, thin_panels.HELD_OUT),
     "china_thin": (thin_panels.OVERRIDES, thin_panels.TUNE, thin_panels.HELD_OUT),
+    "heston": (["data=chain"], [], list(heston_panel.VARIANTS)),
 }
 THIN = {"china_thin_calls": "calls", "china_thin": "both"}
 
@@ -78,6 +81,8 @@ def seed_overrides(group: str, seed: Any, out: Path) -> list[str]:
     """What picks one seed of a group: ``data.seed``, or the window of a real thin group (cut once under ``out``)."""
     if group in THIN:
         return [f"data.path={thin_panels.cut(seed, THIN[group], out / 'panels')}"]
+    if group == "heston":
+        return [f"data.path={heston_panel.write(seed, out / 'panels')}"]
     return [f"data.seed={seed}"] if seed is not None else []
 
 

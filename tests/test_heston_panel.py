@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 ql = pytest.importorskip("QuantLib")
@@ -63,3 +64,16 @@ def test_loader_inverts_a_quantlib_panel_as_quantlib_does():
     # Heston with rho < 0 makes a skew: puts far below the money carry more vol than calls far above it
     k = np.log(rows["strike"].to_numpy() / 98.2)
     assert want[k < -0.15].mean() > want[k > 0.15].mean() + 0.02
+
+
+def test_variants_are_written_once_and_named_by_what_differs(tmp_path):
+    path = H.write(2, tmp_path, n_dates=3)
+    panel = pd.read_csv(path)
+    assert path.name == "variant2.csv" and panel["quote_date"].nunique() == 3
+    # variant 2's wide quotes: half the spread is 4% of the price (at least a tick), as VARIANTS says
+    mid = 0.5 * (panel["bid"] + panel["ask"])
+    wide = mid > 5
+    assert ((panel["ask"] - panel["bid"])[wide] / mid[wide]).median() == pytest.approx(0.08, abs=0.002)
+    stamp = path.stat().st_mtime_ns
+    assert H.write(2, tmp_path, n_dates=3).stat().st_mtime_ns == stamp  # cached, not rewritten
+    assert H.write(2, tmp_path, {"mu": 0.0, "rho": -0.9}, n_dates=3).name == "variant2_rho-0.9.csv"
