@@ -129,12 +129,13 @@ def model_prices(market: Market, day: ql.Date, spot: float, var: float) -> pd.Da
 
 
 def day_quotes(market: Market, day: ql.Date, spot: float, var: float, rng: np.random.Generator) -> pd.DataFrame:
-    """The day's quotes: bid and ask on the tick around the model price plus noise."""
+    """The day's quotes: bid and ask on the tick around the model price plus noise (the bid at least 0, the ask at
+    least a tick, as an exchange shows them)."""
     frame = model_prices(market, day, spot, var)
     half = np.maximum(market.half_spread * frame["model_price"], market.tick)
     mid = frame["model_price"] + market.mid_noise * half * rng.standard_normal(len(frame))
     frame["bid"] = np.maximum(np.floor((mid - half) / market.tick) * market.tick, 0.0).round(10)
-    frame["ask"] = (np.ceil((mid + half) / market.tick) * market.tick).round(10)
+    frame["ask"] = np.maximum(np.ceil((mid + half) / market.tick) * market.tick, market.tick).round(10)
     frame.insert(0, "quote_date", day.ISO())
     frame["underlying_price"] = round(spot, 4)
     frame["rate"], frame["dividend_yield"] = market.rate, market.dividend

@@ -460,6 +460,8 @@ def page(out: Path, data_names: Sequence[str], names: Sequence[str]) -> str:
         any_cell = next(iter(cells.values()), None)
         head = f"#### `{d}`"
         if any_cell:
+            head += "".join(f" `{Path(o.split('=', 1)[1]).name}`" for o in any_cell["overrides"]
+                            if o.startswith("data.path="))
             ref = any_cell["references"]["persistence"]
             settings = " ".join(o for o in any_cell["overrides"] if o.startswith("trainer.") and
                                 o != "trainer.num_threads=1")

@@ -74,6 +74,7 @@ def test_variants_are_written_once_and_named_by_what_differs(tmp_path):
     mid = 0.5 * (panel["bid"] + panel["ask"])
     wide = mid > 5
     assert ((panel["ask"] - panel["bid"])[wide] / mid[wide]).median() == pytest.approx(0.08, abs=0.002)
+    assert (panel["bid"] >= 0).all() and (panel["ask"] >= 0.01).all() and (panel["bid"] <= panel["ask"]).all()
     stamp = path.stat().st_mtime_ns
     assert H.write(2, tmp_path, n_dates=3).stat().st_mtime_ns == stamp  # cached, not rewritten
     assert H.write(2, tmp_path, {"mu": 0.0, "rho": -0.9}, n_dates=3).name == "variant2_rho-0.9.csv"
