@@ -18,13 +18,13 @@ the default command on each as held-out panels (reported, never tuned on).
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import QuantLib as ql
+from omegaconf import OmegaConf
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dates", type=int, default=500)
     parser.add_argument("--variant", type=int, default=1, choices=list(VARIANTS))
-    cache = Path(os.environ.get("VFORGE_CACHE_DIR", Path.home() / ".cache" / "vforge"))
+    cache = Path(OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "data" / "chain.yaml").cache_dir)
     parser.add_argument("--out", type=Path, default=cache / "heston_panel")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="market parameters other than the defaults, e.g. --set kappa_p=1.5 theta_p=0.05")

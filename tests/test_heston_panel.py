@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import QuantLib as ql
 
-ql = pytest.importorskip("QuantLib")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import heston_panel as H  # noqa: E402
 
