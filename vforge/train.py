@@ -101,7 +101,10 @@ def train(cfg: DictConfig, callbacks: Sequence[Callback] = ()) -> dict[str, floa
 
 def new_model(cfg: DictConfig, data: Dataset, d_out: int, device: torch.device) -> nn.Module:
     """The configured model for ``data``'s inputs (with gradient checkpointing when the trainer asks)."""
-    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=d_out).to(device)
+    model = instantiate(cfg.model, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=d_out)
+    if isinstance(model, Model) and (info := model.prepare(data)):
+        log.info("%s prepared before training: %s", type(model).__name__, info.get("why", info))
+    model = model.to(device)
     if cfg.trainer.grad_checkpointing:
         enable_grad_checkpointing(model)
     return model

@@ -56,6 +56,12 @@ class Model(nn.Module):
             x = self.run_block(block, x)
         return x
 
+    def prepare(self, data: Any) -> dict[str, Any] | None:
+        """Called by ``train()`` once the model is built, before the loop, with the run's ``Dataset``: what a model
+        solves from the data before it is trained (``OnRidge``'s ridge); returns what to log, or None (the default:
+        nothing)."""
+        return None
+
     def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray) -> dict[str, Any]:
         """Solve the model on the training split (``closed_form`` models); returns what to log about the solution."""
         raise NotImplementedError(f"{type(self).__name__} is trained by the loop, not solved (closed_form=False)")
