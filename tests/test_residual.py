@@ -77,3 +77,24 @@ def test_a_saved_on_ridge_rebuilds_with_its_ridge_and_predicts_the_same():
 def test_the_linear_part_must_be_a_ridge():
     with pytest.raises(ValueError, match="must be a vforge.models.linear.Ridge"):
         OnRidge(n_num=3, cat_cardinalities=[], d_out=1, model=MLP, linear=MLP)
+
+
+def test_grad_checkpointing_acts_on_the_network_inside_and_gives_the_same_gradients():
+    import copy
+
+    from vforge.models.base import enable_grad_checkpointing
+
+    train = split(seed=2)
+    mlp = dict(MLP, n_blocks=2, dropout=0.2)
+    a = OnRidge(n_num=3, cat_cardinalities=[], d_out=1, model=mlp)
+    a.prepare(SimpleNamespace(train=train))
+    with torch.no_grad():
+        for p in a.model.parameters():
+            p.add_(0.05)
+    b = copy.deepcopy(a)
+    assert enable_grad_checkpointing(b) == len(b.model.blocks) and b.model.grad_checkpointing and not a.model.grad_checkpointing
+    for m in (a, b):
+        torch.manual_seed(1)
+        m.forward_train(train.x_num[:16], None)[0].pow(2).sum().backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert (p.grad is None and q.grad is None) or torch.allclose(p.grad, q.grad, atol=1e-6), name

@@ -65,5 +65,9 @@ class OnRidge(Model):
             base = self.linear(x_num, x_cat)
         return base + out, aux
 
-    def checkpoint_blocks(self) -> nn.Sequential | nn.ModuleList:
-        return self.model.checkpoint_blocks() if isinstance(self.model, Model) else nn.ModuleList()
+    def set_grad_checkpointing(self, enable: bool = True) -> int:
+        """The network's own (its blocks recompute in backward; the ridge has none)."""
+        if not isinstance(self.model, Model):
+            return super().set_grad_checkpointing(enable)
+        self.grad_checkpointing = enable
+        return self.model.set_grad_checkpointing(enable)
