@@ -37,7 +37,7 @@ from omegaconf import OmegaConf, open_dict
 from vforge import CONF_DIR
 from vforge.data.chain import REQUIRED
 from vforge.data.dataset import info_dates, next_date_columns
-from vforge.data.synthetic import cached_chain
+from vforge.data.synthetic import generated
 from vforge.serving import ChainModel, load_run, median_ms
 from vforge.tracking.registry import OPTIONAL
 
@@ -61,8 +61,7 @@ def train_quick(out_dir: Path) -> tuple[Path, dict]:
 def request_rows(data_cfg: dict, n_contracts: int) -> pd.DataFrame:
     """The request: the generated market's chain columns, those of the pyfunc signature (not the simulator's own
     ``model_iv``, which no market publishes: MLflow would drop it with a warning on every call)."""
-    keys = ("seed", "n_days", "spot0", "rate", "dividend_yield", "heston", "jumps", "listing", "quotes")
-    raw = cached_chain(data_cfg["cache_dir"], **{k: data_cfg[k] for k in keys})
+    raw = generated(**data_cfg)
     raw = raw[[c for c in raw.columns if c in {*REQUIRED, *OPTIONAL}]]
     dates = sorted(raw["quote_date"].unique())
     counts = raw.groupby("quote_date").size()

@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 from hydra.utils import instantiate
 
-from vforge.data.synthetic import cached_chain
+from vforge.data.synthetic import generated
 from vforge.data.target import VOL_POINTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,11 +72,7 @@ def ceiling(seed: int | None) -> dict[str, float]:
     """The decomposition and the two ratios of one seed of the default market (None: its configured seed)."""
     cfg = accuracy.compose_cfg([] if seed is None else [f"data.seed={seed}"], Path("outputs/ceiling"), "ceiling")
     data = instantiate(cfg.data, _convert_="all")
-    d = cfg.data
-    raw = cached_chain(d.cache_dir, seed=d.seed, n_days=d.n_days, spot0=d.spot0, rate=d.rate,
-                       dividend_yield=d.dividend_yield, heston=dict(d.heston), jumps=dict(d.jumps),
-                       listing=dict(d.listing), quotes=dict(d.quotes))
-    model_iv = raw[["quote_date", *KEY, "model_iv"]]
+    model_iv = generated(**cfg.data)[["quote_date", *KEY, "model_iv"]]
     names = list(data.feature_names)
     past = pd.concat([true_changes(s, names, model_iv) for s in (data.train, data.val)], ignore_index=True)
     test = true_changes(data.test, names, model_iv)
@@ -87,8 +83,10 @@ def ceiling(seed: int | None) -> dict[str, float]:
     def ms(v: pd.Series | np.ndarray) -> float:
         return float(np.mean(np.square(v))) * VOL_POINTS**2
 
-    ratio = lambda pred: float(np.sqrt(ms(quote_change - pred) / ms(quote_change)))  # noqa: E731
-    return {"seed": d.seed, "rows": len(test), "persistence_rmse": float(np.sqrt(ms(quote_change))),
+    def ratio(pred: np.ndarray) -> float:
+        return float(np.sqrt(ms(quote_change - pred) / ms(quote_change)))
+
+    return {"seed": cfg.data.seed, "rows": len(test), "persistence_rmse": float(np.sqrt(ms(quote_change))),
             "true_change_rmse": float(np.sqrt(ms(change))), "noise_rmse": float(np.sqrt(ms(noise_t))),
             "noise_corr": float(np.corrcoef(noise_t, noise_p)[0, 1]),
             "before_test": ratio(bucket_predict(bucket_fit(past), test)),

@@ -13,7 +13,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from vforge.data.synthetic import cached_chain
+from vforge.data.synthetic import generated
 from vforge.export import load_serving
 from vforge.predict import predict
 from vforge.train import train
@@ -22,9 +22,7 @@ from .conftest import CONF_DIR, TINY_DATA
 
 
 def raw_synthetic_chain(cfg) -> pd.DataFrame:
-    keys = ("seed", "n_days", "spot0", "rate", "dividend_yield", "heston", "jumps", "listing", "quotes")
-    params = OmegaConf.to_container(cfg.data, resolve=True)
-    return cached_chain(params["cache_dir"], **{k: params[k] for k in keys})
+    return generated(**OmegaConf.to_container(cfg.data, resolve=True))
 
 
 def run_predict(run, path, output=None, tracking_uri=None) -> pd.DataFrame:

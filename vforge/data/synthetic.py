@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -163,14 +163,21 @@ def cached_chain(cache_dir: str | Path | None, *, generate: Callable[..., pd.Dat
     return chain
 
 
+def generated(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: Mapping,
+              jumps: Mapping, listing: Mapping, quotes: Mapping, cache_dir: str | None, **_: Any) -> pd.DataFrame:
+    """The generated chain of a ``data=synthetic`` config (its keys; the others are ignored), the simulator's
+    ``model_iv`` included, from the cache ``load`` reads: ``generated(**cfg.data)``."""
+    return cached_chain(cache_dir, seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
+                        heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
+
+
 def load(*, seed: int, n_days: int, spot0: float, rate: float, dividend_yield: float, heston: dict, jumps: dict,
          listing: dict, quotes: dict, cache_dir: str | None, **options: Any) -> Dataset:
     """The synthetic market as a ready-to-train ``Dataset``, through the same checks as a chain file.
 
     ``options``: quote filters (``ChainOptions``) and the pipeline keys of ``dataset.prepare``.
     """
-    params: dict[str, Any] = dict(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield,
-                  heston=dict(heston), jumps=dict(jumps), listing=dict(listing), quotes=dict(quotes))
-    raw = cached_chain(cache_dir, **params)
+    raw = generated(seed=seed, n_days=n_days, spot0=spot0, rate=rate, dividend_yield=dividend_yield, heston=heston,
+                    jumps=jumps, listing=listing, quotes=quotes, cache_dir=cache_dir)
     chain_options, pipeline = ChainOptions.pick({**options, "rate": rate, "dividend_yield": dividend_yield})
     return build_dataset(raw, source="synthetic", options=chain_options, **pipeline)
