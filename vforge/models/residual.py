@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from vforge.models.base import Model
@@ -54,16 +53,12 @@ class OnRidge(Model):
         return self.linear.fit_closed_form(train.x_num, train.x_cat, train.y, train.aux["quote_date_idx"].numpy())
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
-        with torch.no_grad():
-            base = self.linear(x_num, x_cat)
-        return base + self.model(x_num, x_cat)
+        return self.linear(x_num, x_cat) + self.model(x_num, x_cat)
 
     def forward_train(self, x_num: Tensor, x_cat: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         out, aux = self.model.forward_train(x_num, x_cat) if isinstance(self.model, Model) else (
             self.model(x_num, x_cat), None)
-        with torch.no_grad():
-            base = self.linear(x_num, x_cat)
-        return base + out, aux
+        return self.linear(x_num, x_cat) + out, aux
 
     def set_grad_checkpointing(self, enable: bool = True) -> int:
         """The network's own (its blocks recompute in backward; the ridge has none)."""
