@@ -50,7 +50,8 @@ class OnRidge(Model):
         """Solve the ridge on the training split (its penalty chosen on its walk-forward folds) before the network
         trains on what it leaves; returns its selection."""
         train = data.train
-        return self.linear.fit_closed_form(train.x_num, train.x_cat, train.y, train.aux["quote_date_idx"].numpy())
+        chosen = self.linear.fit_closed_form(train.x_num, train.x_cat, train.y, train.aux["quote_date_idx"].numpy())
+        return {**chosen, "why": f"the ridge (penalty {chosen['alpha']:g}: {chosen['why']}), frozen"}
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
         return self.linear(x_num, x_cat) + self.model(x_num, x_cat)
