@@ -1,6 +1,7 @@
-"""How much of the default market's daily IV change is predictable: ``python scripts/ceiling.py [--seeds 7 8 9]``.
+"""How much of a market's daily IV change is predictable: ``python scripts/ceiling.py [--seeds 7 8 9] [--heston 1 2 3]``.
 
-The embedded market (``data=synthetic``) knows each quote's noise-free model IV (the generator's ``model_iv``), so
+The embedded market (``data=synthetic``) knows each quote's noise-free model IV (the generator's ``model_iv``), and
+so does a ``scripts/heston_panel.py`` panel (its truth file: each quote's model price, inverted here), so
 persistence's error on the previously quoted test rows splits into the true change of the model IV and the quote
 noise of the two dates. Each daily change of a Heston IV is driven by the variance's shock, which is correlated with
 the spot's: the day's spot move (``spot_ret_1d_vol``, in units of the previous ATM vol) is the only information a
@@ -11,11 +12,13 @@ the spot move, and reports, as RMSE ratios to persistence on the test block's pr
 - ``buckets fit before test``: the fit on the training and validation dates, applied to the test dates: what a model
   that knew the model IVs of the past, and had only the spot move, could reach;
 - ``oracle on test``: the fit on the test dates themselves (look-ahead): no model with these inputs can do better
-  on average, however flexible.
+  on average, however flexible;
+- ``+ prev. noise``: that oracle also knowing the previous quote's noise exactly (today's noise regressed on it):
+  the most a model could gain by telling the previous quote's noise from its neighbours (``prev_iv_resid``).
 
-The rest of persistence's error is the variance's own shock and the quotes' noise (tick rounding), which moves slowly
-with the price and so is mostly shared by the two dates (``corr`` below): removing the previous quote's noise gains
-little. Only the synthetic market carries ``model_iv``; any of its seeds can be given.
+The rest of persistence's error is the variance's own shock and the quotes' noise. On the default market the noise
+(tick rounding) moves slowly with the price, so it is mostly shared by the two dates (``corr`` below) and removing
+the previous quote's noise gains little; a Heston panel's noisy mid is drawn afresh each day (``corr`` 0).
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ import numpy as np
 import pandas as pd
 from hydra.utils import instantiate
 
+from vforge.data.iv import forward, implied_vol
 from vforge.data.synthetic import generated
 from vforge.data.target import VOL_POINTS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy  # noqa: E402
+import heston_panel  # noqa: E402
 
 KEY = ["expiry", "strike", "option_type"]
 TENOR_EDGES = [0, 0.05, 0.1, 0.2, 0.4, 0.7, np.inf]  # years
@@ -68,11 +73,28 @@ def bucket_predict(coef: dict[int, np.ndarray], rows: pd.DataFrame) -> np.ndarra
     return np.einsum("ij,ij->i", design, table)
 
 
-def ceiling(seed: int | None) -> dict[str, float]:
-    """The decomposition and the two ratios of one seed of the default market (None: its configured seed)."""
-    cfg = accuracy.compose_cfg([] if seed is None else [f"data.seed={seed}"], Path("outputs/ceiling"), "ceiling")
+def heston_model_iv(path: Path) -> pd.DataFrame:
+    """The noise-free IV of every quote of a ``scripts/heston_panel.py`` panel: its model price (the panel's truth
+    file) inverted at the loader's forward, the out-of-the-money option's IV given to both types at a strike (as
+    ``itm_from_otm`` gives the quotes; the model prices obey put-call parity)."""
+    frame = pd.read_csv(path).merge(pd.read_parquet(heston_panel.truth_path(path)), on=["quote_date", *KEY])
+    for col in ("quote_date", "expiry"):
+        frame[col] = pd.to_datetime(frame[col])
+    tau = (frame["expiry"] - frame["quote_date"]).dt.days.to_numpy() / 365.0
+    fwd = forward(frame["underlying_price"].to_numpy(), tau, frame["rate"].to_numpy(),
+                  frame["dividend_yield"].to_numpy())
+    is_call = (frame["option_type"] == "C").to_numpy()
+    frame["model_iv"], _ = implied_vol(frame["model_price"].to_numpy(), fwd, frame["strike"].to_numpy(), tau,
+                                       frame["rate"].to_numpy(), is_call)
+    otm = frame[is_call == (frame["strike"].to_numpy() >= fwd)]
+    return frame[["quote_date", *KEY]].merge(otm[["quote_date", "expiry", "strike", "model_iv"]],
+                                             on=["quote_date", "expiry", "strike"])
+
+
+def ceiling(overrides: list[str], model_iv: pd.DataFrame) -> dict[str, float]:
+    """The decomposition and the ratios on the data ``overrides`` compose, whose quotes' model IVs are ``model_iv``."""
+    cfg = accuracy.compose_cfg(overrides, Path("outputs/ceiling"), "ceiling")
     data = instantiate(cfg.data, _convert_="all")
-    model_iv = generated(**cfg.data)[["quote_date", *KEY, "model_iv"]]
     names = list(data.feature_names)
     past = pd.concat([true_changes(s, names, model_iv) for s in (data.train, data.val)], ignore_index=True)
     test = true_changes(data.test, names, model_iv)
@@ -86,24 +108,43 @@ def ceiling(seed: int | None) -> dict[str, float]:
     def ratio(pred: np.ndarray) -> float:
         return float(np.sqrt(ms(quote_change - pred) / ms(quote_change)))
 
-    return {"seed": cfg.data.seed, "rows": len(test), "persistence_rmse": float(np.sqrt(ms(quote_change))),
+    oracle = bucket_predict(bucket_fit(test), test)
+    # and knowing the previous quote's noise too: today's quote noise regressed on it (one slope; the rest is new)
+    slope = float(np.dot(noise_t, noise_p) / np.dot(noise_p, noise_p))
+    return {"rows": len(test), "persistence_rmse": float(np.sqrt(ms(quote_change))),
             "true_change_rmse": float(np.sqrt(ms(change))), "noise_rmse": float(np.sqrt(ms(noise_t))),
             "noise_corr": float(np.corrcoef(noise_t, noise_p)[0, 1]),
-            "before_test": ratio(bucket_predict(bucket_fit(past), test)),
-            "oracle": ratio(bucket_predict(bucket_fit(test), test))}
+            "before_test": ratio(bucket_predict(bucket_fit(past), test)), "oracle": ratio(oracle),
+            "oracle_noise": ratio(oracle + (slope - 1.0) * noise_p)}
+
+
+def synthetic_case(seed: int | None) -> tuple[str, list[str], pd.DataFrame]:
+    overrides = [] if seed is None else [f"data.seed={seed}"]
+    cfg = accuracy.compose_cfg(overrides, Path("outputs/ceiling"), "ceiling")
+    return f"seed {cfg.data.seed}", overrides, generated(**cfg.data)[["quote_date", *KEY, "model_iv"]]
+
+
+def heston_case(variant: int) -> tuple[str, list[str], pd.DataFrame]:
+    cache = Path(accuracy.compose_cfg(["data=chain"], Path("outputs/ceiling"), "ceiling").data.cache_dir)
+    path = heston_panel.write(variant, cache / "heston_panel", truth=True)
+    return f"heston {variant}", ["data=chain", f"data.path={path}"], heston_model_iv(path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="*", default=[], help="data.seed values (default: the configured one)")
+    p.add_argument("--seeds", type=int, nargs="*", default=[], help="data.seed values of the default market")
+    p.add_argument("--heston", type=int, nargs="*", default=[], choices=list(heston_panel.VARIANTS),
+                   help="scripts/heston_panel.py variants (held out: written with their truth if missing)")
     args = p.parse_args()
-    print(f"{'seed':>5}{'rows':>8}{'persistence':>13}{'true change':>13}{'quote noise':>13}{'corr':>7}"
-          f"{'buckets fit before test':>25}{'oracle on test':>16}")
-    for seed in args.seeds or [None]:
-        r = ceiling(seed)
-        print(f"{r['seed']:>5}{r['rows']:>8}{r['persistence_rmse']:>13.3f}{r['true_change_rmse']:>13.3f}"
-              f"{r['noise_rmse']:>13.3f}{r['noise_corr']:>7.2f}{r['before_test']:>24.3f}x{r['oracle']:>15.3f}x",
-              flush=True)
+    cases = [(synthetic_case, s) for s in args.seeds] + [(heston_case, v) for v in args.heston]
+    print(f"{'market':>10}{'rows':>8}{'persistence':>13}{'true change':>13}{'quote noise':>13}{'corr':>7}"
+          f"{'buckets fit before test':>25}{'oracle on test':>16}{'+ prev. noise':>15}")
+    for make, arg in cases or [(synthetic_case, None)]:
+        name, overrides, model_iv = make(arg)
+        r = ceiling(overrides, model_iv)
+        print(f"{name:>10}{r['rows']:>8}{r['persistence_rmse']:>13.3f}{r['true_change_rmse']:>13.3f}"
+              f"{r['noise_rmse']:>13.3f}{r['noise_corr']:>7.2f}{r['before_test']:>24.3f}x{r['oracle']:>15.3f}x"
+              f"{r['oracle_noise']:>14.3f}x", flush=True)
 
 
 if __name__ == "__main__":

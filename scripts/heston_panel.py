@@ -139,25 +139,40 @@ def day_quotes(market: Market, day: ql.Date, spot: float, var: float, rng: np.ra
     frame.insert(0, "quote_date", day.ISO())
     frame["underlying_price"] = round(spot, 4)
     frame["rate"], frame["dividend_yield"] = market.rate, market.dividend
-    return frame.drop(columns="model_price")
+    frame["variance"] = var
+    return frame
 
 
-def panel(n_dates: int, seed: int, market: Market = Market()) -> pd.DataFrame:
+TRUTH = ["model_price", "variance"]  # what the market knows and the quotes do not show (``truth=True``)
+
+
+def panel(n_dates: int, seed: int, market: Market = Market(), truth: bool = False) -> pd.DataFrame:
+    """The chain table; with ``truth`` also each quote's noise-free model price and the day's variance (``TRUTH``),
+    the same table otherwise (one random stream)."""
     rng = np.random.default_rng(seed)
     dates = quote_dates(n_dates)
     spot, var = paths(market, dates, rng)
-    return pd.concat([day_quotes(market, d, s, v, rng) for d, s, v in zip(dates, spot, var)], ignore_index=True)
+    frame = pd.concat([day_quotes(market, d, s, v, rng) for d, s, v in zip(dates, spot, var)], ignore_index=True)
+    return frame if truth else frame.drop(columns=TRUTH)
 
 
-def write(variant: int, out: Path, changes: dict[str, float] | None = None, n_dates: int = 500) -> Path:
-    """The panel of ``VARIANTS[variant]`` (seed ``variant``) with ``changes`` on top, written once under ``out``."""
+def write(variant: int, out: Path, changes: dict[str, float] | None = None, n_dates: int = 500,
+          truth: bool = False) -> Path:
+    """The panel of ``VARIANTS[variant]`` (seed ``variant``) with ``changes`` on top, written once under ``out``;
+    with ``truth`` also ``truth_path(path)``: its keys with ``TRUTH`` (for ``scripts/ceiling.py``; never a feature)."""
     changes = {**VARIANTS[variant], **(changes or {})}
     extra = {k: v for k, v in changes.items() if VARIANTS[variant].get(k) != v}
     path = out / ("_".join([f"variant{variant}", *(f"{k}{v:g}" for k, v in sorted(extra.items()))]) + ".csv")
-    if not path.exists():
+    if not path.exists() or (truth and not truth_path(path).exists()):
         out.mkdir(parents=True, exist_ok=True)
-        panel(n_dates, variant, Market(**changes)).to_csv(path, index=False)
+        frame = panel(n_dates, variant, Market(**changes), truth=True)
+        frame.drop(columns=TRUTH).to_csv(path, index=False)
+        frame[["quote_date", "expiry", "strike", "option_type", *TRUTH]].to_parquet(truth_path(path), index=False)
     return path
+
+
+def truth_path(path: Path) -> Path:
+    return path.with_suffix(".truth.parquet")
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -67,6 +68,40 @@ def test_ridge_inputs_are_clipped_to_their_fit_rows_quantiles_and_the_bounds_are
     assert copy(far.float(), None).item() == clipped(far.float(), None).item()
     with pytest.raises(ValueError, match="clip must be a quantile"):
         Ridge(n_num=2, cat_cardinalities=[], d_out=1, clip=0.5)
+
+
+def test_a_split_ridge_is_two_ridges_one_per_kind_of_rows_with_the_same_penalty():
+    """``split_by``: rows where that input is positive (contracts new on the date) get their own ridge, which
+    must solve as a ridge fit on those rows alone (its columns scaled on them) and leave the other rows' fit as a
+    ridge fit on theirs: a few large new-contract targets no longer bend the previously quoted rows' fit."""
+    g = np.random.default_rng(7)
+    n, dates = 3000, np.repeat(np.arange(30), 100)
+    x = g.standard_normal((n, 3))
+    new = g.random(n) < 0.1
+    x[:, 2] = np.where(new, 2.5, 0.0)  # the scaled prev_iv_missing: 0 for quoted rows, positive for new ones
+    y = np.where(new, 3.0 - 2.0 * x[:, 0] * x[:, 1], 0.4 * x[:, 0]) + 0.05 * g.standard_normal(n)
+    x, y = torch.tensor(x), torch.tensor(y)
+    split = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")
+    split.prepare(SimpleNamespace(feature_names=["a", "b", "missing"]))
+    split.fit_closed_form(x, None, y, dates, alpha=0.01)
+    for rows in (~new, new):
+        alone = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None)
+        alone.fit_closed_form(x[rows], None, y[rows], dates[rows], alpha=0.01)
+        np.testing.assert_allclose(split(x[rows].float(), None).detach().numpy(),
+                                   alone(x[rows].float(), None).detach().numpy(), atol=1e-5)
+    one = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None)
+    one.fit_closed_form(x, None, y, dates, alpha=0.01)
+    err = lambda m: float(((m(x[~new].float(), None)[:, 0] - y[~new]) ** 2).mean())  # noqa: E731
+    assert err(split) < 0.01 < err(one)  # one ridge for both kinds fits the quoted rows worse
+    copy = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")
+    copy.load_state_dict(split.state_dict())  # the index travels with the weights
+    assert int(copy.split_index) == 2 and torch.equal(copy(x.float(), None), split(x.float(), None))
+    # a run without that input: every row in the first half, which is the one ridge exactly
+    absent = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")
+    absent.prepare(SimpleNamespace(feature_names=["a", "b", "c"]))
+    absent.fit_closed_form(x, None, y, dates, alpha=0.01)
+    np.testing.assert_allclose(absent(x.float(), None).detach().numpy(), one(x.float(), None).detach().numpy(),
+                               atol=1e-5)
 
 
 def test_per_date_ratio_and_trimmed_score_by_hand():

@@ -78,3 +78,19 @@ def test_variants_are_written_once_and_named_by_what_differs(tmp_path):
     stamp = path.stat().st_mtime_ns
     assert H.write(2, tmp_path, n_dates=3).stat().st_mtime_ns == stamp  # cached, not rewritten
     assert H.write(2, tmp_path, {"mu": 0.0, "rho": -0.9}, n_dates=3).name == "variant2_rho-0.9.csv"
+
+
+def test_truth_file_holds_each_quotes_model_price_and_the_panel_stays_the_same(tmp_path):
+    path = H.write(2, tmp_path / "plain", n_dates=3)
+    with_truth = H.write(2, tmp_path / "truth", n_dates=3, truth=True)
+    panel, truth = pd.read_csv(with_truth), pd.read_parquet(H.truth_path(with_truth))
+    # the chain table is the one written without truth (one random stream), and shows no truth column
+    pd.testing.assert_frame_equal(panel, pd.read_csv(path))
+    assert not set(H.TRUTH) & set(panel.columns)
+    both = panel.merge(truth, on=["quote_date", "expiry", "strike", "option_type"], validate="one_to_one")
+    assert len(both) == len(panel) and both["variance"].groupby(both["quote_date"]).nunique().eq(1).all()
+    # variant 2's mid is the model price plus noise of half the half spread (4% of the price): within 5 sd of it
+    mid, price = 0.5 * (both["bid"] + both["ask"]), both["model_price"]
+    half = np.maximum(0.04 * price, 0.01)
+    assert (np.abs(mid - price) <= 5 * 0.5 * half + 0.01).all()
+    assert 0.2 < ((mid - price) / half)[price > 5].std() < 0.7

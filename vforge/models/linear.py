@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,10 +43,19 @@ class Ridge(Model):
         trim: share of fold dates trimmed at each end of the per-date loss ratios.
         tolerance: how much worse (in units of persistence's per-date loss) a larger penalty may score and still win.
         clip: quantile of the fit rows each input is clipped to at either end (None: not clipped).
+        split_by: the name of an input (``prev_iv_missing``) whose positive rows get their own ridge: every column
+            twice, once on the rows where it is 0 and once where it is positive, so contracts new on the date (a
+            change over the previous surface, errors ten times larger) do not bend the fit of the previously quoted
+            rows (a change over persistence). Scaled to unit RMS on all rows, the two halves solve exactly as two
+            ridges scaled on their own rows with the same penalty would. Its index among the inputs is set by
+            ``prepare`` (from the run's feature names) and saved with the weights; until then, or where the run has
+            no such input, all rows are in the first half. None (the default of a config saved before it
+            existed): one ridge for all rows.
     """
 
     closed_form = True
     pairs: Tensor  # buffers
+    split_index: Tensor
     scale: Tensor
     lo: Tensor
     hi: Tensor
@@ -53,7 +63,7 @@ class Ridge(Model):
     def __init__(self, *, n_num: int, cat_cardinalities: list[int], d_out: int, interactions: bool = True,
                  alphas: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), n_folds: int = 4,
                  fold_fraction: float = 0.5, trim: float = 0.2, tolerance: float = 0.01,
-                 cap: float | None = None, clip: float | None = 0.001) -> None:
+                 cap: float | None = None, clip: float | None = 0.001, split_by: str | None = None) -> None:
         super().__init__()
         if not alphas or any(a <= 0 for a in alphas):
             raise ValueError(f"alphas must be a non-empty list of positive penalties, got {list(alphas)}")
@@ -64,9 +74,12 @@ class Ridge(Model):
         if clip is not None and not 0 <= clip < 0.5:
             raise ValueError(f"clip must be a quantile in [0, 0.5) or null, got {clip}")
         self.trim, self.tolerance, self.cap, self.clip = trim, tolerance, cap, clip
+        self.split_by = split_by
+        if split_by is not None:
+            self.register_buffer("split_index", torch.tensor(-1))  # set by ``prepare``; -1: no such input
         pairs = torch.triu_indices(n_num, n_num) if interactions else torch.empty(2, 0, dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)
-        d_in = 1 + n_num + pairs.shape[1] + sum(cat_cardinalities)
+        d_in = (1 + n_num + pairs.shape[1] + sum(cat_cardinalities)) * (1 if split_by is None else 2)
         self.register_buffer("scale", torch.ones(d_in))
         self.register_buffer("lo", torch.full((n_num,), -math.inf))  # the inputs' clip bounds (the fit rows')
         self.register_buffer("hi", torch.full((n_num,), math.inf))
@@ -75,6 +88,13 @@ class Ridge(Model):
         self.weight = nn.Parameter(torch.zeros(d_out, d_in))
         nn.init.normal_(self.weight, std=d_in**-0.5)
         self.selection: dict = {}
+
+    def prepare(self, data: Any) -> dict[str, Any] | None:
+        """``split_by``'s index among ``data``'s numerical inputs (``data.feature_names``), kept in the state dict."""
+        if self.split_by is not None:
+            names = list(data.feature_names)
+            self.split_index.fill_(names.index(self.split_by) if self.split_by in names else -1)
+        return None
 
     def bounds(self, x_num: Tensor) -> tuple[Tensor, Tensor]:
         """The clip bounds a fit on these rows uses: each input's ``clip`` and ``1 - clip`` quantiles (none: infinite)."""
@@ -87,12 +107,21 @@ class Ridge(Model):
         """(batch, n_num), (batch, n_cat) -> (batch, d_in) unscaled columns, the inputs clipped to ``bounds`` (by
         default the fitted ones)."""
         lo, hi = (self.lo, self.hi) if bounds is None else bounds
+        # which half: read before clipping (a rare positive value may lie above the upper quantile of the fit rows)
+        new = None
+        if self.split_by is not None:
+            i = int(self.split_index)
+            new = x_num[:, i : i + 1] > 0 if i >= 0 else torch.zeros_like(x_num[:, :1], dtype=torch.bool)
         x_num = torch.maximum(torch.minimum(x_num, hi.to(x_num.dtype)), lo.to(x_num.dtype))
         cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
         if x_cat is not None and self.cat_cardinalities:
             cols += [nn.functional.one_hot(x_cat[:, i].clamp(0, c - 1), c).to(x_num.dtype)
                      for i, c in enumerate(self.cat_cardinalities)]
-        return torch.cat(cols, dim=1)
+        z = torch.cat(cols, dim=1)
+        if new is None:
+            return z
+        new = new.to(z.dtype)
+        return torch.cat([z * (1 - new), z * new], dim=1)
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
         return (self.expand(x_num, x_cat) / self.scale) @ self.weight.T

@@ -50,6 +50,7 @@ class OnRidge(Model):
         """Solve the ridge on the training split (its penalty chosen on its walk-forward folds) before the network
         trains on what it leaves; returns its selection."""
         train = data.train
+        self.linear.prepare(data)
         chosen = self.linear.fit_closed_form(train.x_num, train.x_cat, train.y, train.aux["quote_date_idx"].numpy())
         return {**chosen, "why": f"the ridge (penalty {chosen['alpha']:g}: {chosen['why']}), frozen"}
 

@@ -155,6 +155,8 @@ def shrink_ridge(oos_change: np.ndarray, true_change: np.ndarray, dates: np.ndar
 
 
 KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "all": "all rows"}
+# The ridge beside a network: conf/model/linear.yaml's defaults, one ridge per kind of rows as there
+RIDGE = {"_target_": "vforge.models.linear.Ridge", "split_by": "prev_iv_missing"}
 
 
 def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.ndarray, own: np.ndarray,
@@ -231,7 +233,9 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     from vforge.training.loop import predict
 
     is_linear = isinstance(model, Ridge)
-    linear_cfg = model_cfg if is_linear else {"_target_": "vforge.models.linear.Ridge"}
+    names = list(data.feature_names)
+    new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
+    linear_cfg = model_cfg if is_linear else RIDGE
     tr, va = data.train, data.val
     true_val = (va.iv - va.base) / data.y_scale  # the change in target units (change targets: center 0)
     val_dates = va.aux["quote_date_idx"].numpy()
@@ -241,6 +245,7 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
 
         ridge = instantiate(linear_cfg, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
         assert isinstance(ridge, Ridge)
+        ridge.prepare(data)
         return ridge
 
     # 1. the ridge's out-of-sample predictions on inner walk-forward folds over train + validation, one column per
@@ -256,8 +261,6 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     blocks = inner_folds(dates, n_folds, fold_fraction)
     alphas = list(make().alphas)
     fold_rows, oos = make().fold_path(x_num, x_cat, y_fit, dates, blocks, alphas)  # fit on the dates before each
-    names = list(data.feature_names)
-    new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
         {"all": (np.ones_like(prev_all), np.ones_like(prev_val))}  # the blend cannot tell the kinds apart
     # the penalty: chosen on the first kind's rows (previously quoted rows, where the ridge is judged against
