@@ -248,6 +248,7 @@ def linear_entry(data: Dataset, config: dict[str, Any], model_cfg: dict[str, Any
     from vforge.training.loop import solve
 
     ridge = instantiate(model_cfg, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+    ridge.prepare(data)
     start = time.perf_counter()
     result = solve(ridge, data)
     kept = do_no_harm(config.get("do_no_harm"), result.model, data,

@@ -48,9 +48,9 @@ class Ridge(Model):
             change over the previous surface, errors ten times larger) do not bend the fit of the previously quoted
             rows (a change over persistence). Scaled to unit RMS on all rows, the two halves solve exactly as two
             ridges scaled on their own rows with the same penalty would. Its index among the inputs is set by
-            ``prepare`` (from the run's feature names) and saved with the weights; until then, or where the run has
-            no such input, all rows are in the first half. None (the default of a config saved before it
-            existed): one ridge for all rows.
+            ``prepare`` (from the run's feature names; before it the ridge refuses to fit or predict) and saved with
+            the weights; where the run has no such input, all rows are in the first half. None (the default of a
+            config saved before it existed): one ridge for all rows.
     """
 
     closed_form = True
@@ -76,7 +76,7 @@ class Ridge(Model):
         self.trim, self.tolerance, self.cap, self.clip = trim, tolerance, cap, clip
         self.split_by = split_by
         if split_by is not None:
-            self.register_buffer("split_index", torch.tensor(-1))  # set by ``prepare``; -1: no such input
+            self.register_buffer("split_index", torch.tensor(-2))  # set by ``prepare``: -1 no such input, -2 not yet
         pairs = torch.triu_indices(n_num, n_num) if interactions else torch.empty(2, 0, dtype=torch.long)
         self.register_buffer("pairs", pairs, persistent=False)
         d_in = (1 + n_num + pairs.shape[1] + sum(cat_cardinalities)) * (1 if split_by is None else 2)
@@ -111,6 +111,9 @@ class Ridge(Model):
         new = None
         if self.split_by is not None:
             i = int(self.split_index)
+            if i == -2:
+                raise ValueError(f"Ridge(split_by={self.split_by!r}) is used before prepare(data) told it which input "
+                                 "that is (train() and the do-no-harm step call it; so must any other caller)")
             new = x_num[:, i : i + 1] > 0 if i >= 0 else torch.zeros_like(x_num[:, :1], dtype=torch.bool)
         x_num = torch.maximum(torch.minimum(x_num, hi.to(x_num.dtype)), lo.to(x_num.dtype))
         cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
