@@ -96,7 +96,7 @@ def test_a_split_ridge_is_two_ridges_one_per_kind_of_rows_with_the_same_penalty(
     copy = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")
     copy.load_state_dict(split.state_dict())  # the index travels with the weights
     assert int(copy.split_index) == 2 and torch.equal(copy(x.float(), None), split(x.float(), None))
-    with pytest.raises(ValueError, match="used before prepare"):
+    with pytest.raises(ValueError, match="fit before prepare"):
         Ridge(n_num=3, cat_cardinalities=[], d_out=1, split_by="missing").fit_closed_form(x, None, y, dates, alpha=0.1)
     # a run without that input: every row in the first half, which is the one ridge exactly
     absent = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")

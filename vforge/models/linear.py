@@ -48,8 +48,9 @@ class Ridge(Model):
             change over the previous surface, errors ten times larger) do not bend the fit of the previously quoted
             rows (a change over persistence). Scaled to unit RMS on all rows, the two halves solve exactly as two
             ridges scaled on their own rows with the same penalty would. Its index among the inputs is set by
-            ``prepare`` (from the run's feature names; before it the ridge refuses to fit or predict) and saved with
-            the weights; where the run has no such input, all rows are in the first half. None (the default of a
+            ``prepare`` (from the run's feature names; before it the ridge refuses to be fit, and predicts all rows
+            with the first half) and saved with the weights; where the run has no such input, all rows are in the
+            first half. None (the default of a
             config saved before it existed): one ridge for all rows.
     """
 
@@ -96,6 +97,11 @@ class Ridge(Model):
             self.split_index.fill_(names.index(self.split_by) if self.split_by in names else -1)
         return None
 
+    def _check_prepared(self) -> None:
+        if self.split_by is not None and int(self.split_index) == -2:
+            raise ValueError(f"Ridge(split_by={self.split_by!r}) is fit before prepare(data) told it which input that "
+                             "is (train() and the do-no-harm step call it; so must any other caller)")
+
     def bounds(self, x_num: Tensor) -> tuple[Tensor, Tensor]:
         """The clip bounds a fit on these rows uses: each input's ``clip`` and ``1 - clip`` quantiles (none: infinite)."""
         if self.clip is None or not len(x_num):
@@ -111,9 +117,6 @@ class Ridge(Model):
         new = None
         if self.split_by is not None:
             i = int(self.split_index)
-            if i == -2:
-                raise ValueError(f"Ridge(split_by={self.split_by!r}) is used before prepare(data) told it which input "
-                                 "that is (train() and the do-no-harm step call it; so must any other caller)")
             new = x_num[:, i : i + 1] > 0 if i >= 0 else torch.zeros_like(x_num[:, :1], dtype=torch.bool)
         x_num = torch.maximum(torch.minimum(x_num, hi.to(x_num.dtype)), lo.to(x_num.dtype))
         cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
@@ -132,6 +135,7 @@ class Ridge(Model):
     def _columns(self, x_num: Tensor, x_cat: Tensor | None) -> tuple[np.ndarray, np.ndarray]:
         """The expanded columns of these rows (their inputs clipped to their own bounds, which the model keeps)
         scaled to unit RMS on them, and that scale."""
+        self._check_prepared()
         lo, hi = self.bounds(x_num)
         self.lo.copy_(lo), self.hi.copy_(hi)
         z = self.expand(x_num.double(), x_cat).numpy()
@@ -147,6 +151,7 @@ class Ridge(Model):
         persistence), with the inputs clipped to those fit rows' bounds and the columns scaled to unit RMS on them,
         as a fit on them alone (``fit_closed_form``) does. Returns (mask of the rows predicted, predictions
         (n, len(alphas))); the model itself is left unchanged."""
+        self._check_prepared()
         dates = np.asarray(dates)
         x, yn = x_num.double(), y.double().numpy().reshape(len(y), -1)[:, :1]
         out, mask = np.zeros((len(y), len(alphas))), np.zeros(len(y), bool)
