@@ -50,8 +50,7 @@ class Ridge(Model):
             ridges scaled on their own rows with the same penalty would. Its index among the inputs is set by
             ``prepare`` (from the run's feature names; before it the ridge refuses to be fit, and predicts all rows
             with the first half) and saved with the weights; where the run has no such input, all rows are in the
-            first half. None (the default of a
-            config saved before it existed): one ridge for all rows.
+            first half. None (the default of a config saved before it existed): one ridge for all rows.
     """
 
     closed_form = True
