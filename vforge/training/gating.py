@@ -233,8 +233,6 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     from vforge.training.loop import predict
 
     is_linear = isinstance(model, Ridge)
-    names = list(data.feature_names)
-    new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     linear_cfg = model_cfg if is_linear else RIDGE
     tr, va = data.train, data.val
     true_val = (va.iv - va.base) / data.y_scale  # the change in target units (change targets: center 0)
@@ -261,6 +259,8 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     blocks = inner_folds(dates, n_folds, fold_fraction)
     alphas = list(make().alphas)
     fold_rows, oos = make().fold_path(x_num, x_cat, y_fit, dates, blocks, alphas)  # fit on the dates before each
+    names = list(data.feature_names)
+    new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
         {"all": (np.ones_like(prev_all), np.ones_like(prev_val))}  # the blend cannot tell the kinds apart
     # the penalty: chosen on the first kind's rows (previously quoted rows, where the ridge is judged against
