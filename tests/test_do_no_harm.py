@@ -106,6 +106,39 @@ def test_a_split_ridge_is_two_ridges_one_per_kind_of_rows_with_the_same_penalty(
                                atol=1e-5)
 
 
+def test_each_half_of_a_split_ridge_has_its_own_penalty_given_or_chosen_on_its_own_rows():
+    """A pair of penalties solves each half as a ridge with its own; chosen on the folds, each half's penalty is
+    scored on its rows alone: a clean signal on the quoted rows keeps a small penalty while noise on the new
+    contracts (a tenth of the rows) is persistence there (inf: weights 0), and a single penalty for both is refused
+    without ``split_by``."""
+    g = np.random.default_rng(11)
+    n, dates = 4000, np.repeat(np.arange(40), 100)
+    x = g.standard_normal((n, 3))
+    new = g.random(n) < 0.1
+    x[:, 2] = np.where(new, 2.5, 0.0)
+    y = torch.tensor(np.where(new, 3.0 * g.standard_normal(n), 0.4 * x[:, 0] + 0.05 * g.standard_normal(n)))
+    x = torch.tensor(x)
+    names = SimpleNamespace(feature_names=["a", "b", "missing"])
+    split = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing")
+    split.prepare(names)
+    split.fit_closed_form(x, None, y, dates, alpha=(1e-4, 10.0))
+    for rows, a in ((~new, 1e-4), (new, 10.0)):
+        alone = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None)
+        alone.fit_closed_form(x[rows], None, y[rows], dates[rows], alpha=a)
+        np.testing.assert_allclose(split(x[rows].float(), None).detach().numpy(),
+                                   alone(x[rows].float(), None).detach().numpy(), atol=1e-5)
+    chosen = Ridge(n_num=3, cat_cardinalities=[], d_out=1, clip=None, split_by="missing", tolerance=0.05)
+    chosen.prepare(names)
+    info = chosen.fit_closed_form(x, None, y, dates)
+    assert info["alpha"] < 1.0 and info["alpha_new"] == math.inf and "second half" in info["why"]
+    half = chosen.weight.shape[1] // 2
+    assert torch.count_nonzero(chosen.weight[:, half:]) == 0 < torch.count_nonzero(chosen.weight[:, :half])
+    quoted = chosen(x[~new].float(), None)[:, 0].detach().numpy()
+    assert np.sqrt(np.mean((quoted - y[~new].numpy()) ** 2)) < 0.1  # predicting no change: 0.4
+    with pytest.raises(ValueError, match="a penalty per half needs split_by"):
+        Ridge(n_num=3, cat_cardinalities=[], d_out=1).fit_closed_form(x, None, y, dates, alpha=(0.1, 1.0))
+
+
 def test_per_date_ratio_and_trimmed_score_by_hand():
     pred, true = np.array([1.0, 1.0, 0.0, 2.0]), np.array([2.0, 0.0, 1.0, 2.0])
     dates = np.array([5, 5, 7, 7])
@@ -397,3 +430,37 @@ def test_lightgbm_is_blended_in_only_when_it_earns_its_place(make_cfg, signal):
     # the step is learnt: far below persistence's 2 vol points on the test rows
     assert np.sqrt(np.mean((got - data.test.iv) ** 2)) < 0.005
     assert blend_lightgbm(OmegaConf.merge(settings, {"lightgbm": False}), kept, data, d_out=1) is kept
+
+
+def test_the_gate_chooses_the_new_contracts_ridge_penalty_on_their_own_fold_rows(make_cfg):
+    """Quoted rows: a weak signal under heavy noise (a large penalty is best there); new contracts: a clean, strong
+    one (a small penalty). The gate chooses each kind's penalty on that kind's inner-fold rows and serves a ridge
+    fit with both: the new contracts' penalty is the smaller, and the served ridge predicts those rows as a ridge
+    fit on them alone with it."""
+    from vforge.training.gating import RIDGE, gate
+
+    data = instantiate(make_cfg().data, _convert_="all")
+    rng = np.random.default_rng(3)
+    names = list(data.feature_names)
+    col, new_col = names.index("log_moneyness"), names.index("prev_iv_missing")
+    for split in (data.train, data.val, data.test):
+        x, new = split.x_num[:, col].numpy(), ~np.isfinite(split.persistence)
+        change = np.where(new, 0.02 * x, 0.001 * x + 0.01 * rng.standard_normal(len(x)))
+        split.iv = split.base + change
+        split.y = torch.as_tensor((change - data.y_center) / data.y_scale, dtype=torch.float32)
+    assert (data.train.x_num[:, new_col] > 0).numpy().tolist() == (~np.isfinite(data.train.persistence)).tolist()
+    model, model_cfg = _zero_change_model(data)
+    module, _, choice = gate(model, data, model_cfg=model_cfg, model_name="zero", weights=[0, 0.5, 1], trim=0.2,
+                             tolerance=0.005, cap=0.9)
+    assert choice["alpha_new"] < choice["alpha"] and choice["w_linear_new"] == 1.0, choice["note"]
+    # against the ridge served before, one penalty (the quoted rows') for both halves, on the validation contracts
+    # new on the date: the penalty chosen for them fits them better
+    tr, va = data.train, data.val
+    one = instantiate(RIDGE, n_num=data.n_num, cat_cardinalities=data.cat_cardinalities, d_out=1)
+    one.prepare(data)
+    one.fit_closed_form(tr.x_num, tr.x_cat, tr.y, tr.aux["quote_date_idx"].numpy(), alpha=choice["alpha"])
+    on = ~np.isfinite(va.persistence)
+    err = lambda m: float(((m(va.x_num[on], None if va.x_cat is None else va.x_cat[on])[:, 0] - va.y[on]) ** 2  # noqa: E731
+                           ).mean())
+    with torch.no_grad():
+        assert err(module.linear) < 0.8 * err(one)

@@ -112,11 +112,7 @@ class Ridge(Model):
         """(batch, n_num), (batch, n_cat) -> (batch, d_in) unscaled columns, the inputs clipped to ``bounds`` (by
         default the fitted ones)."""
         lo, hi = (self.lo, self.hi) if bounds is None else bounds
-        # which half: read before clipping (a rare positive value may lie above the upper quantile of the fit rows)
-        new = None
-        if self.split_by is not None:
-            i = int(self.split_index)
-            new = x_num[:, i : i + 1] > 0 if i >= 0 else torch.zeros_like(x_num[:, :1], dtype=torch.bool)
+        new = self.second_half(x_num)  # read before clipping (a rare positive value may lie above the fit's quantile)
         x_num = torch.maximum(torch.minimum(x_num, hi.to(x_num.dtype)), lo.to(x_num.dtype))
         cols = [torch.ones_like(x_num[:, :1]), x_num, x_num[:, self.pairs[0]] * x_num[:, self.pairs[1]]]
         if x_cat is not None and self.cat_cardinalities:
@@ -125,8 +121,24 @@ class Ridge(Model):
         z = torch.cat(cols, dim=1)
         if new is None:
             return z
-        new = new.to(z.dtype)
+        new = new[:, None].to(z.dtype)
         return torch.cat([z * (1 - new), z * new], dim=1)
+
+    def second_half(self, x_num: Tensor) -> Tensor | None:
+        """Which rows ``split_by`` puts in the second half (bool, (batch,)); None without ``split_by``."""
+        if self.split_by is None:
+            return None
+        i = int(self.split_index)
+        return x_num[:, i] > 0 if i >= 0 else torch.zeros(len(x_num), dtype=torch.bool, device=x_num.device)
+
+    def penalty(self, alpha: float | Sequence[float]) -> np.ndarray:
+        """One penalty per column: ``alpha`` for all, or with ``split_by`` a pair, the first half's and the
+        second's (inf: that half predicts no change)."""
+        pair = [float(a) for a in alpha] if isinstance(alpha, Sequence) else [float(alpha)] * 2
+        if len(pair) != 2 or (self.split_by is None and pair[0] != pair[1]):
+            raise ValueError(f"a penalty per half needs split_by and two penalties, got {alpha!r}")
+        half = len(self.scale) // 2 if self.split_by is not None else len(self.scale)
+        return np.repeat(pair, [half, len(self.scale) - half])
 
     def forward(self, x_num: Tensor, x_cat: Tensor | None) -> Tensor:
         return (self.expand(x_num, x_cat) / self.scale) @ self.weight.T
@@ -165,51 +177,61 @@ class Ridge(Model):
             scale = np.where(scale > 0, scale, 1.0)
             g, r = _normal(z / scale, yn[fit])
             ze = self.expand(x[rows], pick(rows), bounds).numpy() / scale
-            out[rows] = np.column_stack([np.zeros(len(ze)) if math.isinf(a) else (ze @ _solve(g, r, a))[:, 0]
-                                         for a in alphas])
+            out[rows] = np.column_stack([(ze @ _solve(g, r, a))[:, 0] for a in alphas])
             mask[rows] = True
         return mask, out
 
     @torch.no_grad()
     def fit_closed_form(self, x_num: Tensor, x_cat: Tensor | None, y: Tensor, dates: np.ndarray,
-                        alpha: float | None = None) -> dict:
+                        alpha: float | Sequence[float] | None = None) -> dict:
         """Choose the penalty on walk-forward folds over ``dates`` (one per row), refit on all rows; returns (and keeps
-        in ``self.selection``) what was chosen and why. With ``alpha`` (inf: persistence), that penalty, chosen
-        elsewhere (the do-no-harm step chooses it on its own folds), without folds."""
+        in ``self.selection``) what was chosen and why. With ``split_by`` each half chooses its own on its own rows
+        (``alpha_new``: the second half's; the halves are independent ridges). With ``alpha`` (inf: persistence;
+        with ``split_by`` also a pair, see ``penalty``), that penalty, chosen elsewhere (the do-no-harm step chooses
+        it on its own folds), without folds."""
         z, scale = self._columns(x_num, x_cat)
         yn = y.double().numpy().reshape(len(y), -1)
         if alpha is not None:
-            gram, rhs = _normal(z, yn)
-            w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(alpha) else _solve(gram, rhs, alpha)
-            self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
-            self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
-            self.selection = {"alpha": alpha, "why": "penalty given (chosen outside this fit)"}
+            pair = self.penalty(alpha)[[0, -1]]
+            self._set(z, yn, scale, self.penalty(alpha))
+            self.selection = {"alpha": float(pair[0]), "alpha_new": float(pair[1]),
+                              "why": "penalty given (chosen outside this fit)"}
             return self.selection
         dates = np.asarray(dates)
         blocks = inner_folds(dates, self.n_folds, self.fold_fraction)
         candidates = [*self.alphas, math.inf]
         evaluated, oos = self.fold_path(x_num, x_cat, y, dates, blocks, candidates)
-        scores = {a: self._score(oos[evaluated, j], yn[evaluated, 0], dates[evaluated]) if evaluated.any() else
-                  math.nan for j, a in enumerate(candidates)}
-        finite = {a: s for a, s in scores.items() if np.isfinite(s)}
-        if finite:
-            best = min(finite.values())
-            chosen = max(a for a, s in finite.items() if s <= best + self.tolerance)
-        else:  # too few training dates for a fold: the smallest penalty the grid allows is no evidence; the largest
-            chosen = self.alphas[-1]
-        gram, rhs = _normal(z, yn)
-        w = np.zeros((z.shape[1], yn.shape[1])) if math.isinf(chosen) else _solve(gram, rhs, chosen)
+        second = self.second_half(x_num)
+        halves = [np.ones(len(y), bool)] if second is None or not second.any() else [~second.numpy(),
+                                                                                      second.numpy()]
+        chosen: list[float] = []
+        why: list[str] = []
+        scores: dict[str, float] = {}  # the first half's
+        for on in halves:
+            f = evaluated & on
+            score = {a: self._score(oos[f, j], yn[f, 0], dates[f]) if f.any() else math.nan
+                     for j, a in enumerate(candidates)}
+            finite = {a: v for a, v in score.items() if np.isfinite(v)}
+            if finite:
+                best = min(finite.values())
+                chosen.append(max(a for a, v in finite.items() if v <= best + self.tolerance))
+                why.append("no penalty beat predicting no change on the folds: persistence" if math.isinf(chosen[-1])
+                           else f"largest penalty within {self.tolerance:g} of the best "
+                           f"{'capped pooled' if self.cap is not None else 'robust'} score")
+            else:  # too few dates for a fold: the smallest penalty the grid allows is no evidence; the largest
+                chosen.append(self.alphas[-1])
+                why.append("too few training dates for walk-forward folds: the largest penalty")
+            scores = scores or {str(a): round(v, 4) for a, v in score.items()}
+        self._set(z, yn, scale, self.penalty(chosen[0] if len(chosen) == 1 else chosen))
+        self.selection = {"alpha": chosen[0], "alpha_new": chosen[-1], "scores": scores,
+                          "fold_dates": int(sum(len(b) for b in blocks)), "why": why[0] if len(why) == 1 else
+                          f"{why[0]}; second half ({self.split_by}): penalty {chosen[1]:g}, {why[1]}"}
+        return self.selection
+
+    def _set(self, z: np.ndarray, yn: np.ndarray, scale: np.ndarray, penalty: np.ndarray) -> None:
+        w = _solve(*_normal(z, yn), penalty)
         self.scale.copy_(torch.as_tensor(scale, dtype=self.scale.dtype))
         self.weight.copy_(torch.as_tensor(w.T, dtype=self.weight.dtype))
-        self.selection = {
-            "alpha": chosen, "scores": {str(a): round(s, 4) for a, s in scores.items()}, "fold_dates": int(
-                sum(len(b) for b in blocks)),
-            "why": ("no penalty beat predicting no change on the folds: persistence" if math.isinf(chosen) else
-                    f"largest penalty within {self.tolerance:g} of the best "
-                    f"{'capped pooled' if self.cap is not None else 'robust'} score" if finite else
-                    "too few training dates for walk-forward folds: the largest penalty"),
-        }
-        return self.selection
 
     def _score(self, pred: np.ndarray, true: np.ndarray, day: np.ndarray) -> float:
         """Score of one penalty's fold predictions (lower is better; 1 is persistence): with ``cap``, the pooled MSE
@@ -224,8 +246,15 @@ def _normal(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return z.T @ z / len(z), z.T @ y / len(z)
 
 
-def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float) -> np.ndarray:
-    return np.linalg.solve(gram + alpha * np.eye(len(gram)), rhs)
+def _solve(gram: np.ndarray, rhs: np.ndarray, alpha: float | np.ndarray) -> np.ndarray:
+    """The ridge weights for a penalty, or one per column (an infinite one: that column's weight 0, the others
+    solved without it; block-diagonal ``gram``, as of ``split_by``'s halves, solves each block exactly alone)."""
+    penalty = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (len(gram),))
+    keep = np.isfinite(penalty)
+    w = np.zeros((len(gram), rhs.shape[1]))
+    if keep.any():
+        w[keep] = np.linalg.solve(gram[np.ix_(keep, keep)] + np.diag(penalty[keep]), rhs[keep])
+    return w
 
 
 class Blend(Model):

@@ -159,21 +159,24 @@ KINDS = {"prev": "previously quoted rows", "new": "contracts new on the date", "
 RIDGE = {"_target_": "vforge.models.linear.Ridge", "split_by": "prev_iv_missing"}
 
 
-def decide(kind: str, *, oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.ndarray, own: np.ndarray,
-           linear: np.ndarray | None, true_val: np.ndarray, val_dates: np.ndarray, model_name: str, weights: list[float],
-           trim: float, tolerance: float, max_p: float, max_p_ridge: float, cap: float | None,
-           alphas: list[float], se: float = 0.0) -> dict:
+def ridge_share(oos: np.ndarray, true_fold: np.ndarray, fold_dates: np.ndarray, *, alphas: list[float],
+                **rule: Any) -> dict:
+    """``shrink_ridge`` on one kind of rows' fold predictions (``oos``: one column per penalty of ``alphas``), or
+    persistence where that kind has no fold rows."""
+    if not len(oos):
+        return {"w_linear": 0.0, "alpha": math.nan, "why": "too few dates for inner folds: persistence", "won": 0,
+                "dates": 0}
+    return shrink_ridge(oos, true_fold, fold_dates, alphas=alphas, **rule)
+
+
+def decide(kind: str, *, simple: dict, fold_dates: np.ndarray, own: np.ndarray, linear: np.ndarray | None,
+           true_val: np.ndarray, val_dates: np.ndarray, model_name: str, weights: list[float], trim: float,
+           tolerance: float, max_p: float, cap: float | None) -> dict:
     """The weights for one kind of rows (``KINDS``): the simple choice from the ridge's out-of-sample fold
-    predictions (``shrink_ridge``; ``oos`` one column per penalty of ``alphas``), replaced by a blend with the network
-    only if the validation dates say so clearly (see ``gate``). Arrays are of that kind's rows only; ``linear`` (the
-    ridge served, on the validation rows) None for ``model=linear``. The result's ``alpha`` is the ridge's penalty
-    the choice was made with (NaN: no fold dates)."""
-    if len(oos):
-        simple = shrink_ridge(oos, true_fold, fold_dates, weights=weights, trim=trim, tolerance=tolerance,
-                              max_p=max_p_ridge, cap=cap, alphas=alphas, se=se)
-    else:
-        simple = {"w_linear": 0.0, "alpha": math.nan, "why": "too few dates for inner folds: persistence", "won": 0,
-                  "dates": 0}
+    predictions (``simple``: ``ridge_share``'s, on ``fold_dates``), replaced by a blend with the network only if the
+    validation dates say so clearly (see ``gate``). Arrays are of that kind's rows only; ``linear`` (the ridge served,
+    on the validation rows) None for ``model=linear``. The result's ``alpha`` is the ridge's penalty the choice was
+    made with (NaN: no fold dates)."""
     n_fold = len(np.unique(fold_dates))
     out = {"w_model": 0.0, "w_linear": simple["w_linear"], "alpha": simple["alpha"],
            "why": f"{simple['why']} (on {n_fold} inner walk-forward fold dates)"}
@@ -257,44 +260,50 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     dates = np.concatenate([tr.aux["quote_date_idx"].numpy(), val_dates])
     prev_all = np.concatenate([prev_tr, prev_val])
     blocks = inner_folds(dates, n_folds, fold_fraction)
-    alphas = list(make().alphas)
-    fold_rows, oos = make().fold_path(x_num, x_cat, y_fit, dates, blocks, alphas)  # fit on the dates before each
+    probe = make()
+    alphas = list(probe.alphas)
+    fold_rows, oos = probe.fold_path(x_num, x_cat, y_fit, dates, blocks, alphas)  # fit on the dates before each
     names = list(data.feature_names)
     new_column = names.index("prev_iv_missing") if "prev_iv_missing" in names else None
     kinds = {"prev": (prev_all, prev_val), "new": (~prev_all, ~prev_val)} if new_column is not None else \
         {"all": (np.ones_like(prev_all), np.ones_like(prev_val))}  # the blend cannot tell the kinds apart
     # the penalty: chosen on the first kind's rows (previously quoted rows, where the ridge is judged against
-    # persistence), used for every kind (one ridge is served)
-    first, (on_first, _) = next(iter(kinds.items()))
-    f = fold_rows & on_first
-    alpha = shrink_ridge(oos[f], true_all[f], dates[f], weights=weights, trim=trim, tolerance=tolerance,
-                         max_p=max_p_ridge, cap=cap, alphas=alphas, se=se)["alpha"] if f.any() else math.nan
+    # persistence); a ridge split by that kind (``split_by``: two independent ridges) chooses the other kind's on its
+    # rows, one split by nothing uses the first's for every kind
+    per_kind = probe.split_by == "prev_iv_missing" and new_column is not None
+    rule = {"weights": weights, "trim": trim, "tolerance": tolerance, "max_p": max_p_ridge, "cap": cap, "se": se}
+    simple: dict[str, dict] = {}
+    for kind, (on_fold, _) in kinds.items():
+        f = fold_rows & on_fold
+        alpha = next(iter(simple.values()))["alpha"] if simple else math.nan
+        cols = alphas if math.isnan(alpha) or per_kind else [alpha]
+        simple[kind] = ridge_share(oos[f][:, [alphas.index(a) for a in cols]], true_all[f], dates[f], alphas=cols,
+                                   **rule)
+    first = next(iter(kinds))
+    alpha = simple[first]["alpha"]
+    alpha_new = simple["new"]["alpha"] if per_kind and math.isfinite(simple["new"]["alpha"]) else alpha
 
-    # 2. the network and the ridge fit on train with that penalty (the one served: refit on train + validation it
+    # 2. the network and the ridge fit on train with those penalties (the one served: refit on train + validation it
     # scored worse on the default market's test block, 0.881 against 0.870 of persistence), on the validation dates;
-    # without fold dates the ridge chooses its own penalty (``Ridge.fit_closed_form``)
+    # without fold dates the ridge chooses its own penalties (``Ridge.fit_closed_form``)
     own = predict(model, va, batch_size)
     linear = make()
     linear.fit_closed_form(tr.x_num, tr.x_cat, tr.y, tr.aux["quote_date_idx"].numpy(),
-                           alpha=None if math.isnan(alpha) else alpha)
+                           alpha=None if math.isnan(alpha) else (alpha, alpha_new) if per_kind else alpha)
     lin_val = None if is_linear else predict(linear, va, batch_size)
-    choices = {}
-    for kind, (on_fold, on_val) in kinds.items():
-        f = fold_rows & on_fold
-        cols = alphas if kind == first or math.isnan(alpha) else [alpha]
-        choices[kind] = decide(kind, oos=oos[f][:, [alphas.index(a) for a in cols]], true_fold=true_all[f],
-                               fold_dates=dates[f], own=own[on_val],
-                               linear=None if lin_val is None else lin_val[on_val], true_val=true_val[on_val],
-                               val_dates=val_dates[on_val], model_name=model_name, weights=weights, trim=trim,
-                               tolerance=tolerance, max_p=max_p, max_p_ridge=max_p_ridge, cap=cap, alphas=cols,
-                               se=se)
+    choices = {kind: decide(kind, simple=simple[kind], fold_dates=dates[fold_rows & on_fold], own=own[on_val],
+                            linear=None if lin_val is None else lin_val[on_val], true_val=true_val[on_val],
+                            val_dates=val_dates[on_val], model_name=model_name, weights=weights, trim=trim,
+                            tolerance=tolerance, max_p=max_p, cap=cap)
+               for kind, (on_fold, on_val) in kinds.items()}
     prev = choices.get("prev", choices.get("all"))
     new = choices.get("new", prev)
     assert prev is not None and new is not None
     if (prev["w_model"], prev["w_linear"]) == (new["w_model"], new["w_linear"]):
         new_column = None
     choice: dict[str, Any] = {"w_model": prev["w_model"], "w_linear": prev["w_linear"], "w_model_new": new["w_model"],
-                              "w_linear_new": new["w_linear"], "alpha": alpha, "kinds": choices}
+                              "w_linear_new": new["w_linear"], "alpha": alpha, "alpha_new": alpha_new,
+                              "kinds": choices}
     choice["note"] = describe(choice, model_name)
     if all(c["w_model"] == 1.0 and c["w_linear"] == 0.0 for c in (prev, new)):
         return model, None, choice
@@ -339,6 +348,7 @@ def do_no_harm(settings: Any, model: nn.Module, data: Dataset, config: dict[str,
     if blend_cfg is not None:
         config = {**config, "model": blend_cfg}
     metrics = {f"do_no_harm/{k}": float(choice[k]) for k in ("w_model", "w_linear", "w_model_new", "w_linear_new")}
-    if math.isfinite(choice["alpha"]):
-        metrics["do_no_harm/ridge_alpha"] = float(choice["alpha"])
+    for key in ("alpha", "alpha_new"):
+        if math.isfinite(choice[key]):
+            metrics[f"do_no_harm/ridge_{key}"] = float(choice[key])
     return DoNoHarm(module, config, "\n" + choice["note"], metrics)
