@@ -190,7 +190,9 @@ def decide(kind: str, *, simple: dict, fold_dates: np.ndarray, own: np.ndarray, 
         return out
     blended = blend["w_model"] * own + blend["w_linear"] * linear
     won, n, p = wins_over(blended, simple_val, true_val, val_dates, cap)
-    named = f"{blend['w_model']:g} x {model_name}" + (f" + {blend['w_linear']:g} x ridge" if blend["w_linear"] else "")
+    penalty = f" (penalty {simple['alpha']:g})" if math.isfinite(simple["alpha"]) else ""
+    named = f"{blend['w_model']:g} x {model_name}" + (f" + {blend['w_linear']:g} x ridge{penalty}" if blend["w_linear"]
+                                                      else "")
     evidence = (f"on {len(np.unique(val_dates))} validation dates {named} scored {blend['score']:.3f} against "
                 f"{simple_score:.3f} and won {won}/{n} dates ({_test(cap)} p {p:.2g}, needed <= {max_p:g})")
     if blend["score"] < simple_score - tolerance and p <= max_p:
