@@ -7,10 +7,13 @@ the network and the ridge) instead of on the validation block, and score both ch
 persistence, without the LightGBM step). One JSON line per window, then a summary per (group, kind)::
 
     python scripts/refit_probe.py <suite folder> china_thin_calls china_thin
+
+``REFIT_LAST=k``: the network judged on the last ``k`` blocks only (its refits nearest the network served).
 """
 import dataclasses
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +24,8 @@ from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import accuracy as A  # noqa: E402
+
+LAST = int(os.environ.get("REFIT_LAST", "0"))  # judge the network on the last this many blocks only (0: all)
 
 from vforge.data.dataset import Split, inner_folds  # noqa: E402
 from vforge.train import fit_options, new_model, training_parts  # noqa: E402
@@ -79,7 +84,8 @@ def one(group, seed, kind, out):
     # the network refit per block
     oos_n = np.zeros(len(tv))
     loss_fn = as_loss(instantiate(cfg.loss, _convert_="all"))
-    for b in blocks:
+    judged = blocks[-LAST:] if LAST else blocks  # the blocks the network is judged on
+    for b in judged:
         before = np.unique(dates[dates < b[0]])
         n_val = max(3, int(round(0.15 * len(before))))
         fit_d, val_d = before[:-n_val], before[-n_val:]
@@ -101,11 +107,12 @@ def one(group, seed, kind, out):
                           se=float(d.se))  # the gate's simple choice, exactly
     oos_r = oos_all[:, alphas.index(simple["alpha"])]
     ws = simple["w_linear"]
-    blend = choose_blend(oos_n[f], oos_r[f], true_all[f], dates[f], weights=list(d.weights), trim=float(d.trim),
+    g = f & np.isin(dates, np.concatenate(judged))
+    blend = choose_blend(oos_n[g], oos_r[g], true_all[g], dates[g], weights=list(d.weights), trim=float(d.trim),
                          tolerance=float(d.tolerance), cap=float(d.cap))
-    simple_score = _score(ws * oos_r[f], true_all[f], dates[f], float(d.trim), float(d.cap))
-    won, n, p = wins_over(blend["w_model"] * oos_n[f] + blend["w_linear"] * oos_r[f], ws * oos_r[f], true_all[f],
-                          dates[f], float(d.cap))
+    simple_score = _score(ws * oos_r[g], true_all[g], dates[g], float(d.trim), float(d.cap))
+    won, n, p = wins_over(blend["w_model"] * oos_n[g] + blend["w_linear"] * oos_r[g], ws * oos_r[g], true_all[g],
+                          dates[g], float(d.cap))
     if blend["w_model"] > 0 and blend["score"] < simple_score - float(d.tolerance) and p <= float(d.max_p):
         wm, wl = blend["w_model"], blend["w_linear"]
     else:
@@ -122,7 +129,7 @@ def one(group, seed, kind, out):
         return A.prev_quoted_ratio(data.to_level(ch, te), te)
     return {"group": group, "seed": seed, "kind": kind, "gate": [choice["w_model"], choice["w_linear"]],
             "gate_ratio": ratio(choice["w_model"], choice["w_linear"]), "refit": [wm, wl], "refit_ratio": ratio(wm, wl),
-            "fold_dates": int(len(np.unique(dates[f]))), "p": p, "blend": [blend["w_model"], blend["w_linear"]]}
+            "fold_dates": int(len(np.unique(dates[g]))), "p": p, "blend": [blend["w_model"], blend["w_linear"]]}
 
 
 def summary(rows: list[dict]) -> str:
