@@ -111,7 +111,7 @@ def one(group, seed, kind, out):
     blend = choose_blend(oos_n[g], oos_r[g], true_all[g], dates[g], weights=list(d.weights), trim=float(d.trim),
                          tolerance=float(d.tolerance), cap=float(d.cap))
     simple_score = _score(ws * oos_r[g], true_all[g], dates[g], float(d.trim), float(d.cap))
-    won, n, p = wins_over(blend["w_model"] * oos_n[g] + blend["w_linear"] * oos_r[g], ws * oos_r[g], true_all[g],
+    _, _, p = wins_over(blend["w_model"] * oos_n[g] + blend["w_linear"] * oos_r[g], ws * oos_r[g], true_all[g],
                           dates[g], float(d.cap))
     if blend["w_model"] > 0 and blend["score"] < simple_score - float(d.tolerance) and p <= float(d.max_p):
         wm, wl = blend["w_model"], blend["w_linear"]

@@ -192,9 +192,9 @@ class Ridge(Model):
         z, scale = self._columns(x_num, x_cat)
         yn = y.double().numpy().reshape(len(y), -1)
         if alpha is not None:
-            pair = self.penalty(alpha)[[0, -1]]
-            self._set(z, yn, scale, self.penalty(alpha))
-            self.selection = {"alpha": float(pair[0]), "alpha_new": float(pair[1]),
+            penalty = self.penalty(alpha)
+            self._set(z, yn, scale, penalty)
+            self.selection = {"alpha": float(penalty[0]), "alpha_new": float(penalty[-1]),
                               "why": "penalty given (chosen outside this fit)"}
             return self.selection
         dates = np.asarray(dates)
@@ -206,7 +206,7 @@ class Ridge(Model):
                                                                                       second.numpy()]
         chosen: list[float] = []
         why: list[str] = []
-        scores: dict[str, float] = {}  # the first half's
+        scores: list[dict[str, float]] = []
         for on in halves:
             f = evaluated & on
             score = {a: self._score(oos[f, j], yn[f, 0], dates[f]) if f.any() else math.nan
@@ -221,9 +221,9 @@ class Ridge(Model):
             else:  # too few dates for a fold: the smallest penalty the grid allows is no evidence; the largest
                 chosen.append(self.alphas[-1])
                 why.append("too few training dates for walk-forward folds: the largest penalty")
-            scores = scores or {str(a): round(v, 4) for a, v in score.items()}
+            scores.append({str(a): round(v, 4) for a, v in score.items()})
         self._set(z, yn, scale, self.penalty(chosen[0] if len(chosen) == 1 else chosen))
-        self.selection = {"alpha": chosen[0], "alpha_new": chosen[-1], "scores": scores,
+        self.selection = {"alpha": chosen[0], "alpha_new": chosen[-1], "scores": scores[0],  # the first half's
                           "fold_dates": int(sum(len(b) for b in blocks)), "why": why[0] if len(why) == 1 else
                           f"{why[0]}; second half ({self.split_by}): penalty {chosen[1]:g}, {why[1]}"}
         return self.selection

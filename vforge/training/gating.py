@@ -274,15 +274,15 @@ def gate(model: nn.Module, data: Dataset, *, model_cfg: dict, model_name: str, w
     # rows, one split by nothing uses the first's for every kind
     per_kind = probe.split_by == "prev_iv_missing" and new_column is not None
     rule = {"weights": weights, "trim": trim, "tolerance": tolerance, "max_p": max_p_ridge, "cap": cap, "se": se}
-    simple: dict[str, dict] = {}
-    for kind, (on_fold, _) in kinds.items():
-        f = fold_rows & on_fold
-        alpha = next(iter(simple.values()))["alpha"] if simple else math.nan
-        cols = alphas if math.isnan(alpha) or per_kind else [alpha]
-        simple[kind] = ridge_share(oos[f][:, [alphas.index(a) for a in cols]], true_all[f], dates[f], alphas=cols,
-                                   **rule)
-    first = next(iter(kinds))
+
+    def share(kind: str, cols: list[float]) -> dict:
+        f = fold_rows & kinds[kind][0]
+        return ridge_share(oos[f][:, [alphas.index(a) for a in cols]], true_all[f], dates[f], alphas=cols, **rule)
+
+    first, *others = kinds
+    simple = {first: share(first, alphas)}
     alpha = simple[first]["alpha"]
+    simple |= {kind: share(kind, alphas if per_kind or math.isnan(alpha) else [alpha]) for kind in others}
     alpha_new = simple["new"]["alpha"] if per_kind and math.isfinite(simple["new"]["alpha"]) else alpha
 
     # 2. the network and the ridge fit on train with those penalties (the one served: refit on train + validation it
